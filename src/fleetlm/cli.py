@@ -4,7 +4,7 @@ heavy imports (torch, transformers) happen inside the commands, never at import.
 from __future__ import annotations
 
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -23,13 +23,13 @@ bench_app = typer.Typer(help="Benchmarks: each prints a table and writes JSON wi
 app.add_typer(bench_app, name="bench")
 
 
-class DTypeOpt(str, Enum):
+class DTypeOpt(StrEnum):
     auto = "auto"
     float32 = "float32"
     bfloat16 = "bfloat16"
 
 
-class QuantOpt(str, Enum):
+class QuantOpt(StrEnum):
     none = "none"
     int8 = "int8"
 

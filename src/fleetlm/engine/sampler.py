@@ -113,7 +113,9 @@ class RequestSampler:
             x = apply_presence_frequency(x, self.counts, p.presence_penalty, p.frequency_penalty)
         if p.greedy:
             return x
-        x = x / p.temperature
+        # shift so the top logit is 0 first: dividing by a tiny temperature then gives
+        # -inf for the rest rather than +inf (whose softmax is nan)
+        x = (x - x.max()) / p.temperature
         x = apply_top_k(x, p.top_k)
         x = apply_top_p(x, p.top_p)
         return apply_min_p(x, p.min_p)

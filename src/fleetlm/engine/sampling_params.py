@@ -33,6 +33,8 @@ class SamplingParams:
     def validate(self, vocab_size: int | None = None) -> SamplingParams:
         """Raise one ConfigError listing every invalid field; return self for chaining."""
         problems: list[str] = []
+        if isinstance(self.stop, str):  # OpenAI allows a single string
+            self.stop = [self.stop]
         if self.max_tokens < 1:
             problems.append(f"max_tokens={self.max_tokens}: must be >= 1")
         if not 0.0 <= self.temperature <= 100.0:

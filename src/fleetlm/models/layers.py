@@ -38,13 +38,16 @@ class Int8Linear(nn.Module):
     bounds single-stream decode on a CPU.
     """
 
+    weight: Tensor  # [out, in] int8
+    scales: Tensor  # [out]
+    bias: Tensor | None
+
     def __init__(self, weight_int8: Tensor, scales: Tensor, bias: Tensor | None) -> None:
         super().__init__()
         self.in_features = weight_int8.shape[1]
         self.out_features = weight_int8.shape[0]
-        self.register_buffer("weight", weight_int8)  # [out, in] int8
-        self.register_buffer("scales", scales)  # [out], activation dtype
-        self.bias: Tensor | None
+        self.register_buffer("weight", weight_int8)
+        self.register_buffer("scales", scales)  # activation dtype
         self.register_buffer("bias", bias)
 
     @classmethod

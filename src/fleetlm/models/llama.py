@@ -37,9 +37,9 @@ class Attention(nn.Module):
         self.rep = cfg.num_heads // cfg.num_kv_heads
         self.sliding_window = cfg.sliding_window
         h = cfg.hidden_size
-        self.q_proj = Linear(h, cfg.q_size, bias=cfg.attention_bias)
-        self.k_proj = Linear(h, cfg.kv_size, bias=cfg.attention_bias)
-        self.v_proj = Linear(h, cfg.kv_size, bias=cfg.attention_bias)
+        self.split = [cfg.q_size, cfg.kv_size, cfg.kv_size]
+        # q, k and v in one matmul (rows q | k | v): one weight read, one kernel launch
+        self.qkv_proj = Linear(h, sum(self.split), bias=cfg.attention_bias)
         self.o_proj = Linear(cfg.q_size, h, bias=False)
         if cfg.qk_norm:
             self.q_norm: RMSNorm | None = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -60,9 +60,10 @@ class Attention(nn.Module):
     ) -> Tensor:
         B, S, _ = x.shape
         D, Hkv, rep = self.head_dim, self.num_kv_heads, self.rep
-        q = self.q_proj(x).view(B, S, self.num_heads, D)
-        k = self.k_proj(x).view(B, S, Hkv, D)
-        v = self.v_proj(x).view(B, S, Hkv, D)
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.reshape(B, S, self.num_heads, D)
+        k = k.reshape(B, S, Hkv, D)
+        v = v.reshape(B, S, Hkv, D)
         if self.q_norm is not None and self.k_norm is not None:
             q = self.q_norm(q)
             k = self.k_norm(k)
@@ -89,12 +90,12 @@ class MLP(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         h, i = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = Linear(h, i, bias=cfg.mlp_bias)
-        self.up_proj = Linear(h, i, bias=cfg.mlp_bias)
+        self.gate_up_proj = Linear(h, 2 * i, bias=cfg.mlp_bias)  # rows gate | up
         self.down_proj = Linear(i, h, bias=cfg.mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -131,8 +132,34 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
+# Our fused projections and the Hugging Face projections stacked (along dim 0) to make them.
+FUSED_PROJECTIONS: dict[str, tuple[str, ...]] = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+
+
+def hf_sources(cfg: LlamaConfig, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+    """(Hugging Face tensor name, expected shape) of each part of our parameter ``name``
+    of shape ``shape``, in stacking order."""
+    rows = {
+        "self_attn.qkv_proj": (cfg.q_size, cfg.kv_size, cfg.kv_size),
+        "mlp.gate_up_proj": (cfg.intermediate_size, cfg.intermediate_size),
+    }
+    for fused, parts in FUSED_PROJECTIONS.items():
+        marker = f".{fused}."
+        if marker in name:
+            prefix, suffix = name.split(marker)
+            return [(f"{prefix}.{p}.{suffix}", (r, *shape[1:]))
+                    for p, r in zip(parts, rows[fused], strict=True)]
+    return [(name, shape)]
+
+
 class LlamaForCausalLM(nn.Module):
     """Llama-family causal LM over an explicit :class:`KVCache`."""
+
+    rope_cos: Tensor  # [max_positions, head_dim] float32
+    rope_sin: Tensor
 
     def __init__(self, cfg: LlamaConfig, max_positions: int | None = None) -> None:
         super().__init__()
@@ -140,7 +167,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = Backbone(cfg)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+            self.lm_head.weight = self.model.embed_tokens.weight  # type: ignore[assignment]
         n = max_positions or cfg.max_position_embeddings
         cos, sin = rope_cos_sin(rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), n)
         self.register_buffer("rope_cos", cos, persistent=False)  # [n, D] float32

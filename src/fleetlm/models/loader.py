@@ -158,22 +158,34 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: LlamaForCausalLM, state: dict[str, torch.Tensor], folder: Path) -> None:
-    """Copy ``state`` into ``model``; every missing, unexpected or misshapen tensor is reported."""
-    own = dict(model.named_parameters())
+    """Copy ``state`` (Hugging Face names) into ``model``; fused projections are stacked
+    from their parts. Every missing, unexpected or misshapen tensor is reported at once."""
+    from fleetlm.models.llama import hf_sources
+
     problems: list[str] = []
+    used: set[str] = set()
     tied = model.config.tie_word_embeddings
-    for name, param in own.items():
+    for name, param in model.named_parameters():
         if name == "lm_head.weight" and tied:
             continue
-        t = state.get(name)
-        if t is None:
-            problems.append(f"missing tensor {name}")
-        elif tuple(t.shape) != tuple(param.shape):
-            problems.append(f"{name}: shape {tuple(t.shape)} but the config implies {tuple(param.shape)}")
-        else:
-            param.data.copy_(t)
+        sources = hf_sources(model.config, name, tuple(param.shape))
+        # parts that are present are expected even when a sibling part is missing
+        used.update(s for s, _ in sources if s in state)
+        missing = [s for s, _ in sources if s not in state]
+        if missing:
+            problems.append(f"missing tensor {', '.join(missing)}")
+            continue
+        # each part is checked on its own: parts misshapen in ways that cancel out
+        # (q too big, k too small) would otherwise stack to the right total shape
+        bad = [f"{s}: shape {tuple(state[s].shape)} but the config implies {shape}"
+               for s, shape in sources if tuple(state[s].shape) != shape]
+        if bad:
+            problems.extend(bad)
+            continue
+        param.data.copy_(torch.cat([state[s] for s, _ in sources]) if len(sources) > 1
+                         else state[sources[0][0]])
     ignorable = ("rotary_emb.inv_freq",)
-    extra = [k for k in state if k not in own and not k.endswith(ignorable)]
+    extra = [k for k in state if k not in used and not k.endswith(ignorable)]
     if tied and "lm_head.weight" in extra:
         extra.remove("lm_head.weight")
     if extra:
@@ -224,7 +236,7 @@ def load_model(
         model = LlamaForCausalLM(cfg, max_positions=max_positions)
     model = model.to_empty(device="cpu")  # no random init: every tensor is overwritten
     if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+        model.lm_head.weight = model.model.embed_tokens.weight  # type: ignore[assignment]
     load_weights(model, state, folder)
     del state
     model = model.to(device=device, dtype=torch_dtype)
