@@ -81,7 +81,14 @@ class Attention(nn.Module):
         # Grouped-query attention without copying K/V: fold the `rep` query heads that
         # share a KV head into the query-length dim -> [B, Hkv, rep*S, D].
         q = q.view(B, S, Hkv, rep, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, rep * S, D)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        if S == 1:
+            # decode: a plain masked softmax lets torch.compile fuse it (measured faster
+            # than the fused SDPA kernel's per-call setup for one query row)
+            scores = (q @ keys.transpose(-1, -2)).float() * self.head_dim**-0.5
+            probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+            out = probs.to(values.dtype) @ values
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         out = out.view(B, Hkv, rep, S, D).permute(0, 3, 1, 2, 4).reshape(B, S, -1)
         return self.o_proj(out)
 
