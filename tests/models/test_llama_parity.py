@@ -36,7 +36,8 @@ def test_prefill_logits_match(pair):
     torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
 
 
-def test_decode_with_cache_matches(pair):
+@pytest.mark.parametrize("slot", [torch.tensor([1]), None], ids=["slot1-gather", "slot0-view"])
+def test_decode_with_cache_matches(pair, slot):
     """Prefill 10 tokens (in two chunks), then decode 14 one at a time from the cache."""
     family, ours, hf = pair
     torch.manual_seed(2)
@@ -44,7 +45,6 @@ def test_decode_with_cache_matches(pair):
     with torch.inference_mode():
         ref = hf(ids).logits[0]
         cache = ours.allocate_cache(2, 64)
-        slot = torch.tensor([1])  # not slot 0: slots must be independent
         ours(ids[:, :6], torch.arange(6)[None], cache, slot, 8, None)
         out = ours(ids[:, 6:10], torch.arange(6, 10)[None], cache, slot, 16, torch.tensor([3]))
         torch.testing.assert_close(out[0], ref[9], atol=ATOL, rtol=0)

@@ -151,6 +151,10 @@ def bench_llama_cpp(cfg: DecodeBenchConfig, gguf_path: Path, prompts: dict[int, 
     for n, ids in prompts.items():
         runs = []
         for i in range(cfg.repeats + 1):
+            # forget the previous run: llama-cpp-python would otherwise reuse the cached
+            # prompt prefix and the TTFT would not include the prefill
+            llm.reset()
+            llm._ctx.kv_cache_clear()
             t0 = time.perf_counter()
             times = []
             for _tok in llm.generate(ids, top_k=1, temp=0.0, reset=True):

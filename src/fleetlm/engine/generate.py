@@ -34,7 +34,15 @@ from fleetlm.models.loader import LoadedModel
 log = logging.getLogger(__name__)
 
 KV_BUCKET = 256
-COMPILE_OPTIONS = {"max_autotune": True}
+# Inductor settings for the decode step. They are applied with config.patch around every
+# call that may compile: freezing is read only from the global config (torch.compile's
+# options= ignores it). Autotuning's tables go to the log, not the user's terminal.
+INDUCTOR_CONFIG = {
+    "freezing": True,
+    "max_autotune": True,
+    "autotune_num_choices_displayed": 0,
+    "max_autotune_report_choices_stats": False,
+}
 
 
 @dataclass
@@ -73,7 +81,7 @@ class Generator:
         self.max_len = max_len
         self.prefill_chunk = prefill_chunk
         self.cache = lm.model.allocate_cache(1, bucket(max_len))
-        self.slots = torch.zeros(1, dtype=torch.long)
+        self.slots = None  # one sequence in slot 0: the cache is read through a view
         self.vocab_size = cfg.vocab_size
         self._decode: Callable[..., Tensor] = lm.model.forward
         self._compiled_buckets: set[int] = set()
@@ -85,8 +93,7 @@ class Generator:
             n_buckets = bucket(max_len) // KV_BUCKET
             limit = max(dynamo.config.recompile_limit, n_buckets + 2)
             dynamo.config.recompile_limit = limit
-            self._decode = torch.compile(lm.model.forward, dynamic=False, fullgraph=True,
-                                         options=COMPILE_OPTIONS)
+            self._decode = torch.compile(lm.model.forward, dynamic=False, fullgraph=True)
             self.compiled = True
 
     def _forward_decode(self, ids: Tensor, pos: Tensor, kv_len: int) -> Tensor:
@@ -94,9 +101,7 @@ class Generator:
             import torch._inductor.config as inductor_config
 
             try:
-                # freezing is read whenever a graph is (re)compiled, and only from the
-                # global config (torch.compile's options= ignores it)
-                with inductor_config.patch(freezing=True):
+                with inductor_config.patch(INDUCTOR_CONFIG):
                     if kv_len in self._compiled_buckets:
                         # every bucket this call could hit is compiled: evaluate only the
                         # guards that tell the compiled graphs apart

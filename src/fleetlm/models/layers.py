@@ -30,6 +30,9 @@ class Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+PREFILL_ROWS = 32  # from this many rows on, Int8Linear dequantises and uses a dense GEMM
+
+
 class Int8Linear(nn.Module):
     """Weight-only int8 projection: symmetric per-output-channel scales.
 
@@ -60,7 +63,15 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
-        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, self.scales)
+        x2 = x.reshape(-1, shape[-1])
+        if x2.shape[0] >= PREFILL_ROWS:
+            # many rows (prefill): dequantise once and use the dense GEMM, which is far
+            # faster than the small-M int8 kernel at this size; the weight still lives
+            # in memory as int8
+            w = self.weight.to(x.dtype) * self.scales[:, None]
+            y = F.linear(x2, w)
+        else:
+            y = torch._weight_int8pack_mm(x2, self.weight, self.scales)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)

@@ -55,7 +55,7 @@ class Attention(nn.Module):
         positions: Tensor,  # [B, S]
         mask: Tensor,  # [B, 1, rep*S, kv_len] bool
         cache: KVCache,
-        slots: Tensor,  # [B]
+        slots: Tensor | None,  # [B]; None = rows 0..B-1 are slots 0..B-1 (no gather)
         kv_len: int,
     ) -> Tensor:
         B, S, _ = x.shape
@@ -71,12 +71,20 @@ class Attention(nn.Module):
         k = apply_rope(k, cos, sin)
 
         k_cache, v_cache = cache.k[self.layer_idx], cache.v[self.layer_idx]
+        if slots is None:
+            # rows are slots 0..B-1: write in place, read the cache through a view
+            k_cache, v_cache = k_cache[:B], v_cache[:B]
+            rows = torch.arange(B, device=x.device)
+        else:
+            rows = slots
         # advanced indices [B,S] around a slice -> the written block is [B, S, Hkv, D]
-        row = slots[:, None].expand(B, S)
+        row = rows[:, None].expand(B, S)
         k_cache[row, :, positions] = k.to(k_cache.dtype)
         v_cache[row, :, positions] = v.to(v_cache.dtype)
-        keys = k_cache[slots, :, :kv_len]  # [B, Hkv, L, D]
-        values = v_cache[slots, :, :kv_len]
+        if slots is None:
+            keys, values = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]  # [B, Hkv, L, D]
+        else:
+            keys, values = k_cache[slots, :, :kv_len], v_cache[slots, :, :kv_len]  # gathered copy
 
         # Grouped-query attention without copying K/V: fold the `rep` query heads that
         # share a KV head into the query-length dim -> [B, Hkv, rep*S, D].
@@ -121,7 +129,7 @@ class DecoderLayer(nn.Module):
         positions: Tensor,
         mask: Tensor,
         cache: KVCache,
-        slots: Tensor,
+        slots: Tensor | None,
         kv_len: int,
     ) -> Tensor:
         x = x + self.self_attn(
@@ -207,7 +215,7 @@ class LlamaForCausalLM(nn.Module):
         input_ids: Tensor,  # [B, S] int64
         positions: Tensor,  # [B, S] int64, absolute position of each token
         cache: KVCache,
-        slots: Tensor,  # [B] int64, cache slot of each row
+        slots: Tensor | None,  # [B] int64 cache slot of each row; None = slots 0..B-1
         kv_len: int,  # attend over cache positions [0, kv_len); >= max(positions) + 1
         logits_index: Tensor | None = None,  # [B] index in S whose logits to return; None = all
     ) -> Tensor:
