@@ -45,21 +45,25 @@ class Int8Linear(nn.Module):
     scales: Tensor  # [out]
     bias: Tensor | None
 
-    def __init__(self, weight_int8: Tensor, scales: Tensor, bias: Tensor | None) -> None:
+    def __init__(self, weight_int8: Tensor, scales: Tensor, bias: Tensor | None,
+                 use_kernel: bool = False) -> None:
         super().__init__()
         self.in_features = weight_int8.shape[1]
         self.out_features = weight_int8.shape[0]
+        # our AVX-512 GEMV (fleetlm.kernels.int8_gemv) when it built, else ATen's kernel
+        self.use_kernel = use_kernel and weight_int8.device.type == "cpu" and scales.dtype in (
+            torch.float32, torch.bfloat16)
         self.register_buffer("weight", weight_int8)
         self.register_buffer("scales", scales)  # activation dtype
         self.register_buffer("bias", bias)
 
     @classmethod
-    def from_linear(cls, lin: Linear, dtype: torch.dtype) -> Int8Linear:
+    def from_linear(cls, lin: Linear, dtype: torch.dtype, use_kernel: bool = False) -> Int8Linear:
         w = lin.weight.detach().float()
         scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
         q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
         bias = None if lin.bias is None else lin.bias.detach().to(dtype)
-        return cls(q.contiguous(), scales.to(dtype), bias)
+        return cls(q.contiguous(), scales.to(dtype), bias, use_kernel)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -70,6 +74,8 @@ class Int8Linear(nn.Module):
             # in memory as int8
             w = self.weight.to(x.dtype) * self.scales[:, None]
             y = F.linear(x2, w)
+        elif self.use_kernel and x2.dtype == self.scales.dtype:
+            y = torch.ops.fleetlm.int8_linear(x2, self.weight, self.scales)
         else:
             y = torch._weight_int8pack_mm(x2, self.weight, self.scales)
         if self.bias is not None:

@@ -90,11 +90,12 @@ class Attention(nn.Module):
         # share a KV head into the query-length dim -> [B, Hkv, rep*S, D].
         q = q.view(B, S, Hkv, rep, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, rep * S, D)
         if S == 1:
-            # decode: a plain masked softmax lets torch.compile fuse it (measured faster
-            # than the fused SDPA kernel's per-call setup for one query row)
-            scores = (q @ keys.transpose(-1, -2)).float() * self.head_dim**-0.5
-            probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-            out = probs.to(values.dtype) @ values
+            # decode: written as multiply + reduce rather than matmuls so torch.compile
+            # fuses it into a few loops over the cache (no transposed copy of K, no
+            # per-call setup of the SDPA kernel -- both measured slower for one query)
+            scores = (q[:, :, :, None, :] * keys[:, :, None]).float().sum(-1) * self.head_dim**-0.5
+            probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)  # [B, Hkv, rep, L]
+            out = (probs[..., None] * values[:, :, None].float()).sum(-2).to(values.dtype)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         out = out.view(B, Hkv, rep, S, D).permute(0, 3, 1, 2, 4).reshape(B, S, -1)

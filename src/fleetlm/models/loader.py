@@ -196,13 +196,16 @@ def load_weights(model: LlamaForCausalLM, state: dict[str, torch.Tensor], folder
 
 def quantize_int8(model: LlamaForCausalLM) -> None:
     """Replace every projection (and the LM head) with weight-only int8, in place."""
+    from fleetlm.kernels import int8_gemv
     from fleetlm.models.layers import Int8Linear, Linear
 
     dtype = model.dtype
+    on_cpu = model.model.embed_tokens.weight.device.type == "cpu"
+    use_kernel = on_cpu and int8_gemv.load()  # builds once (~10 s), cached afterwards
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             if isinstance(child, Linear):
-                setattr(parent, child_name, Int8Linear.from_linear(child, dtype))
+                setattr(parent, child_name, Int8Linear.from_linear(child, dtype, use_kernel))
 
 
 def load_tokenizer(folder: Path) -> Any:
