@@ -33,7 +33,12 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
-bench: install
+# the benchmark's llama.cpp baseline (llama-cpp-python builds from source: a few minutes, once)
+$(VENV)/.installed-bench: $(STAMP)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q -e ".[dev,bench]"
+	touch $@
+
+bench: install $(VENV)/.installed-bench
 	$(BIN)/fleetlm bench decode --out bench-results/decode.json
 
 lint: install

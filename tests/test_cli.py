@@ -50,3 +50,25 @@ def test_generate_chat_streams_an_answer():
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
     assert "finish=stop" in r.stderr and "decode" in r.stderr
+
+
+@pytest.mark.slow
+def test_bench_decode_writes_json_with_ratios(tmp_path):
+    out = tmp_path / "decode.json"
+    r = run("bench", "decode", "--no-compile", "--prompt-lengths", "8", "--new-tokens", "6",
+            "--repeats", "1", "--skip", "fleetlm-float32,fleetlm-bfloat16,transformers-bfloat16,llama.cpp",
+            "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    import json
+
+    data = json.loads(out.read_text())
+    systems = {m["system"]: m for m in data["results"]}
+    assert set(systems) == {"fleetlm-int8", "transformers-float32"}
+    for m in systems.values():
+        assert m["prompt_tokens"] == 8 and m["decode_tok_s"] > 0 and m["ttft_ms"] > 0
+        assert len(m["runs"]) == 1
+    ratio = data["ratios"]["prompt_8"]
+    expected = systems["fleetlm-int8"]["decode_tok_s"] / systems["transformers-float32"]["decode_tok_s"]
+    assert ratio["decode_vs_transformers-float32"] == round(expected, 2)
+    assert data["quality"]["fleetlm-int8"]["perplexity"] > 1
+    assert "decode tok/s" in r.stdout  # the table

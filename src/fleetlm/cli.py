@@ -4,6 +4,7 @@ heavy imports (torch, transformers) happen inside the commands, never at import.
 from __future__ import annotations
 
 import sys
+import time
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -92,8 +93,6 @@ def generate(
         else:
             ids = tok(prompt, add_special_tokens=True)["input_ids"]
         gen = Generator(lm, compile=compile)
-        import time
-
         if compile:  # compile the kv buckets this prompt will touch before timing it
             from rich.console import Console
 

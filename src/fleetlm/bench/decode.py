@@ -213,34 +213,24 @@ def quality(models: dict[str, Any], tokenizer: Any, n_tokens: int = 512, n_free:
 def run(cfg: DecodeBenchConfig, out: Path | None) -> dict[str, Any]:
     from rich.console import Console
 
-    from fleetlm.models.loader import resolve_source
+    from fleetlm.models.loader import load_tokenizer, resolve_source
     from fleetlm.models.registry import EMBEDDED_MODELS, resolve_embedded
 
     console = Console(stderr=True)
     folder = resolve_source(cfg.model)
+    tokenizer = load_tokenizer(folder)
+    prompts = {n: prompt_ids(tokenizer, n) for n in cfg.prompt_lengths}
     results: list[Measurement] = []
     notes: dict[str, str] = {}
     loaded: dict[str, Any] = {}
-    tokenizer = None
-    plan = [("float32", "none"), ("bfloat16", "none"), ("auto", "int8")]
-    for dtype, quant in plan:
+    for dtype, quant in (("float32", "none"), ("bfloat16", "none"), ("auto", "int8")):
         name = f"fleetlm-{'int8' if quant == 'int8' else dtype}"
         if name in cfg.skip:
             continue
         console.log(f"measuring {name} (compile={cfg.compile})")
-        if tokenizer is None:
-            from fleetlm.models.loader import load_tokenizer
-
-            tokenizer = load_tokenizer(folder)
-        prompts = {n: prompt_ids(tokenizer, n) for n in cfg.prompt_lengths}
         ms, lm = bench_fleetlm(cfg, dtype, quant, prompts)
         results += ms
         loaded[name] = lm
-    if tokenizer is None:
-        from fleetlm.models.loader import load_tokenizer
-
-        tokenizer = load_tokenizer(folder)
-    prompts = {n: prompt_ids(tokenizer, n) for n in cfg.prompt_lengths}
 
     console.log("measuring quality (perplexity, agreement with float32)")
     qual = quality(loaded, tokenizer) if loaded else {}
