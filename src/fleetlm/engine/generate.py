@@ -7,12 +7,11 @@ the first ``kv_len`` cache positions, rounded up to a multiple of ``KV_BUCKET`` 
 compiled decode step sees few distinct shapes.
 
 With ``compile=True`` the decode step goes through ``torch.compile`` with inductor's
-freezing (weights become constants, so int8 matmuls get inductor's own small-M
-weight-only-int8 GEMM) and max-autotune (it times that kernel against ATen's and keeps
-the faster). Once a kv bucket has been compiled, later steps in it skip Dynamo's guard
-evaluation, which otherwise costs about a millisecond a step on this model. If
-compilation fails (no C++ compiler, unsupported op) the generator falls back to eager
-and says so once.
+freezing (weights become constants) and max-autotune (dense matmuls get inductor's C++
+GEMM templates where they time faster; int8 projections call our own GEMV op). Once a
+kv bucket has been compiled, later steps in it skip Dynamo's guard evaluation, which
+otherwise costs about a millisecond a step on this model. If compilation fails (no C++
+compiler, unsupported op) the generator falls back to eager and says so once.
 """
 
 from __future__ import annotations
