@@ -36,9 +36,11 @@ PREFILL_ROWS = 32  # from this many rows on, Int8Linear dequantises and uses a d
 class Int8Linear(nn.Module):
     """Weight-only int8 projection: symmetric per-output-channel scales.
 
-    ``torch._weight_int8pack_mm`` dequantises on the fly inside the matmul, so the
-    weight stays 1 byte/element in memory and in memory bandwidth -- the thing that
-    bounds single-stream decode on a CPU.
+    The weight stays 1 byte/element in memory and in memory bandwidth -- the thing that
+    bounds single-stream decode on a CPU. Few rows (decode): our AVX-512 GEMV op
+    ``fleetlm::int8_linear`` when it built, else ``torch._weight_int8pack_mm``; both
+    widen the int8 weight inside the kernel. Many rows (prefill): dequantise once and run
+    the dense GEMM.
     """
 
     weight: Tensor  # [out, in] int8
