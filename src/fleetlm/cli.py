@@ -96,12 +96,8 @@ def generate(
         if compile:  # compile the kv buckets this prompt will touch before timing it
             from rich.console import Console
 
-            from fleetlm.engine.generate import KV_BUCKET, bucket
-
-            last = min(len(ids) + max_tokens, gen.max_len)
-            needed = tuple(range(bucket(len(ids) + 1), bucket(last) + 1, KV_BUCKET))
             with Console(stderr=True).status("Compiling the decode step (first run of a shape)..."):
-                gen.warmup(needed)
+                gen.warmup_request(len(ids), max_tokens)
         t0 = time.perf_counter()
         first = None
         n = 0

@@ -79,9 +79,8 @@ def bench_fleetlm(cfg: DecodeBenchConfig, dtype: str, quantize: str, prompts: di
     longest = max(prompts) + cfg.new_tokens + 1
     gen = Generator(lm, max_len=bucket(longest), compile=cfg.compile)
     t0 = time.perf_counter()
-    # compile (or warm) every kv bucket the measurement will touch
-    kv = sorted({bucket(p) for n in prompts for p in range(n + 1, n + cfg.new_tokens + 1)})
-    gen.warmup(tuple(kv))
+    for n in prompts:  # compile (or warm) every kv bucket the measurement will touch
+        gen.warmup_request(n, cfg.new_tokens)
     warm_s = time.perf_counter() - t0
     params = SamplingParams(max_tokens=cfg.new_tokens, temperature=0.0, ignore_eos=True)
     name = f"fleetlm-{'int8' if quantize == 'int8' else dtype}"

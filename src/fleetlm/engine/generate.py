@@ -126,6 +126,11 @@ class Generator:
                 for _ in range(2):  # the second call runs the compiled graph once
                     self._forward_decode(torch.zeros(1, 1, dtype=torch.long), pos, bucket(n))
 
+    def warmup_request(self, prompt_len: int, max_tokens: int) -> None:
+        """Compile every kv bucket a request of this size can decode in."""
+        last = min(prompt_len + max_tokens, self.max_len)
+        self.warmup(tuple(range(bucket(prompt_len + 1), bucket(last) + 1, KV_BUCKET)))
+
     def prefill(self, prompt_ids: list[int]) -> Tensor:
         """Write the prompt into the cache; return the last position's logits [vocab]."""
         n = len(prompt_ids)

@@ -26,6 +26,33 @@ from fleetlm.engine.kv_cache import KVCache
 from fleetlm.models.config import LlamaConfig
 from fleetlm.models.layers import Linear, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
 
+# Our fused projections and the Hugging Face projections stacked (along dim 0) to make them.
+FUSED_PROJECTIONS: dict[str, tuple[str, ...]] = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+
+
+def fused_rows(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Output rows of each part of each fused projection, in stacking order."""
+    return {
+        "self_attn.qkv_proj": (cfg.q_size, cfg.kv_size, cfg.kv_size),
+        "mlp.gate_up_proj": (cfg.intermediate_size, cfg.intermediate_size),
+    }
+
+
+def hf_sources(cfg: LlamaConfig, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+    """(Hugging Face tensor name, expected shape) of each part of our parameter ``name``
+    of shape ``shape``, in stacking order."""
+    rows = fused_rows(cfg)
+    for fused, parts in FUSED_PROJECTIONS.items():
+        marker = f".{fused}."
+        if marker in name:
+            prefix, suffix = name.split(marker)
+            return [(f"{prefix}.{p}.{suffix}", (r, *shape[1:]))
+                    for p, r in zip(parts, rows[fused], strict=True)]
+    return [(name, shape)]
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig, layer_idx: int) -> None:
@@ -37,7 +64,7 @@ class Attention(nn.Module):
         self.rep = cfg.num_heads // cfg.num_kv_heads
         self.sliding_window = cfg.sliding_window
         h = cfg.hidden_size
-        self.split = [cfg.q_size, cfg.kv_size, cfg.kv_size]
+        self.split = list(fused_rows(cfg)["self_attn.qkv_proj"])
         # q, k and v in one matmul (rows q | k | v): one weight read, one kernel launch
         self.qkv_proj = Linear(h, sum(self.split), bias=cfg.attention_bias)
         self.o_proj = Linear(cfg.q_size, h, bias=False)
@@ -106,7 +133,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         h, i = cfg.hidden_size, cfg.intermediate_size
-        self.gate_up_proj = Linear(h, 2 * i, bias=cfg.mlp_bias)  # rows gate | up
+        self.gate_up_proj = Linear(h, sum(fused_rows(cfg)["mlp.gate_up_proj"]), bias=cfg.mlp_bias)
         self.down_proj = Linear(i, h, bias=cfg.mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -146,29 +173,6 @@ class Backbone(nn.Module):
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-
-# Our fused projections and the Hugging Face projections stacked (along dim 0) to make them.
-FUSED_PROJECTIONS: dict[str, tuple[str, ...]] = {
-    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
-}
-
-
-def hf_sources(cfg: LlamaConfig, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
-    """(Hugging Face tensor name, expected shape) of each part of our parameter ``name``
-    of shape ``shape``, in stacking order."""
-    rows = {
-        "self_attn.qkv_proj": (cfg.q_size, cfg.kv_size, cfg.kv_size),
-        "mlp.gate_up_proj": (cfg.intermediate_size, cfg.intermediate_size),
-    }
-    for fused, parts in FUSED_PROJECTIONS.items():
-        marker = f".{fused}."
-        if marker in name:
-            prefix, suffix = name.split(marker)
-            return [(f"{prefix}.{p}.{suffix}", (r, *shape[1:]))
-                    for p, r in zip(parts, rows[fused], strict=True)]
-    return [(name, shape)]
 
 
 class LlamaForCausalLM(nn.Module):
