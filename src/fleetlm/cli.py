@@ -7,7 +7,7 @@ import sys
 import time
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -67,6 +67,9 @@ def generate(
     compile: Annotated[bool, typer.Option("--compile/--no-compile",
                                           help="torch.compile the decode step (slow start, faster decode).")] = False,
     stats: Annotated[bool, typer.Option("--stats/--no-stats", help="Print timings to stderr.")] = True,
+    adapter: Annotated[str | None, typer.Option(help="LoRA adapter from the store (runs through the engine).")] = None,
+    adapters_dir: Annotated[Path | None, typer.Option(help="The adapter store (default: the user data folder).")] = None,
+    max_lora_rank: Annotated[int, typer.Option(help="Largest adapter rank accepted.")] = 64,
 ) -> None:
     """Generate text from one prompt, streaming tokens to the terminal (no server)."""
     from fleetlm.engine.generate import Generator
@@ -92,17 +95,21 @@ def generate(
                 ids = ids["input_ids"]
         else:
             ids = tok(prompt, add_special_tokens=True)["input_ids"]
-        gen = Generator(lm, compile=compile)
-        if compile:  # compile the kv buckets this prompt will touch before timing it
-            from rich.console import Console
+        if adapter is not None:
+            events = _engine_stream(lm, list(ids), params, adapter, adapters_dir, max_lora_rank)
+        else:
+            gen = Generator(lm, compile=compile)
+            if compile:  # compile the kv buckets this prompt will touch before timing it
+                from rich.console import Console
 
-            with Console(stderr=True).status("Compiling the decode step (first run of a shape)..."):
-                gen.warmup_request(len(ids), max_tokens)
+                with Console(stderr=True).status("Compiling the decode step (first run of a shape)..."):
+                    gen.warmup_request(len(ids), max_tokens)
+            events = gen.stream(list(ids), params)
         t0 = time.perf_counter()
         first = None
         n = 0
         reason = None
-        for ev in gen.stream(list(ids), params):
+        for ev in events:
             if first is None:
                 first = time.perf_counter()
             n += 1
@@ -115,13 +122,39 @@ def generate(
         if stats and first is not None:
             rate = (n - 1) / (t1 - first) if n > 1 and t1 > first else float("nan")
             typer.echo(
-                f"[{lm.name} {str(lm.dtype).removeprefix('torch.')} quantize={lm.quantize}] "
+                f"[{lm.name}{':' + adapter if adapter else ''} "
+                f"{str(lm.dtype).removeprefix('torch.')} quantize={lm.quantize}] "
                 f"prompt {len(ids)} tok, generated {n} tok, finish={reason}, "
                 f"ttft {1000 * (first - t0):.0f} ms, decode {rate:.1f} tok/s",
                 err=True,
             )
     except FleetLMError as e:
         _fail(e)
+
+
+def _engine_stream(lm: Any, ids: list[int], params: Any, adapter: str,
+                   adapters_dir: Path | None, max_lora_rank: int) -> Any:
+    """One request through the batching engine (the path that applies adapters)."""
+    from fleetlm.adapters import AdapterStore
+    from fleetlm.engine.engine import Engine, EngineConfig
+    from fleetlm.paths import default_adapters_dir
+
+    store = AdapterStore(adapters_dir or default_adapters_dir(), lm.config, dtype=lm.model.dtype,
+                         max_rank=max_lora_rank)
+    engine = Engine(lm, EngineConfig(max_running=1, max_len=len(ids) + params.max_tokens + 1,
+                                     max_hot_adapters=1, max_lora_rank=max_lora_rank), store=store)
+    events: list[Any] = []
+    engine.submit(ids, params, adapter=adapter, callback=events.append)
+    while True:
+        busy = engine.step()
+        while events:
+            ev = events.pop(0)
+            if ev.error is not None:
+                raise ev.error
+            if ev.token_id is not None or ev.finish_reason is not None:
+                yield ev
+        if not busy:
+            return
 
 
 @bench_app.command("decode")
@@ -148,6 +181,179 @@ def bench_decode(
         run(cfg, out)
     except (FleetLMError, ValueError) as e:
         _fail(e)
+
+
+@bench_app.command("adapters")
+def bench_adapters(
+    model: ModelOpt = "smollm2-135m",
+    out: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
+    dtype: DTypeArg = DTypeOpt.auto,
+    quantize: QuantArg = QuantOpt.none,
+    num_requests: Annotated[int, typer.Option(help="Requests per configuration.")] = 256,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight (closed loop).")] = 32,
+    prompt_tokens: Annotated[int, typer.Option(help="Tokens per prompt.")] = 64,
+    max_new_tokens: Annotated[int, typer.Option(help="Greedy tokens per request.")] = 64,
+    adapter_counts: Annotated[str, typer.Option(help="Comma-separated numbers of distinct adapters.")] = "1,8,64,256",
+    popularities: Annotated[str, typer.Option(help="Comma-separated: uniform, zipf.")] = "uniform,zipf",
+    max_hot_adapters: Annotated[int, typer.Option(help="Adapter slots in the engine.")] = 64,
+    baseline_budget_s: Annotated[float, typer.Option(help="Seconds per transformers baseline.")] = 60.0,
+    skip: Annotated[str, typer.Option(help="Comma-separated baselines to skip: peft-switching, "
+                                           "peft-mixed, hf-continuous")] = "",
+    adapters_dir: Annotated[Path | None, typer.Option(help="Where the random adapters are cached.")] = None,
+) -> None:
+    """Many adapters in one batch: fleetlm's engine vs transformers + PEFT baselines."""
+    from fleetlm.bench.adapters import AdaptersBenchConfig, run
+
+    def ints(text: str) -> list[int]:
+        try:
+            return [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise typer.BadParameter(f"{text!r}: comma-separated integers expected") from None
+
+    try:
+        cfg = AdaptersBenchConfig(
+            model=model, dtype=dtype.value, quantize=quantize.value, num_requests=num_requests,
+            concurrency=concurrency, prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens,
+            adapter_counts=ints(adapter_counts),
+            popularities=[x.strip() for x in popularities.split(",") if x.strip()],
+            max_hot_adapters=max_hot_adapters, baseline_budget_s=baseline_budget_s,
+            skip=[x.strip() for x in skip.split(",") if x.strip()], adapters_dir=adapters_dir)
+        run(cfg, out)
+    except (FleetLMError, ValueError) as e:
+        _fail(e)
+
+
+# --- fleetlm adapters: the adapter store -------------------------------------------------
+
+adapters_app = typer.Typer(help="The adapter store: list, add and remove PEFT LoRA adapters.",
+                           no_args_is_help=True)
+app.add_typer(adapters_app, name="adapters")
+
+AdaptersDirOpt = Annotated[Path | None, typer.Option(
+    "--adapters-dir", help="Adapter store folder [default: $FLEETLM_HOME/adapters, else "
+                           "$XDG_DATA_HOME/fleetlm/adapters or ~/.local/share/fleetlm/adapters].")]
+AdapterModelOpt = Annotated[str, typer.Option(
+    "--model", "-m", help="Base model the adapters must fit (only its config is read).")]
+MaxRankOpt = Annotated[int, typer.Option("--max-lora-rank", help="Largest LoRA rank accepted.")]
+
+
+def _adapter_store(adapters_dir: Path | None, model: str | None, max_rank: int = 64) -> Any:
+    from fleetlm.adapters import AdapterStore
+    from fleetlm.paths import default_adapters_dir
+
+    base = _base_model_config(model) if model is not None else None
+    return AdapterStore(adapters_dir or default_adapters_dir(), base, max_rank=max_rank)
+
+
+def _base_model_config(model: str) -> Any:
+    """The base model's LlamaConfig without its weights: a folder's config.json, the cached
+    conversion of a GGUF or embedded model (converted once, as serving would), or a hub
+    repo's config.json alone."""
+    import re
+
+    from fleetlm.errors import ModelLoadError
+    from fleetlm.models.loader import read_config, resolve_source
+    from fleetlm.models.registry import EMBEDDED_MODELS
+
+    local = model in EMBEDDED_MODELS or Path(model).expanduser().exists()
+    if not local and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model):
+        try:
+            from huggingface_hub import hf_hub_download
+
+            return read_config(Path(hf_hub_download(model, "config.json")).parent)
+        except Exception as e:
+            raise ModelLoadError(f"{model}: could not fetch config.json from the Hugging Face hub "
+                                 f"({type(e).__name__}: {e}); pass a local model folder") from e
+    return read_config(resolve_source(model))
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+@adapters_app.command("list")
+def adapters_list(
+    adapters_dir: AdaptersDirOpt = None,
+    model: AdapterModelOpt = "smollm2-135m",
+    max_lora_rank: MaxRankOpt = 64,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List the adapters in the store (folders that fail validation are reported on stderr)."""
+    import json
+
+    try:
+        store = _adapter_store(adapters_dir, model, max_lora_rank)
+        good, bad = store.scan()
+    except FleetLMError as e:
+        _fail(e)
+        return
+    if json_out:
+        typer.echo(json.dumps({
+            "adapters_dir": str(store.root),
+            "adapters": [{"name": a.name, "path": str(a.path), "rank": a.rank, "alpha": a.alpha,
+                          "target_modules": list(a.target_modules), "base_model": a.base_model,
+                          "size_bytes": a.size_bytes} for a in good],
+            "invalid": [{"name": err.adapter, "error": str(err)} for err in bad],
+        }, indent=2))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        if good:
+            table = Table(title=f"adapters in {store.root}")
+            for col in ("name", "rank", "alpha", "targets", "size", "base model"):
+                table.add_column(col, justify="right" if col in ("rank", "alpha", "size") else "left")
+            for a in good:
+                table.add_row(a.name, str(a.rank), f"{a.alpha:g}", ",".join(a.target_modules),
+                              _human_bytes(a.size_bytes), a.base_model or "-")
+            # piped output is not cut to 80 columns: names and paths stay whole for grep
+            Console(width=None if sys.stdout.isatty() else 200).print(table)
+        elif not bad:
+            typer.echo(f"no adapters in {store.root} (add one with: fleetlm adapters add PATH)")
+    for err in bad:
+        typer.secho(f"warning: skipped invalid {err}", fg=typer.colors.YELLOW, err=True)
+
+
+@adapters_app.command("add")
+def adapters_add(
+    path: Annotated[Path, typer.Argument(help="PEFT adapter folder (adapter_config.json + "
+                                              "adapter_model.safetensors).")],
+    name: Annotated[str | None, typer.Option("--name", help="Store it under this name "
+                                                            "[default: the folder's name].")] = None,
+    adapters_dir: AdaptersDirOpt = None,
+    model: AdapterModelOpt = "smollm2-135m",
+    max_lora_rank: MaxRankOpt = 64,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an adapter of that name.")] = False,
+) -> None:
+    """Validate an adapter against the base model and copy it into the store."""
+    try:
+        store = _adapter_store(adapters_dir, model, max_lora_rank)
+        info = store.add(path, name, overwrite=overwrite)
+    except FleetLMError as e:
+        _fail(e)
+        return
+    typer.echo(f"added adapter {info.name!r} (rank {info.rank}, alpha {info.alpha:g}, "
+               f"{','.join(info.target_modules)}, {_human_bytes(info.size_bytes)}) at {info.path}")
+
+
+@adapters_app.command("remove")
+def adapters_remove(
+    name: Annotated[str, typer.Argument(help="Adapter name.")],
+    adapters_dir: AdaptersDirOpt = None,
+) -> None:
+    """Delete an adapter from the store."""
+    try:
+        store = _adapter_store(adapters_dir, None)
+        store.remove(name)
+    except FleetLMError as e:
+        _fail(e)
+        return
+    typer.echo(f"removed adapter {name!r} from {store.root}")
 
 
 def main() -> None:  # pragma: no cover - console entry point

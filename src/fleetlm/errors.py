@@ -11,3 +11,11 @@ class ModelLoadError(FleetLMError):
 
 class ConfigError(FleetLMError):
     """A setting is invalid: the message names the field and the fix."""
+
+
+class EngineBusy(FleetLMError):
+    """The request queue is full; retry later (HTTP 429)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

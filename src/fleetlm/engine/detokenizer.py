@@ -16,7 +16,9 @@ from typing import Any
 class Detokenizer:
     def __init__(self, tokenizer: Any, stop: list[str] | None = None,
                  skip_special_tokens: bool = True) -> None:
-        self.tokenizer = tokenizer
+        if tokenizer is None and stop:
+            raise ValueError("stop strings need a tokenizer")
+        self.tokenizer = tokenizer  # None: a weight-only model; every text delta is ""
         self.stop = [s for s in (stop or []) if s]
         self.skip_special = skip_special_tokens
         self.ids: list[int] = []
@@ -27,6 +29,8 @@ class Detokenizer:
         self.stopped = False  # a stop string was found; self.text is cut before it
 
     def _decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special,
                                      clean_up_tokenization_spaces=False)
 

@@ -1,35 +1,43 @@
 """Multi-LoRA deltas for a packed batch where every token may use a different adapter.
 
-For a projection ``y = x W^T`` and the adapter ``i`` of each token, LoRA adds
-``scale_i * (x A_i^T) B_i^T``. Adapters of different ranks share stacked buffers padded
-with zeros to the largest rank (zero rows/columns add exactly nothing), so one batch can
-mix ranks. Which adapter each token uses arrives as an explicit :class:`LoraBatch` --
-never through module state -- built once per forward and shared by every projection.
+For a projection ``y = x W^T`` and the adapter of each token, LoRA adds
+``scale * (x A^T) B^T``. Our projections are fused -- ``qkv_proj`` is q|k|v stacked along
+the output rows (3 parts), ``gate_up_proj`` gate|up (2), ``o_proj``/``down_proj`` one --
+and each part has its own A/B, rank and scale (an adapter may leave a part out: rank 0).
+A :class:`StackedLora` holds one fused projection of one layer for S hot adapter slots;
+which slot each token uses arrives as an explicit :class:`LoraBatch`, built once per
+forward and shared by every projection -- never through module state.
 
-Two batched implementations and their slow, obviously correct twin:
+Implementations of the same delta, fastest first:
 
-- :func:`lora_delta_segments` (SGMV-style): tokens grouped by adapter, two small GEMMs
-  per adapter present in the batch. Reads each adapter's weights once.
-- :func:`lora_delta_gather` (BGMV-style): every token gathers its adapter's A and B and
-  does batched matrix-vector products. One kernel for any mix, but it copies r*(in+out)
-  weights per token.
-- :func:`lora_delta_reference`: a per-token Python loop, used by the tests.
+- the native op ``fleetlm::lora_sgmv`` (:mod:`fleetlm.kernels.lora_sgmv`): groups tokens
+  by slot inside the kernel, reads each adapter's first-r rows once, both threads;
+- :func:`lora_delta_torch`: tokens grouped by slot, two matmuls per part per adapter
+  present -- the fallback, and the faster path for prefill-sized batches (see
+  :func:`lora_delta`);
+- :func:`lora_delta_reference`: a per-token Python loop, obviously correct, for tests.
 
-:func:`lora_delta` picks between the batched ones (see ``GATHER_MAX_TOKENS``).
-This module knows nothing about which adapter is loaded where; the adapter store does.
+This module knows nothing about which adapter is loaded where (the adapter store does)
+nor about PEFT files; it only owns the stacked layout and the arithmetic.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
 
+from fleetlm.kernels import lora_sgmv
+
 NO_ADAPTER = -1
-# Gather wins only for small batches spread over many adapters; see lora_delta.
-GATHER_MAX_TOKENS = 32
+# From this many tokens on, over at most TORCH_MAX_ADAPTERS adapters, torch's GEMM beats
+# the native kernel (see lora_delta for the measurements).
+TORCH_MIN_TOKENS = 256
+TORCH_MAX_ADAPTERS = 8
 
 
 def lora_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:
@@ -43,32 +51,46 @@ def lora_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:
 class LoraBatch:
     """Adapter assignment of a packed batch of T tokens (the same for every projection).
 
-    token_slots: [T] int64, the stacked-buffer slot of each token's adapter, or -1.
-    order:       [T'] int64, indices of the tokens that have an adapter, grouped by slot.
-    segments:    (slot, start, end) into ``order`` for each adapter present.
+    token_slots: [T] int64, the stacked-buffer slot of each token's adapter, or NO_ADAPTER;
+                 tokens in the row-major order of the activations ([B, S] -> B * S).
+    The grouping the torch path needs (``order``, ``segments``) is computed on first use,
+    so a batch served by the native kernel never pays for it.
     """
 
     token_slots: Tensor
-    order: Tensor
-    segments: tuple[tuple[int, int, int], ...]
 
     @classmethod
-    def from_slots(cls, token_slots: Tensor) -> LoraBatch:
-        token_slots = token_slots.to(torch.long)
-        has = (token_slots != NO_ADAPTER).nonzero().flatten()
-        slots = token_slots[has]
+    def from_slots(cls, token_slots: Tensor | Sequence[int]) -> LoraBatch:
+        slots = torch.as_tensor(token_slots)
+        if slots.is_floating_point() or slots.is_complex() or slots.dtype == torch.bool:
+            raise ValueError(f"token_slots must be integer slot ids, got dtype {slots.dtype}")
+        return cls(slots.reshape(-1).to(torch.long).contiguous())
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_slots.shape[0])
+
+    @cached_property
+    def _grouping(self) -> tuple[Tensor, tuple[tuple[int, int, int], ...]]:
+        has = (self.token_slots != NO_ADAPTER).nonzero().flatten()
+        slots = self.token_slots[has]
         perm = torch.argsort(slots, stable=True)
-        order = has[perm]
         uniq, counts = torch.unique_consecutive(slots[perm], return_counts=True)
         segments, start = [], 0
         for s, c in zip(uniq.tolist(), counts.tolist(), strict=True):
             segments.append((int(s), start, start + int(c)))
             start += int(c)
-        return cls(token_slots, order, tuple(segments))
+        return has[perm], tuple(segments)
 
     @property
-    def num_tokens(self) -> int:
-        return int(self.token_slots.shape[0])
+    def order(self) -> Tensor:
+        """[T'] int64: indices of the tokens that have an adapter, grouped by slot."""
+        return self._grouping[0]
+
+    @property
+    def segments(self) -> tuple[tuple[int, int, int], ...]:
+        """(slot, start, end) into ``order`` for each adapter present, in slot order."""
+        return self._grouping[1]
 
     @property
     def empty(self) -> bool:
@@ -77,78 +99,188 @@ class LoraBatch:
 
 @dataclass
 class StackedLora:
-    """One projection's adapters: slot s holds A [r_max, in], B [out, r_max], scale."""
+    """One fused projection of one layer: P parts for S hot adapter slots.
 
-    a: Tensor  # [S, r_max, in]
-    b: Tensor  # [S, out, r_max]
-    scale: Tensor  # [S] float32 (0 for an empty slot)
+    Only the first ``ranks[s, p]`` rows of A and of Bt are ever read; the rest is kept
+    zero by :meth:`set`/:meth:`clear`. No padding in the out dimension: a slot costs
+    R * (P * in + out_total) elements.
+    """
+
+    a: Tensor  # [S, P, R, in]      A of part p of slot s in a[s, p, :r]
+    bt: Tensor  # [S, R, out_total]  B transposed; part p's columns [offsets[p], offsets[p+1])
+    ranks: Tensor  # [S, P] int32       rank of part p in slot s (0: part absent / empty slot)
+    scales: Tensor  # [S, P] float32
+    offsets: Tensor  # [P+1] int64, offsets[-1] == out_total
 
     @classmethod
-    def allocate(cls, num_slots: int, max_rank: int, in_features: int, out_features: int,
-                 dtype: torch.dtype = torch.float32) -> StackedLora:
-        return cls(torch.zeros(num_slots, max_rank, in_features, dtype=dtype),
-                   torch.zeros(num_slots, out_features, max_rank, dtype=dtype),
-                   torch.zeros(num_slots, dtype=torch.float32))
+    def allocate(cls, num_slots: int, max_rank: int, in_features: int,
+                 part_sizes: Sequence[int], dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> StackedLora:
+        problems = [f"{name} must be positive, got {v}" for name, v in
+                    [("num_slots", num_slots), ("max_rank", max_rank),
+                     ("in_features", in_features)] if v <= 0]
+        if not part_sizes or any(n <= 0 for n in part_sizes):
+            problems.append(f"part_sizes must be one or more positive sizes, got {part_sizes}")
+        if problems:
+            raise ValueError("StackedLora.allocate: " + "; ".join(problems))
+        offsets = torch.tensor([0, *part_sizes], dtype=torch.long).cumsum(0)
+        p, out = len(part_sizes), int(offsets[-1])
+        return cls(
+            a=torch.zeros(num_slots, p, max_rank, in_features, dtype=dtype, device=device),
+            bt=torch.zeros(num_slots, max_rank, out, dtype=dtype, device=device),
+            ranks=torch.zeros(num_slots, p, dtype=torch.int32, device=device),
+            scales=torch.zeros(num_slots, p, dtype=torch.float32, device=device),
+            offsets=offsets.to(device),
+        )
 
-    def set(self, slot: int, a: Tensor, b: Tensor, scale: float) -> None:
-        """Write an adapter (A [r, in], B [out, r]) into ``slot``, zero-padding to r_max."""
-        r = a.shape[0]
-        if r > self.a.shape[1] or b.shape[1] != r:
-            raise ValueError(f"rank {r} (B has {b.shape[1]}) exceeds max_rank {self.a.shape[1]}")
-        self.a[slot].zero_()
-        self.b[slot].zero_()
-        self.a[slot, :r] = a.to(self.a.dtype)
-        self.b[slot, :, :r] = b.to(self.b.dtype)
-        self.scale[slot] = scale
+    @property
+    def num_slots(self) -> int:
+        return int(self.a.shape[0])
+
+    @property
+    def num_parts(self) -> int:
+        return int(self.a.shape[1])
+
+    @property
+    def max_rank(self) -> int:
+        return int(self.a.shape[2])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.a.shape[3])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.bt.shape[2])
+
+    @property
+    def part_sizes(self) -> list[int]:
+        return torch.diff(self.offsets).tolist()
+
+    def set(self, slot: int, parts: Sequence[tuple[Tensor, Tensor, float] | None]) -> None:
+        """Write one adapter into ``slot``: ``parts[p]`` = (A [r, in], B [out_p, r], scale),
+        or None where the adapter leaves part p out. Everything else in the slot is zeroed,
+        so nothing of the previous occupant survives. Nothing is written on error."""
+        problems = []
+        if not 0 <= slot < self.num_slots:
+            problems.append(f"slot {slot} is outside [0, {self.num_slots})")
+        if len(parts) != self.num_parts:
+            problems.append(f"got {len(parts)} parts, this projection has {self.num_parts} "
+                            f"(sizes {self.part_sizes}); pass None for a part the adapter lacks")
+        for p, (part, out_p) in enumerate(zip(parts, self.part_sizes, strict=False)):
+            if part is None:
+                continue
+            a, b, _ = part
+            if a.dim() != 2 or a.shape[1] != self.in_features:
+                problems.append(f"part {p}: A must be [r, {self.in_features}], got {tuple(a.shape)}")
+            elif a.shape[0] > self.max_rank:
+                problems.append(f"part {p}: rank {a.shape[0]} exceeds max_rank {self.max_rank}; "
+                                f"allocate the stack with a larger max_rank")
+            if b.dim() != 2 or b.shape[0] != out_p or (a.dim() == 2 and b.shape[1] != a.shape[0]):
+                problems.append(f"part {p}: B must be [{out_p}, r] with r = A.shape[0] = "
+                                f"{a.shape[0] if a.dim() == 2 else '?'}, got {tuple(b.shape)}")
+        if problems:
+            raise ValueError(f"StackedLora.set: {'; '.join(problems)}")
+        self.clear(slot)
+        offsets = self.offsets.tolist()
+        for p, part in enumerate(parts):
+            if part is None or part[0].shape[0] == 0:
+                continue
+            a, b, scale = part
+            r = a.shape[0]
+            self.a[slot, p, :r] = a.to(self.a.dtype)
+            self.bt[slot, :r, offsets[p]:offsets[p + 1]] = b.T.to(self.bt.dtype)
+            self.ranks[slot, p] = r
+            self.scales[slot, p] = float(scale)
 
     def clear(self, slot: int) -> None:
         self.a[slot].zero_()
-        self.b[slot].zero_()
-        self.scale[slot] = 0.0
+        self.bt[slot].zero_()
+        self.ranks[slot].zero_()
+        self.scales[slot].zero_()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size()
+                   for t in (self.a, self.bt, self.ranks, self.scales, self.offsets))
 
 
 def lora_delta_reference(x: Tensor, lora: StackedLora, batch: LoraBatch) -> Tensor:
-    """Per-token loop: delta[t] = scale_s * (x[t] A_s^T) B_s^T for the token's slot s."""
-    out = torch.zeros(x.shape[0], lora.b.shape[1], dtype=x.dtype)
+    """Per-token, per-part loop in float32 -> [..., out_total] in x's dtype."""
+    x2 = x.reshape(-1, x.shape[-1])
+    out = torch.zeros(x2.shape[0], lora.out_features, dtype=torch.float32)
+    offsets = lora.offsets.tolist()
     for t, s in enumerate(batch.token_slots.tolist()):
         if s == NO_ADAPTER:
             continue
-        xa = x[t].float() @ lora.a[s].float().T
-        out[t] = (float(lora.scale[s]) * (xa @ lora.b[s].float().T)).to(x.dtype)
-    return out
+        for p in range(lora.num_parts):
+            r = int(lora.ranks[s, p])
+            if r == 0:
+                continue
+            xa = x2[t].float() @ lora.a[s, p, :r].float().T  # [r]
+            part = xa @ lora.bt[s, :r, offsets[p]:offsets[p + 1]].float()
+            out[t, offsets[p]:offsets[p + 1]] = float(lora.scales[s, p]) * part
+    return out.to(x.dtype).reshape(*x.shape[:-1], lora.out_features)
 
 
-def lora_delta_segments(x: Tensor, lora: StackedLora, batch: LoraBatch) -> Tensor:
-    """SGMV-style: for each adapter present, two GEMMs over its tokens."""
-    out = x.new_zeros(x.shape[0], lora.b.shape[1])
+def lora_delta_torch(x: Tensor, lora: StackedLora, batch: LoraBatch) -> Tensor:
+    """Pure PyTorch, x [T, in] -> [T, out_total]: per adapter present, per part, two
+    matmuls over its tokens (each adapter's weights read once, first r rows only)."""
+    out = x.new_zeros(x.shape[0], lora.out_features)
+    if batch.empty:
+        return out
+    ranks, scales, offsets = lora.ranks.tolist(), lora.scales.tolist(), lora.offsets.tolist()
+    whole = len(batch.segments) == 1 and batch.segments[0][2] == x.shape[0]
     for slot, start, end in batch.segments:
         idx = batch.order[start:end]
-        xa = x.index_select(0, idx) @ lora.a[slot].T  # [n, r]
-        delta = (xa @ lora.b[slot].T) * lora.scale[slot].to(x.dtype)
-        out.index_copy_(0, idx, delta)
+        xs = x if whole else x.index_select(0, idx)
+        delta = out if whole else x.new_zeros(end - start, lora.out_features)
+        for p in range(lora.num_parts):
+            r = ranks[slot][p]
+            if r == 0:
+                continue
+            xa = (xs @ lora.a[slot, p, :r].T) * scales[slot][p]  # [n, r]
+            delta[:, offsets[p]:offsets[p + 1]] = xa @ lora.bt[slot, :r, offsets[p]:offsets[p + 1]]
+        if not whole:
+            out.index_copy_(0, idx, delta)
     return out
 
 
-def lora_delta_gather(x: Tensor, lora: StackedLora, batch: LoraBatch) -> Tensor:
-    """BGMV-style: gather each token's A and B, batched matrix-vector products."""
-    slots = batch.token_slots.clamp(min=0)
-    keep = (batch.token_slots != NO_ADAPTER).to(x.dtype)
-    xa = torch.bmm(x[:, None, :], lora.a[slots].transpose(1, 2))  # [T, 1, r]
-    delta = torch.bmm(xa, lora.b[slots].transpose(1, 2))[:, 0]  # [T, out]
-    return delta * (lora.scale[slots].to(x.dtype) * keep)[:, None]
+def _use_kernel(x: Tensor, batch: LoraBatch) -> bool:
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if torch.compiler.is_compiling():
+        # never build or look at the batch's grouping inside a traced graph: that would
+        # bake one batch's adapter mix into it
+        return lora_sgmv.is_loaded()
+    if not lora_sgmv.load():
+        return False
+    return not (batch.num_tokens >= TORCH_MIN_TOKENS and len(batch.segments) <= TORCH_MAX_ADAPTERS)
 
 
 def lora_delta(x: Tensor, lora: StackedLora, batch: LoraBatch) -> Tensor:
-    """Batched delta [T, out] for x [T, in]; picks the faster implementation.
+    """Batched delta [..., out_total] for x [..., in] (tokens in row-major order).
 
-    Measured on the development CPU (one 576->3072 rank-16 projection, 256 slots):
-    segments read each adapter's weights once and win whenever tokens share adapters
-    (T=32 over 1 adapter: 128 us vs 639 us gathered, bf16) and for prefill (T=512: 0.8 ms
-    vs 21 ms); gathering wins when a small batch is spread over as many adapters as
-    tokens (T=32 over 32: 664 us vs 2161 us, bf16), because it is one kernel instead of
-    two small GEMMs per adapter.
+    Uses ``fleetlm::lora_sgmv`` on CPU when it built (``FLEETLM_LORA_KERNEL=0`` disables
+    it), else :func:`lora_delta_torch`. Under ``torch.compile`` the choice depends on
+    nothing but whether the kernel is loaded, so one graph serves every adapter mix.
+
+    Measured (bf16, 2 threads, SmolLM2-135M shapes, R=16, 64 slots; median us per call
+    kernel / torch path) -- see the report in the commit that introduced this:
+    TODO
     """
-    n = batch.num_tokens
-    if n <= GATHER_MAX_TOKENS and 2 * len(batch.segments) > n:
-        return lora_delta_gather(x, lora, batch)
-    return lora_delta_segments(x, lora, batch)
+    if x.shape[-1] != lora.in_features:
+        raise ValueError(f"lora_delta: x has {x.shape[-1]} features, the adapters expect "
+                         f"{lora.in_features}")
+    if x.dtype != lora.a.dtype:
+        raise ValueError(f"lora_delta: x is {x.dtype} but the adapter buffers are "
+                         f"{lora.a.dtype}; allocate the StackedLora in the model's dtype")
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] != batch.num_tokens:
+        raise ValueError(f"lora_delta: x has {x2.shape[0]} tokens but the LoraBatch has "
+                         f"{batch.num_tokens}")
+    if _use_kernel(x2, batch):
+        out = torch.ops.fleetlm.lora_sgmv(x2, lora.a, lora.bt, lora.ranks, lora.scales,
+                                          lora.offsets, batch.token_slots)
+    else:
+        out = lora_delta_torch(x2, lora, batch)
+    return out.reshape(*x.shape[:-1], lora.out_features)

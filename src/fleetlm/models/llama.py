@@ -18,6 +18,8 @@ or scheduling.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -25,6 +27,9 @@ from torch import Tensor, nn
 from fleetlm.engine.kv_cache import KVCache
 from fleetlm.models.config import LlamaConfig
 from fleetlm.models.layers import Linear, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+
+if TYPE_CHECKING:
+    from fleetlm.engine.multi_lora import LoraContext
 
 # Our fused projections and the Hugging Face projections stacked (along dim 0) to make them.
 FUSED_PROJECTIONS: dict[str, tuple[str, ...]] = {
@@ -84,10 +89,14 @@ class Attention(nn.Module):
         cache: KVCache,
         slots: Tensor | None,  # [B]; None = rows 0..B-1 are slots 0..B-1 (no gather)
         kv_len: int,
+        lora: LoraContext | None = None,
     ) -> Tensor:
         B, S, _ = x.shape
         D, Hkv, rep = self.head_dim, self.num_kv_heads, self.rep
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        qkv = self.qkv_proj(x)
+        if lora is not None:
+            qkv = qkv + lora.delta(self.layer_idx, "self_attn.qkv_proj", x)
+        q, k, v = qkv.split(self.split, dim=-1)
         q = q.reshape(B, S, self.num_heads, D)
         k = k.reshape(B, S, Hkv, D)
         v = v.reshape(B, S, Hkv, D)
@@ -126,19 +135,30 @@ class Attention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         out = out.view(B, Hkv, rep, S, D).permute(0, 3, 1, 2, 4).reshape(B, S, -1)
-        return self.o_proj(out)
+        y = self.o_proj(out)
+        if lora is not None:
+            y = y + lora.delta(self.layer_idx, "self_attn.o_proj", out)
+        return y
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: LlamaConfig) -> None:
+    def __init__(self, cfg: LlamaConfig, layer_idx: int) -> None:
         super().__init__()
+        self.layer_idx = layer_idx
         h, i = cfg.hidden_size, cfg.intermediate_size
         self.gate_up_proj = Linear(h, sum(fused_rows(cfg)["mlp.gate_up_proj"]), bias=cfg.mlp_bias)
         self.down_proj = Linear(i, h, bias=cfg.mlp_bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: Tensor, lora: LoraContext | None = None) -> Tensor:
+        gu = self.gate_up_proj(x)
+        if lora is not None:
+            gu = gu + lora.delta(self.layer_idx, "mlp.gate_up_proj", x)
+        gate, up = gu.chunk(2, dim=-1)
+        h = F.silu(gate) * up
+        y = self.down_proj(h)
+        if lora is not None:
+            y = y + lora.delta(self.layer_idx, "mlp.down_proj", h)
+        return y
 
 
 class DecoderLayer(nn.Module):
@@ -147,7 +167,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, layer_idx)
 
     def forward(
         self,
@@ -159,11 +179,12 @@ class DecoderLayer(nn.Module):
         cache: KVCache,
         slots: Tensor | None,
         kv_len: int,
+        lora: LoraContext | None = None,
     ) -> Tensor:
         x = x + self.self_attn(
-            self.input_layernorm(x), cos, sin, positions, mask, cache, slots, kv_len
+            self.input_layernorm(x), cos, sin, positions, mask, cache, slots, kv_len, lora
         )
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), lora)
 
 
 class Backbone(nn.Module):
@@ -223,6 +244,7 @@ class LlamaForCausalLM(nn.Module):
         slots: Tensor | None,  # [B] int64 cache slot of each row; None = slots 0..B-1
         kv_len: int,  # attend over cache positions [0, kv_len); >= max(positions) + 1
         logits_index: Tensor | None = None,  # [B] index in S whose logits to return; None = all
+        lora: LoraContext | None = None,  # per-token adapters of the B*S tokens (row-major)
     ) -> Tensor:
         """Logits [B, vocab] at ``logits_index`` (or [B, S, vocab] for all tokens), float32."""
         x = self.model.embed_tokens(input_ids)
@@ -230,7 +252,7 @@ class LlamaForCausalLM(nn.Module):
         sin = self.rope_sin[positions].to(x.dtype)[:, :, None, :]
         mask = self.attention_mask(positions, kv_len)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, positions, mask, cache, slots, kv_len)
+            x = layer(x, cos, sin, positions, mask, cache, slots, kv_len, lora)
         if logits_index is not None:
             x = x[torch.arange(x.shape[0], device=x.device), logits_index]
         return self.lm_head(self.model.norm(x)).float()

@@ -1,0 +1,28 @@
+"""The adapter store: PEFT LoRA folders on disk (cold), validated and loaded into an LRU
+in RAM (warm), handed to the engine, which keeps the hot ones in its stacked buffers.
+
+    peft_format.py  read + validate one PEFT folder against the base model's config
+    lru.py          warm-tier bookkeeping (byte budget, pins), no tensors
+    store.py        AdapterStore: names, tiers, add/remove, thread-safe
+    random.py       random PEFT-format adapters for tests and benchmarks
+"""
+
+from fleetlm.adapters.errors import AdapterError, AdapterNotFound
+from fleetlm.adapters.peft_format import (
+    ADAPTER_NAME_RE,
+    LORA_TARGETS,
+    LoadedAdapter,
+    LoraModule,
+)
+from fleetlm.adapters.store import AdapterInfo, AdapterStore
+
+__all__ = [
+    "ADAPTER_NAME_RE",
+    "LORA_TARGETS",
+    "AdapterError",
+    "AdapterInfo",
+    "AdapterNotFound",
+    "AdapterStore",
+    "LoadedAdapter",
+    "LoraModule",
+]

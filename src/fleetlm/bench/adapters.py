@@ -1,0 +1,284 @@
+"""``fleetlm bench adapters``: many LoRA adapters batched together, against the baselines.
+
+Workload (issue 3): ``num_requests`` requests, ``concurrency`` in flight (a closed loop:
+a finished request is replaced by the next one at the following step), prompts of
+``prompt_tokens`` tokens, ``max_new_tokens`` greedy tokens with end-of-sequence ignored,
+rank-16 adapters on all seven projections, N distinct adapters with uniform or Zipf
+popularity. For each N and popularity: tokens/s, TTFT and inter-token latency p50/p99,
+peak RSS. Every adapter of a run is loaded warm (in RAM) before timing: the benchmark
+measures serving, not the first read from disk (measured separately as ``load_s``).
+
+Baselines in the same run, on the same weights and prompts: the same engine with no
+adapters; transformers + PEFT switching adapters per request (``set_adapter``);
+transformers + PEFT mixed-adapter batches (``adapter_names=``); transformers' own
+continuous batching (``generate_batch``) with no adapters. The PEFT baselines are slow,
+so they serve a time-boxed prefix of the same request stream; their rate is over the
+requests they completed.
+
+Also: what 256 resident adapters cost in RSS against their tensor bytes.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fleetlm.bench.common import environment, write_json
+
+POPULARITIES = ("uniform", "zipf")
+BASELINES = ("peft-switching", "peft-mixed", "hf-continuous")
+
+
+@dataclass
+class AdaptersBenchConfig:
+    model: str = "smollm2-135m"
+    dtype: str = "auto"
+    quantize: str = "none"
+    num_requests: int = 256
+    concurrency: int = 32
+    prompt_tokens: int = 64
+    max_new_tokens: int = 64
+    rank: int = 16
+    adapter_counts: list[int] = field(default_factory=lambda: [1, 8, 64, 256])
+    popularities: list[str] = field(default_factory=lambda: list(POPULARITIES))
+    max_hot_adapters: int = 64
+    baseline_budget_s: float = 60.0  # per PEFT baseline
+    skip: list[str] = field(default_factory=list)
+    adapters_dir: Path | None = None  # where the random adapters are written (cached)
+    seed: int = 0
+
+    def validate(self) -> None:
+        from fleetlm.errors import ConfigError
+
+        problems = []
+        for name in ("num_requests", "concurrency", "prompt_tokens", "max_new_tokens", "rank",
+                     "max_hot_adapters"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')}={getattr(self, name)}: must be >= 1")
+        if not self.adapter_counts or min(self.adapter_counts) < 1:
+            problems.append("--adapter-counts: positive integers, e.g. 1,8,64,256")
+        bad = [p for p in self.popularities if p not in POPULARITIES]
+        if bad:
+            problems.append(f"--popularities {bad}: choose from {', '.join(POPULARITIES)}")
+        bad = [s for s in self.skip if s not in BASELINES]
+        if bad:
+            problems.append(f"--skip {bad}: choose from {', '.join(BASELINES)}")
+        if self.baseline_budget_s <= 0:
+            problems.append("--baseline-budget-s: must be > 0")
+        if problems:
+            raise ConfigError("invalid benchmark settings: " + "; ".join(problems))
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    import numpy as np
+
+    return float(np.percentile(np.asarray(xs), q))
+
+
+def run_engine(engine: Any, prompts: list[list[int]], adapters: list[str | None],
+               concurrency: int, max_new_tokens: int, name: str) -> dict[str, Any]:
+    """Closed loop through the engine, driven step by step on this thread."""
+    from fleetlm.bench.rss import PeakRSS
+    from fleetlm.engine.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
+    submitted: dict[str, float] = {}
+    stamps: dict[str, list[float]] = {}
+    done: list[str] = []
+
+    def on_event(ev: Any) -> None:
+        if ev.token_id is not None:
+            stamps[ev.request_id].append(time.perf_counter())
+        if ev.finish_reason is not None:
+            if ev.finish_reason not in ("length", "stop"):
+                raise RuntimeError(f"{ev.request_id} ended with {ev.finish_reason}: {ev.error}")
+            done.append(ev.request_id)
+
+    next_req = 0
+    in_flight = 0
+    with PeakRSS() as rss:
+        t0 = time.perf_counter()
+        while next_req < len(prompts) or in_flight:
+            while in_flight < concurrency and next_req < len(prompts):
+                rid = f"{name}-{next_req}"
+                submitted[rid] = time.perf_counter()
+                stamps[rid] = []
+                engine.submit(prompts[next_req], params, adapter=adapters[next_req],
+                              request_id=rid, callback=on_event)
+                next_req += 1
+                in_flight += 1
+            before = len(done)
+            engine.step()
+            in_flight -= len(done) - before
+        wall = time.perf_counter() - t0
+    ttft = [(stamps[r][0] - submitted[r]) * 1e3 for r in done if stamps[r]]
+    itl = [(b - a) * 1e3 for r in done for a, b in zip(stamps[r], stamps[r][1:], strict=False)]
+    generated = sum(len(stamps[r]) for r in done)
+    return {
+        "name": name,
+        "requests_completed": len(done),
+        "generated_tokens": generated,
+        "wall_s": wall,
+        "tokens_per_s": generated / wall,
+        "ttft_p50_ms": _pct(ttft, 50), "ttft_p99_ms": _pct(ttft, 99),
+        "itl_p50_ms": _pct(itl, 50), "itl_p99_ms": _pct(itl, 99),
+        "peak_rss_mb": rss.peak_bytes / 2**20,
+        "steps": engine.steps,
+    }
+
+
+def run(cfg: AdaptersBenchConfig, out: Path | None) -> dict[str, Any]:
+    import torch
+    from rich.console import Console
+
+    from fleetlm.adapters import AdapterStore
+    from fleetlm.bench import hf_baselines
+    from fleetlm.bench.rss import rss_bytes
+    from fleetlm.bench.workload import assign_adapters, make_adapter_set, make_prompts
+    from fleetlm.engine.engine import Engine, EngineConfig
+    from fleetlm.models.gguf_convert import cache_root
+    from fleetlm.models.loader import load_model
+
+    cfg.validate()
+    console = Console(stderr=True)
+    lm = load_model(cfg.model, dtype=cfg.dtype, quantize=cfg.quantize)
+    prompts = make_prompts(lm.tokenizer, cfg.num_requests, cfg.prompt_tokens, cfg.seed)
+    n_max = max(cfg.adapter_counts)
+    root = cfg.adapters_dir or cache_root().parent / "bench-adapters" / f"{lm.name}-r{cfg.rank}"
+    console.print(f"[bold]adapters[/] writing/reusing {n_max} random rank-{cfg.rank} adapters in {root}")
+    t = time.perf_counter()
+    dirs = make_adapter_set(root, lm.config, n_max, rank=cfg.rank, seed=cfg.seed)
+    console.print(f"  ready in {time.perf_counter() - t:.1f} s")
+    names = [d.name for d in dirs]
+
+    # resident cost: RSS growth from making every adapter warm, against tensor bytes
+    gc.collect()
+    rss0 = rss_bytes()
+    store = AdapterStore(root, lm.config, dtype=lm.model.dtype, max_rank=cfg.rank,
+                         warm_budget_bytes=1 << 40)
+    t = time.perf_counter()
+    tensor_bytes = sum(store.get(n).nbytes for n in names)
+    load_s = time.perf_counter() - t
+    resident = {"adapters": len(names), "tensor_bytes": tensor_bytes,
+                "rss_growth_bytes": rss_bytes() - rss0, "load_s": load_s}
+    resident["ratio"] = resident["rss_growth_bytes"] / tensor_bytes
+    console.print(f"  {len(names)} adapters warm: {tensor_bytes / 2**20:.0f} MiB of tensors, "
+                  f"RSS +{resident['rss_growth_bytes'] / 2**20:.0f} MiB "
+                  f"({resident['ratio']:.2f}x), loaded in {load_s:.1f} s")
+
+    engine = Engine(lm, EngineConfig(
+        max_running=cfg.concurrency, max_waiting=cfg.num_requests + cfg.concurrency,
+        max_len=cfg.prompt_tokens + cfg.max_new_tokens + 1,
+        max_hot_adapters=cfg.max_hot_adapters, max_lora_rank=cfg.rank), store=store)
+    results: dict[str, Any] = {"config": {**asdict(cfg), "adapters_dir": str(root)},
+                               "environment": environment(), "resident": resident,
+                               "hot_buffer_bytes": engine.runner.lora.nbytes() if engine.runner.lora else 0,
+                               "engine": [], "baselines": []}
+
+    def engine_run(label: str, assignment: list[int | None]) -> dict[str, Any]:
+        adapters = [None if a is None else names[a] for a in assignment]
+        # warm-up: one short pass so one-off costs (allocations, first loads) are not timed
+        run_engine(engine, prompts[: cfg.concurrency], adapters[: cfg.concurrency],
+                   cfg.concurrency, 4, f"warm-{label}")
+        r = run_engine(engine, prompts, adapters, cfg.concurrency, cfg.max_new_tokens, label)
+        console.print(f"  {label:>24}: {r['tokens_per_s']:8.1f} tok/s  TTFT p50 "
+                      f"{r['ttft_p50_ms']:.0f} ms  ITL p50 {r['itl_p50_ms']:.1f} ms")
+        return r
+
+    console.print("[bold]fleetlm engine[/]")
+    base = engine_run("no-adapters", [None] * cfg.num_requests)
+    base.update(num_adapters=0, popularity=None)
+    results["engine"].append(base)
+    for n in cfg.adapter_counts:
+        for pop in cfg.popularities:
+            assignment = assign_adapters(cfg.num_requests, n, pop, cfg.seed)
+            r = engine_run(f"{n}-{pop}", assignment)
+            r.update(num_adapters=n, popularity=pop,
+                     distinct_used=len({a for a in assignment if a is not None}),
+                     vs_no_adapters=r["tokens_per_s"] / base["tokens_per_s"])
+            results["engine"].append(r)
+    engine.shutdown()
+    folder = lm.folder
+    dtype = lm.model.dtype
+    gc.collect()
+    torch.manual_seed(cfg.seed)
+    mix_n = 64 if 64 in cfg.adapter_counts else n_max
+    mix = assign_adapters(cfg.num_requests, mix_n, "uniform", cfg.seed)
+    mix_dirs = [dirs[a] for a in sorted({a for a in mix if a is not None})]
+    if "peft-switching" not in cfg.skip:
+        console.print("[bold]transformers + PEFT, set_adapter per request[/]")
+        r = hf_baselines.peft_switching(folder, mix_dirs, prompts, _names(mix, dirs),
+                                        cfg.max_new_tokens, dtype=dtype,
+                                        time_budget_s=cfg.baseline_budget_s)
+        results["baselines"].append({**r, "num_adapters": mix_n, "popularity": "uniform"})
+    if "peft-mixed" not in cfg.skip:
+        console.print("[bold]transformers + PEFT, mixed-adapter batches[/]")
+        r = hf_baselines.peft_mixed_batches(folder, mix_dirs, prompts, _names(mix, dirs),
+                                            cfg.concurrency, cfg.max_new_tokens, dtype=dtype,
+                                            time_budget_s=cfg.baseline_budget_s)
+        results["baselines"].append({**r, "num_adapters": mix_n, "popularity": "uniform"})
+    if "hf-continuous" not in cfg.skip:
+        console.print("[bold]transformers continuous batching, no adapters[/]")
+        r = hf_baselines.hf_continuous_batching(folder, prompts, cfg.concurrency,
+                                                cfg.max_new_tokens, dtype=dtype,
+                                                time_budget_s=cfg.baseline_budget_s)
+        results["baselines"].append({**r, "num_adapters": 0, "popularity": None})
+    results["ratios"] = _ratios(results, mix_n)
+    _print_table(results, console)
+    write_json(results, out)
+    return results
+
+
+def _names(assignment: list[int | None], dirs: list[Path]) -> list[str | None]:
+    return [None if a is None else dirs[a].name for a in assignment]
+
+
+def _ratios(results: dict[str, Any], mix_n: int) -> dict[str, Any]:
+    eng = {(r["num_adapters"], r["popularity"]): r["tokens_per_s"] for r in results["engine"]}
+    base = eng[(0, None)]
+    bl = {r["name"]: r for r in results["baselines"]}
+    ratios: dict[str, Any] = {}
+    for (n, pop), v in eng.items():
+        if n:
+            ratios[f"{n}-{pop} / no-adapters (target >= 0.85 at 64)"] = v / base
+    ours_mix = eng.get((mix_n, "uniform"))
+    for key, label in (("peft-switching", "PEFT switching (target >= 20)"),
+                       ("peft-mixed", "PEFT mixed batches")):
+        if key in bl and bl[key].get("tokens_per_s") and ours_mix:
+            ratios[f"{mix_n}-uniform / {label}"] = ours_mix / bl[key]["tokens_per_s"]
+    if "hf-continuous" in bl and bl["hf-continuous"].get("tokens_per_s"):
+        ratios["no-adapters / transformers generate_batch (target >= 2)"] = (
+            base / bl["hf-continuous"]["tokens_per_s"])
+    ratios["resident RSS / tensor bytes, all adapters (target <= 1.3)"] = results["resident"]["ratio"]
+    return ratios
+
+
+def _print_table(results: dict[str, Any], console: Any) -> None:
+    from rich.table import Table
+
+    t = Table(title="fleetlm bench adapters")
+    for col in ("system", "adapters", "popularity", "tok/s", "TTFT p50 ms", "TTFT p99 ms",
+                "ITL p50 ms", "ITL p99 ms", "peak RSS MiB", "requests"):
+        t.add_column(col)
+
+    def f(v: Any, nd: int = 1) -> str:
+        return "-" if v is None else f"{v:.{nd}f}"
+
+    for r in results["engine"] + results["baselines"]:
+        system = "fleetlm" if r in results["engine"] else r["name"]
+        t.add_row(system, str(r.get("num_adapters", "")), str(r.get("popularity") or "-"),
+                  f(r.get("tokens_per_s")), f(r.get("ttft_p50_ms"), 0), f(r.get("ttft_p99_ms"), 0),
+                  f(r.get("itl_p50_ms")), f(r.get("itl_p99_ms")), f(r.get("peak_rss_mb"), 0),
+                  str(r.get("requests_completed", "")))
+    console.print(t)
+    r = Table(title="ratios")
+    r.add_column("ratio")
+    r.add_column("value")
+    for k, v in results["ratios"].items():
+        r.add_row(k, f"{v:.2f}")
+    console.print(r)

@@ -1,0 +1,411 @@
+"""The engine: requests in, tokens out, many adapters batched together.
+
+    submit() -> scheduler (plain Python) -> runner (model forward, multi-LoRA)
+             -> per-request sampler + detokenizer -> events back to the caller
+
+One background thread runs the loop; callers on any thread (the server's event loop)
+submit, cancel and receive :class:`EngineEvent`\\ s through a callback, or use the
+async iterator :meth:`Engine.stream`. The scheduler is guarded by a lock that the loop
+holds only between forwards, so a submit or a cancel never waits for a forward.
+
+Memory: the KV cache is one preallocated row of ``max_len`` positions per running
+sequence (``max_running`` rows, or as many as ``kv_cache_bytes`` holds). Slots rather
+than pages because the models are small: SmolLM2-135M needs 23 KB of bf16 K/V per
+token, so 32 sequences of 2048 positions are 1.5 GB, and a full-length reservation at
+admission means a running request can never run out of cache mid-generation -- no
+preemption, no recomputation. Rows keep the decode batch contiguous (see
+:mod:`fleetlm.engine.rows`), and contiguous K/V per sequence is what the CPU attention
+reads fastest. Paging would pay off for many long-context sequences on a bigger model.
+
+Back-pressure: at most ``max_waiting`` requests wait; beyond that :meth:`Engine.submit`
+raises :class:`~fleetlm.errors.EngineBusy` (the server turns it into HTTP 429).
+Cancellation: a waiting request is dropped at once; a running one is removed at the
+next step boundary (one forward at most, tens of milliseconds) and its cache row is
+freed then. An adapter that fails to load fails only its own requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fleetlm.adapters.errors import AdapterError
+from fleetlm.engine.detokenizer import Detokenizer
+from fleetlm.engine.lora import NO_ADAPTER
+from fleetlm.engine.runner import DecodeItem, ModelRunner, PrefillItem
+from fleetlm.engine.sampler import RequestSampler
+from fleetlm.engine.sampling_params import SamplingParams
+from fleetlm.engine.scheduler import Scheduler, SchedulerConfig, SeqStatus, Sequence, StepPlan
+from fleetlm.errors import ConfigError, FleetLMError
+from fleetlm.models.loader import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    max_running: int = 32  # sequences decoding at once (KV cache rows)
+    max_waiting: int = 1024  # queued requests before submit() raises EngineBusy
+    max_len: int = 2048  # prompt + generated tokens per sequence
+    max_step_tokens: int = 512  # tokens per step: decodes + prefill chunks
+    prefill_chunk: int = 512  # prompt tokens of one sequence per step
+    max_hot_adapters: int = 32  # adapters in the stacked LoRA buffers (0: no adapters)
+    max_lora_rank: int = 16
+    kv_cache_bytes: int | None = None  # memory budget for the KV cache; caps max_running
+
+    def validate(self) -> None:
+        problems = []
+        for name in ("max_running", "max_waiting", "max_len", "max_step_tokens", "prefill_chunk",
+                     "max_lora_rank"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.max_hot_adapters < 0:
+            problems.append(f"max_hot_adapters={self.max_hot_adapters}: must be >= 0")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
+            problems.append(f"kv_cache_bytes={self.kv_cache_bytes}: must be positive")
+        if problems:
+            raise ConfigError("invalid engine settings: " + "; ".join(problems))
+
+
+@dataclass
+class EngineEvent:
+    """One generated token, or the end of a request (``finish_reason`` set)."""
+
+    request_id: str
+    token_id: int | None
+    text: str  # text that became safe to show with this token (may be "")
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    error: Exception | None = None  # set when finish_reason == "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class _Request:
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+    adapter: str | None
+    callback: Callable[[EngineEvent], None]
+    sampler: RequestSampler
+    detok: Detokenizer
+    stop_ids: set[int]
+    seq: Sequence
+    submitted: float
+    last_token: int = -1
+    generated: int = 0
+    adapter_ready: Future[Any] | None = None
+    done: bool = False
+
+
+class Engine:
+    def __init__(self, lm: LoadedModel, config: EngineConfig | None = None,
+                 store: Any | None = None) -> None:
+        self.lm = lm
+        self.config = config or EngineConfig()
+        self.config.validate()
+        c = self.config
+        m = lm.model
+        cfg = lm.config
+        rows = c.max_running
+        if c.kv_cache_bytes is not None:
+            per_row = (cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim
+                       * m.dtype.itemsize * (c.max_len + 1))
+            rows = min(rows, c.kv_cache_bytes // per_row)
+            if rows < 1:
+                raise ConfigError(
+                    f"kv_cache_bytes={c.kv_cache_bytes}: one sequence of max_len={c.max_len} "
+                    f"needs {per_row} bytes; raise the budget or lower max_len")
+        self.store = store
+        hot = c.max_hot_adapters if store is not None else 0
+        self.runner = ModelRunner(m, num_rows=rows, max_len=c.max_len, max_hot_adapters=hot,
+                                  max_lora_rank=c.max_lora_rank)
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_running=rows, max_waiting=c.max_waiting, max_step_tokens=c.max_step_tokens,
+            prefill_chunk=c.prefill_chunk, max_hot_adapters=max(hot, 1)))
+        self.num_rows = rows
+        self._lock = threading.RLock()  # callbacks may submit
+        self._wake = threading.Condition(self._lock)
+        self._requests: dict[str, _Request] = {}
+        self._cancel: set[str] = set()
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="fleetlm-adapter-load")
+        self._stale: set[str] = set()  # adapters replaced or removed in the store
+        if store is not None:
+            store.subscribe(self._on_adapter_changed)
+        self.steps = 0
+        self.generated_tokens = 0
+
+    # -- public API -------------------------------------------------------------------
+
+    def submit(self, prompt: list[int], params: SamplingParams, *,
+               callback: Callable[[EngineEvent], None], adapter: str | None = None,
+               request_id: str | None = None) -> str:
+        """Queue a request; events arrive through ``callback`` (called on the engine's
+        thread: keep it short). Raises ConfigError for a bad request, the store's
+        AdapterError for an unknown or invalid adapter, EngineBusy when the queue is full."""
+        params.validate(self.lm.config.vocab_size)
+        if not prompt:
+            raise ConfigError("prompt: must contain at least one token")
+        if len(prompt) >= self.config.max_len:
+            raise ConfigError(f"prompt: {len(prompt)} tokens leave no room to generate within "
+                              f"the context of {self.config.max_len} tokens")
+        if params.stop and self.lm.tokenizer is None:
+            raise ConfigError("stop: stop strings need a tokenizer, and this model has none")
+        if adapter is not None:
+            if self.store is None or self.config.max_hot_adapters == 0:
+                raise ConfigError(f"adapter {adapter!r}: this engine serves no adapters")
+            self.store.validate(adapter)  # name, path and config checks; raises AdapterError
+        rid = request_id or f"req-{next(self._ids)}"
+        max_new = min(params.max_tokens, self.config.max_len - len(prompt))
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids.update(self.lm.stop_token_ids)
+        req = _Request(
+            id=rid, prompt=list(prompt), params=params, adapter=adapter, callback=callback,
+            sampler=RequestSampler(params, self.lm.config.vocab_size, list(prompt)),
+            detok=Detokenizer(self.lm.tokenizer, params.stop),
+            stop_ids=stop_ids, seq=Sequence(rid, len(prompt), max_new, adapter),
+            submitted=time.perf_counter())
+        with self._lock:
+            if rid in self._requests:
+                raise ConfigError(f"request_id {rid!r} is already in use")
+            self.scheduler.add(req.seq)  # EngineBusy when the queue is full
+            self._requests[rid] = req
+            self._wake.notify()
+        if adapter is not None and adapter not in self.store.warm_names():
+            req.adapter_ready = self._prefetch.submit(self.store.get, adapter)
+        return rid
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop a request; its "cancelled" event follows. False if it is unknown or done."""
+        with self._lock:
+            req = self._requests.get(request_id)
+            if req is None or req.done:
+                return False
+            if req.seq.status is SeqStatus.WAITING:
+                self.scheduler.abort(request_id)
+                self._end(req, "cancelled")  # nothing else holds it
+            else:
+                self._cancel.add(request_id)  # running: removed at the step boundary
+                self._wake.notify()
+            return True
+
+    async def stream(self, prompt: list[int], params: SamplingParams, *,
+                     adapter: str | None = None,
+                     request_id: str | None = None) -> AsyncIterator[EngineEvent]:
+        """Async iterator of a request's events; closing it early cancels the request."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
+        rid = self.submit(prompt, params, adapter=adapter, request_id=request_id,
+                          callback=lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+        finished = False
+        try:
+            while True:
+                ev = await queue.get()
+                finished = ev.finish_reason is not None
+                yield ev
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.cancel(rid)
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="fleetlm-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop the loop thread (after its current step); unfinished requests are cancelled."""
+        with self._lock:
+            self._stop = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        for rid in list(self._requests):
+            self.cancel(rid)
+        self._apply_cancels()
+        self._prefetch.shutdown(wait=False)
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self.scheduler.num_waiting or self.scheduler.num_running)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "waiting": self.scheduler.num_waiting,
+                "running": self.scheduler.num_running,
+                "kv_rows": self.num_rows,
+                "kv_rows_free": self.runner.rows.num_free,
+                "hot_adapters": dict(self.scheduler.hot_adapters()),
+                "steps": self.steps,
+                "generated_tokens": self.generated_tokens,
+            }
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stop and not (self.scheduler.num_waiting
+                                              or self.scheduler.num_running or self._cancel):
+                    self._wake.wait()
+                if self._stop:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # never leave callers hanging on a dead loop
+                log.exception("engine step failed")
+                self._fail_all(e)
+
+    def step(self) -> bool:
+        """One scheduling step (also usable without the thread, e.g. in tests).
+        Returns False when there was nothing to do."""
+        self._apply_cancels()
+        if self._stale:
+            self._drop_stale()
+        with self._lock:
+            plan = self.scheduler.schedule()
+        if plan.empty:
+            return False
+        for seq in plan.admitted:
+            self.runner.admit(seq.request_id)
+        self._load_adapters(plan)  # a failed adapter fails its requests; the rest run
+        decode, prefill = self._items(plan)
+        out = self.runner.execute(decode, prefill)
+        with self._lock:
+            self.scheduler.complete_step(plan)
+        self.steps += 1
+        if out.decode_logits is not None:
+            for item, row in zip(decode, out.decode_logits, strict=True):
+                self._sample(self._requests[item.seq_id], row)
+        if out.prefill_logits is not None:
+            for pitem, row in zip(prefill, out.prefill_logits, strict=True):
+                if pitem.last:
+                    self._sample(self._requests[pitem.seq_id], row)
+        return True
+
+    def _items(self, plan: StepPlan) -> tuple[list[DecodeItem], list[PrefillItem]]:
+        """The plan's work, less sequences that left since it was made (failed adapter)."""
+        def slot(seq: Sequence) -> int:
+            return NO_ADAPTER if seq.adapter is None else self.scheduler.adapter_slot(seq.adapter)
+
+        def live(seq: Sequence) -> bool:
+            return seq.status is SeqStatus.RUNNING and seq.request_id in self._requests
+
+        decode = [DecodeItem(s.request_id, self._requests[s.request_id].last_token,
+                             s.prompt_len + s.num_generated - 1, slot(s))
+                  for s in plan.decode if live(s)]
+        prefill = [PrefillItem(c.seq.request_id,
+                               self._requests[c.seq.request_id].prompt[c.start:c.end],
+                               c.start, slot(c.seq), c.last) for c in plan.prefill if live(c.seq)]
+        return decode, prefill
+
+    def _on_adapter_changed(self, name: str) -> None:
+        with self._lock:
+            self._stale.add(name)
+
+    def _drop_stale(self) -> None:
+        """Forget hot copies of adapters changed in the store once no request uses them;
+        the next request reloads the new version (running ones finish on the old)."""
+        with self._lock:
+            pool = self.scheduler.hot_pool
+            for name in list(self._stale):
+                if pool.slot_of(name) is None:
+                    self._stale.discard(name)
+                elif pool.refcount(name) == 0:
+                    pool.remove(name)
+                    self._stale.discard(name)
+
+    def _load_adapters(self, plan: StepPlan) -> bool:
+        ok = True
+        for name, slot in plan.adapter_loads:
+            try:
+                adapter = self.store.get(name)  # warm hit, or read from disk and validate
+                if adapter.rank > self.config.max_lora_rank:
+                    raise AdapterError(name, f"rank {adapter.rank} exceeds the engine's maximum "
+                                             f"{self.config.max_lora_rank} (raise --max-lora-rank)")
+                self.runner.load_adapter(slot, adapter)
+            except FleetLMError as e:
+                ok = False
+                with self._lock:
+                    failed = self.scheduler.fail_adapter(name)
+                for seq in failed:
+                    self.runner.release(seq.request_id)
+                    self._end(self._requests[seq.request_id], "error", e)
+        return ok
+
+    def _sample(self, req: _Request, logits: torch.Tensor) -> None:
+        if req.done:
+            return
+        s = req.sampler.sample(logits)
+        req.generated += 1
+        req.last_token = s.token_id
+        self.generated_tokens += 1
+        reason = None
+        text = ""
+        if s.token_id in req.stop_ids:
+            reason = "stop"
+            text = req.detok.flush()
+        else:
+            text = req.detok.push(s.token_id)
+            if req.detok.stopped:
+                reason = "stop"
+            elif req.generated >= req.seq.max_new_tokens:
+                reason = "length"
+                text += req.detok.flush()
+        ev = EngineEvent(req.id, s.token_id, text, s.logprob, s.top_logprobs, reason,
+                         prompt_tokens=len(req.prompt), completion_tokens=req.generated)
+        if reason is not None:
+            with self._lock:
+                self.scheduler.finish(req.id)
+            self.runner.release(req.id)
+            req.done = True
+            del self._requests[req.id]
+        req.callback(ev)
+
+    def _end(self, req: _Request, reason: str, error: Exception | None = None) -> None:
+        if req.done:
+            return
+        req.done = True
+        self._requests.pop(req.id, None)
+        req.callback(EngineEvent(req.id, None, "", finish_reason=reason, error=error,
+                                 prompt_tokens=len(req.prompt), completion_tokens=req.generated))
+
+    def _apply_cancels(self) -> None:
+        with self._lock:
+            cancels, self._cancel = self._cancel, set()
+            for rid in cancels:
+                self.scheduler.abort(rid)
+        for rid in cancels:
+            self.runner.release(rid)
+            req = self._requests.get(rid)
+            if req is not None:
+                self._end(req, "cancelled")
+
+    def _fail_all(self, error: Exception) -> None:
+        with self._lock:
+            reqs = list(self._requests.values())
+            for req in reqs:
+                self.scheduler.abort(req.id)
+        for req in reqs:
+            self.runner.release(req.id)
+            self._end(req, "error", error)

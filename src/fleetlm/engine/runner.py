@@ -1,0 +1,159 @@
+"""Runs one engine step on the model: a batched decode and a batched chunked prefill.
+
+The runner owns the tensors the scheduler only counts: the KV cache (one row per running
+sequence, see :mod:`fleetlm.engine.rows` for why decodes are kept in rows 0..n-1), the
+hot adapters' stacked LoRA buffers (:class:`~fleetlm.engine.multi_lora.MultiLoraBuffers`)
+and the per-sequence count of positions written. A step is at most two forwards:
+
+- decode: every decoding sequence feeds its last token, ``[n, 1]`` over cache rows
+  ``0..n-1`` read through a view;
+- prefill: the step's prompt chunks as a padded ``[m, S]`` rectangle over their rows.
+
+Padding tokens (short prefill rows) are written to a scratch cache position past every
+position attention reads, so they never disturb a real sequence. Each token carries its
+adapter's hot slot (or -1) into the forward through a :class:`LoraContext`; a forward in
+which no token uses an adapter skips LoRA entirely.
+
+The runner knows nothing about queues, sampling or text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fleetlm.engine.generate import KV_BUCKET, bucket
+from fleetlm.engine.lora import NO_ADAPTER
+from fleetlm.engine.multi_lora import LoraContext, MultiLoraBuffers
+from fleetlm.engine.rows import Move, RowAllocator
+from fleetlm.errors import ConfigError
+from fleetlm.models.llama import LlamaForCausalLM
+
+
+@dataclass(frozen=True)
+class DecodeItem:
+    seq_id: str
+    token: int  # the last sampled token, fed at ``position``
+    position: int
+    adapter_slot: int = NO_ADAPTER
+
+
+@dataclass(frozen=True)
+class PrefillItem:
+    seq_id: str
+    tokens: Sequence[int]  # prompt tokens [start, start + len)
+    start: int
+    adapter_slot: int = NO_ADAPTER
+    last: bool = False  # the prompt's last chunk: its logits are wanted, then it decodes
+
+
+@dataclass
+class StepOutput:
+    decode_logits: Tensor | None  # [len(decode), vocab] float32, in the decode items' order
+    prefill_logits: Tensor | None  # [len(prefill), vocab] float32 at each chunk's last token
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, *, num_rows: int, max_len: int,
+                 max_hot_adapters: int = 0, max_lora_rank: int = 16) -> None:
+        self.model = model
+        self.max_len = max_len
+        # positions [0, bucket(max_len)) for sequences, then one scratch position for padding
+        self.cache_len = bucket(max_len, KV_BUCKET) + 1
+        self.scratch = self.cache_len - 1
+        if model.rope_cos.shape[0] < self.cache_len:
+            raise ConfigError(
+                f"max_len={max_len} needs {self.cache_len} rotary positions but the model was "
+                f"loaded with {model.rope_cos.shape[0]}; lower max_len or load with more positions"
+            )
+        self.cache = model.allocate_cache(num_rows, self.cache_len)
+        self.rows = RowAllocator(num_rows)
+        self.lengths: dict[str, int] = {}  # positions written in the cache, per sequence
+        self.lora = (MultiLoraBuffers(model.config, max_hot_adapters, max_lora_rank, model.dtype)
+                     if max_hot_adapters > 0 else None)
+
+    # -- rows -------------------------------------------------------------------------
+
+    def admit(self, seq_id: str) -> None:
+        self.rows.add_prefill(seq_id)
+        self.lengths[seq_id] = 0
+
+    def release(self, seq_id: str) -> None:
+        """Free a sequence's cache row at once (finished, cancelled or failed)."""
+        if seq_id not in self.rows.row_of:
+            return
+        self._apply(self.rows.remove(seq_id, self.lengths))
+        del self.lengths[seq_id]
+
+    def _apply(self, moves: list[Move]) -> None:
+        for m in moves:
+            for t in (*self.cache.k, *self.cache.v):
+                if m.swap:
+                    keep = t[m.dst, :, : m.other_length].clone()
+                    t[m.dst, :, : m.length] = t[m.src, :, : m.length]
+                    t[m.src, :, : m.other_length] = keep
+                else:
+                    t[m.dst, :, : m.length] = t[m.src, :, : m.length]
+
+    # -- adapters ---------------------------------------------------------------------
+
+    def load_adapter(self, slot: int, adapter: object) -> None:
+        if self.lora is None:
+            raise ConfigError("this engine has no adapter slots (max_hot_adapters=0)")
+        self.lora.load(slot, adapter)  # type: ignore[arg-type]
+
+    def _lora(self, token_slots: list[int]) -> LoraContext | None:
+        if self.lora is None or all(s == NO_ADAPTER for s in token_slots):
+            return None
+        return self.lora.context(torch.tensor(token_slots, dtype=torch.long))
+
+    # -- the step ---------------------------------------------------------------------
+
+    def execute(self, decode: Sequence[DecodeItem], prefill: Sequence[PrefillItem]) -> StepOutput:
+        with torch.inference_mode():
+            dl = self._decode(decode) if decode else None
+            pl = self._prefill(prefill) if prefill else None
+        for item in decode:
+            self.lengths[item.seq_id] = item.position + 1
+        for p in prefill:
+            self.lengths[p.seq_id] = p.start + len(p.tokens)
+        for p in prefill:  # after every length is known: a move may swap two prefill rows
+            if p.last:
+                self._apply(self.rows.start_decoding(p.seq_id, self.lengths[p.seq_id], self.lengths))
+        return StepOutput(dl, pl)
+
+    def _decode(self, items: Sequence[DecodeItem]) -> Tensor:
+        order = self.rows.decoding()
+        by_id = {it.seq_id: it for it in items}
+        if len(order) != len(items) or set(order) != set(by_id):
+            raise RuntimeError("decode items must be exactly the sequences in decode rows")
+        rows = [by_id[s] for s in order]
+        ids = torch.tensor([[it.token] for it in rows], dtype=torch.long)
+        pos = torch.tensor([[it.position] for it in rows], dtype=torch.long)
+        kv_len = bucket(max(it.position for it in rows) + 1, KV_BUCKET)
+        lora = self._lora([it.adapter_slot for it in rows])
+        logits = self.model(ids, pos, self.cache, None, kv_len, None, lora)[:, 0]
+        # back to the caller's order
+        index = {s: i for i, s in enumerate(order)}
+        return logits[torch.tensor([index[it.seq_id] for it in items])]
+
+    def _prefill(self, items: Sequence[PrefillItem]) -> Tensor:
+        m = len(items)
+        width = max(len(p.tokens) for p in items)
+        ids = torch.zeros(m, width, dtype=torch.long)
+        pos = torch.full((m, width), self.scratch, dtype=torch.long)
+        token_slots = [NO_ADAPTER] * (m * width)
+        for i, p in enumerate(items):
+            n = len(p.tokens)
+            if n == 0 or p.start + n > self.max_len:
+                raise ValueError(f"bad prefill chunk for {p.seq_id}: start {p.start}, {n} tokens")
+            ids[i, :n] = torch.tensor(p.tokens, dtype=torch.long)
+            pos[i, :n] = torch.arange(p.start, p.start + n)
+            token_slots[i * width: i * width + n] = [p.adapter_slot] * n
+        slots = torch.tensor([self.rows.row_of[p.seq_id] for p in items], dtype=torch.long)
+        kv_len = bucket(max(p.start + len(p.tokens) for p in items), KV_BUCKET)
+        last = torch.tensor([len(p.tokens) - 1 for p in items], dtype=torch.long)
+        return self.model(ids, pos, self.cache, slots, kv_len, last, self._lora(token_slots))

@@ -1,0 +1,69 @@
+"""Multi-LoRA deltas on CPU in one native call: the ``fleetlm::lora_sgmv`` custom op.
+
+``lora_sgmv(x, a, bt, ranks, scales, offsets, token_slots)`` returns delta [T, out] in x's
+dtype with, for every token t of slot s = token_slots[t] (-1: a row of zeros) and every
+part p of a fused projection (q|k|v, gate|up) with rank r = ranks[s, p]::
+
+    delta[t, offsets[p]:offsets[p+1]] =
+        scales[s, p] * (x[t] @ a[s, p, :r].T) @ bt[s, :r, offsets[p]:offsets[p+1]]
+
+x: [T, in] float32/bfloat16; a: [S, P, R, in] and bt: [S, R, out], x's dtype, contiguous;
+ranks: [S, P] int32; scales: [S, P] float32; offsets: [P+1] int64; token_slots: [T] int64.
+Accumulation is float32. The kernel groups tokens by slot, so each adapter's weights are
+read once per call, and reads only the first r rows of A and Bt (``csrc/lora_sgmv.cpp``).
+
+Built on first ``load()`` like every fleetlm kernel (see ``fleetlm.kernels._build``);
+``FLEETLM_LORA_KERNEL=0`` disables it, and a failed build logs one warning and returns
+False. Callers (``fleetlm.engine.lora.lora_delta``) then use the pure-PyTorch path. This
+module knows nothing about adapters or slots beyond the tensors it is given.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fleetlm.kernels._build import CSRC, NativeKernel
+
+ENV_VAR = "FLEETLM_LORA_KERNEL"
+OP = "fleetlm::lora_sgmv"
+
+
+def _fake_lora_sgmv(x: Tensor, a: Tensor, bt: Tensor, ranks: Tensor, scales: Tensor,
+                    offsets: Tensor, token_slots: Tensor) -> Tensor:
+    torch._check(x.dim() == 2, lambda: f"{OP}: x must be 2-D [T, in], got {x.dim()}-D")
+    torch._check(a.dim() == 4, lambda: f"{OP}: a must be 4-D [S, P, R, in], got {a.dim()}-D")
+    torch._check(bt.dim() == 3, lambda: f"{OP}: bt must be 3-D [S, R, out], got {bt.dim()}-D")
+    torch._check(x.dtype in (torch.float32, torch.bfloat16),
+                 lambda: f"{OP}: x must be float32 or bfloat16, got {x.dtype}")
+    torch._check(a.dtype == x.dtype and bt.dtype == x.dtype,
+                 lambda: f"{OP}: a and bt must have x's dtype ({x.dtype}), got {a.dtype}, {bt.dtype}")
+    torch._check(x.shape[1] == a.shape[3],
+                 lambda: f"{OP}: x has {x.shape[1]} features but a is {tuple(a.shape)}")
+    torch._check(token_slots.dim() == 1 and token_slots.shape[0] == x.shape[0],
+                 lambda: f"{OP}: token_slots must be [T] = [{x.shape[0]}]")
+    return x.new_empty((x.shape[0], bt.shape[2]))
+
+
+def _register_fake() -> None:
+    torch.library.register_fake(OP)(_fake_lora_sgmv)
+
+
+_kernel = NativeKernel("fleetlm_lora_sgmv", CSRC / "lora_sgmv.cpp", ENV_VAR, _register_fake,
+                       fallback="the PyTorch multi-LoRA path")
+
+
+def load() -> bool:
+    """Build/load the kernel once per process; True when ``fleetlm::lora_sgmv`` is usable."""
+    return _kernel.load()
+
+
+def is_loaded() -> bool:
+    """True when ``load()`` has already succeeded (never triggers a build)."""
+    return _kernel.is_loaded()
+
+
+def lora_sgmv(x: Tensor, a: Tensor, bt: Tensor, ranks: Tensor, scales: Tensor,
+              offsets: Tensor, token_slots: Tensor) -> Tensor:
+    """delta [T, out] in x's dtype (see the module docstring); call ``load()`` first."""
+    return torch.ops.fleetlm.lora_sgmv(x, a, bt, ranks, scales, offsets, token_slots)

@@ -1,0 +1,268 @@
+"""The engine end to end on a tiny random model (float32).
+
+References: the single-stream Generator for plain requests, and the same Generator on a
+copy of the model with the adapter merged into its weights (W + scale * B @ A) for
+adapter requests -- a per-request path that shares no LoRA code with the batched one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+
+import pytest
+import torch
+
+from fleetlm.adapters import AdapterError, AdapterStore
+from fleetlm.adapters.random import make_random_adapter
+from fleetlm.engine.engine import Engine, EngineConfig, EngineEvent
+from fleetlm.engine.generate import Generator
+from fleetlm.engine.sampling_params import SamplingParams
+from fleetlm.errors import ConfigError, EngineBusy
+from fleetlm.models.llama import FUSED_PROJECTIONS, fused_rows
+from fleetlm.models.loader import load_model
+
+GREEDY = dict(temperature=0.0, ignore_eos=True, logprobs=0)
+
+
+@pytest.fixture(scope="module")
+def folder(tiny_checkpoints):
+    return tiny_checkpoints["llama"]
+
+
+@pytest.fixture(scope="module")
+def lm(folder):
+    return load_model(str(folder), dtype="float32", with_tokenizer=False, max_positions=1024)
+
+
+@pytest.fixture(scope="module")
+def store(lm, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    specs = {  # name: (rank, alpha, targets, rslora)
+        "r8-all": (8, 16, None, False),
+        "r4-qv": (4, 8, ("q_proj", "v_proj"), False),
+        "r16-rs": (16, 8, ("k_proj", "o_proj", "gate_proj", "down_proj", "up_proj"), True),
+    }
+    for i, (name, (r, alpha, targets, rs)) in enumerate(specs.items()):
+        kw = {} if targets is None else {"targets": targets}
+        make_random_adapter(root / name, lm.config, rank=r, alpha=alpha, seed=i, std=0.2,
+                            use_rslora=rs, **kw)
+    return AdapterStore(root, lm.config, dtype=torch.float32, max_rank=16)
+
+
+def merged(folder, adapter):
+    """A fresh copy of the model with the adapter merged into its (fused) weights."""
+    lm = load_model(str(folder), dtype="float32", with_tokenizer=False, max_positions=1024)
+    params = dict(lm.model.named_parameters())
+    rows = fused_rows(lm.config)
+    where = {}  # HF suffix -> (our suffix, row offset)
+    for fused, parts in FUSED_PROJECTIONS.items():
+        off = 0
+        for part, n in zip(parts, rows[fused], strict=True):
+            where[part] = (fused, off)
+            off += n
+    with torch.no_grad():
+        for name, mod in adapter.modules.items():
+            prefix, proj = name.rsplit(".", 2)[0], ".".join(name.rsplit(".", 2)[1:])
+            ours, off = where.get(proj, (proj, 0))
+            w = params[f"{prefix}.{ours}.weight"]
+            delta = mod.scale * (mod.b.float() @ mod.a.float())
+            w[off: off + delta.shape[0]] += delta
+    return lm
+
+
+def reference(lm, prompt, max_tokens):
+    gen = Generator(lm, max_len=256)
+    res = gen.generate(prompt, SamplingParams(max_tokens=max_tokens, **GREEDY))
+    return res.token_ids, res.logprobs
+
+
+def run(engine, requests):
+    """Submit (prompt, max_tokens, adapter) requests, step until idle; per-request events."""
+    events: dict[str, list[EngineEvent]] = defaultdict(list)
+    ids = [engine.submit(p, SamplingParams(max_tokens=n, **GREEDY), adapter=a,
+                         callback=lambda ev: events[ev.request_id].append(ev))
+           for p, n, a in requests]
+    while engine.step():
+        pass
+    return [events[i] for i in ids]
+
+
+def tokens(evs):
+    return [e.token_id for e in evs if e.token_id is not None]
+
+
+def prompts(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = [3, 40, 17, 1, 25, 9, 33, 12][:n]
+    return [torch.randint(0, 128, (k,), generator=g).tolist() for k in lengths]
+
+
+def test_batched_requests_equal_single_stream(lm):
+    # 4 rows for 8 requests (queueing), 24-token steps and 16-token chunks (chunked prefill)
+    engine = Engine(lm, EngineConfig(max_running=4, max_len=128, max_step_tokens=24,
+                                     prefill_chunk=16, max_hot_adapters=0))
+    ps = prompts(8)
+    out = run(engine, [(p, 5 + i, None) for i, p in enumerate(ps)])
+    for i, (p, evs) in enumerate(zip(ps, out, strict=True)):
+        ref_ids, ref_lp = reference(lm, p, 5 + i)
+        assert tokens(evs) == ref_ids
+        got_lp = [e.logprob for e in evs if e.token_id is not None]
+        torch.testing.assert_close(torch.tensor(got_lp), torch.tensor(ref_lp), atol=1e-4, rtol=0)
+        assert evs[-1].finish_reason == "length" and evs[-1].completion_tokens == 5 + i
+    assert engine.runner.rows.num_free == 4 and not engine.has_work()
+
+
+def test_mixed_adapter_batch_equals_merged_reference(lm, folder, store):
+    names = ["r8-all", None, "r4-qv", "r16-rs", "r8-all", "r16-rs", None, "r4-qv"]
+    ps = prompts(8, seed=1)
+    engine = Engine(lm, EngineConfig(max_running=8, max_len=128, max_step_tokens=64,
+                                     prefill_chunk=32, max_hot_adapters=3), store=store)
+    out = run(engine, [(p, 6, a) for p, a in zip(ps, names, strict=True)])
+    refs = {a: merged(folder, store.get(a)) for a in set(names) if a is not None}
+    differs = 0
+    for p, a, evs in zip(ps, names, out, strict=True):
+        ref_ids, ref_lp = reference(refs[a] if a else lm, p, 6)
+        assert tokens(evs) == ref_ids, a
+        got_lp = [e.logprob for e in evs if e.token_id is not None]
+        torch.testing.assert_close(torch.tensor(got_lp), torch.tensor(ref_lp), atol=1e-4, rtol=0)
+        if a is not None:
+            differs += tokens(evs) != reference(lm, p, 6)[0]
+    assert differs >= 3, "the adapters should change the output (non-trivial adapters)"
+
+
+def test_adapter_eviction_and_reload_give_identical_outputs(lm, store):
+    """One hot slot for three adapters, and a warm budget too small to keep them: every
+    switch evicts and reloads (from disk), and outputs stay those of a roomy engine."""
+    ps = prompts(6, seed=2)
+    names = ["r8-all", "r4-qv", "r16-rs", "r4-qv", "r8-all", "r16-rs"]
+    roomy = Engine(lm, EngineConfig(max_running=6, max_len=128, max_hot_adapters=3), store=store)
+    want = [tokens(e) for e in run(roomy, [(p, 5, a) for p, a in zip(ps, names, strict=True)])]
+    tight_store = AdapterStore(store.root, lm.config, dtype=torch.float32, max_rank=16,
+                               warm_budget_bytes=1)
+    tight = Engine(lm, EngineConfig(max_running=6, max_len=128, max_hot_adapters=1),
+                   store=tight_store)
+    got = [tokens(e) for e in run(tight, [(p, 5, a) for p, a in zip(ps, names, strict=True)])]
+    assert got == want
+    assert tight_store.stats()["loads"] > 3  # reloaded from disk after warm evictions
+
+
+def test_corrupt_adapter_fails_only_its_own_requests(lm, folder, tmp_path):
+    root = tmp_path / "adapters"
+    make_random_adapter(root / "good", lm.config, rank=4, alpha=8, seed=5, std=0.2)
+    make_random_adapter(root / "broken", lm.config, rank=4, alpha=8, seed=6, std=0.2)
+    make_random_adapter(root / "truncated", lm.config, rank=4, alpha=8, seed=7, std=0.2)
+    from safetensors.torch import load_file, save_file
+
+    f = root / "broken" / "adapter_model.safetensors"
+    tensors = load_file(f)
+    next(iter(tensors.values()))[0, 0] = float("nan")  # found only when the tensors load
+    save_file(tensors, f)
+    f = root / "truncated" / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[:200])
+    s = AdapterStore(root, lm.config, dtype=torch.float32, max_rank=16)
+    engine = Engine(lm, EngineConfig(max_running=4, max_len=128, max_hot_adapters=2), store=s)
+    with pytest.raises(AdapterError, match="truncated"):  # its header: refused at submit
+        engine.submit([1, 2], SamplingParams(), adapter="truncated", callback=lambda ev: None)
+    ps = prompts(3, seed=3)
+    out = run(engine, [(ps[0], 4, "good"), (ps[1], 4, "broken"), (ps[2], 4, None)])
+    assert out[1][-1].finish_reason == "error"
+    err = out[1][-1].error
+    assert isinstance(err, AdapterError) and "broken" in str(err) and "finite" in str(err)
+    assert tokens(out[1]) == []
+    assert tokens(out[0]) == reference(merged(folder, s.get("good")), ps[0], 4)[0]
+    assert tokens(out[2]) == reference(lm, ps[2], 4)[0]
+    assert engine.runner.rows.num_free == 4
+
+
+def test_cancel_frees_the_row_at_the_next_step(lm):
+    engine = Engine(lm, EngineConfig(max_running=2, max_len=128, max_hot_adapters=0))
+    events: dict[str, list[EngineEvent]] = defaultdict(list)
+    cb = lambda ev: events[ev.request_id].append(ev)  # noqa: E731
+    a = engine.submit(prompts(1)[0], SamplingParams(max_tokens=50, **GREEDY), callback=cb)
+    b = engine.submit(prompts(2)[1], SamplingParams(max_tokens=50, **GREEDY), callback=cb)
+    c = engine.submit(prompts(3)[2], SamplingParams(max_tokens=3, **GREEDY), callback=cb)
+    for _ in range(3):
+        engine.step()
+    assert engine.runner.rows.num_free == 0 and engine.scheduler.num_waiting == 1
+    assert engine.cancel(c)  # waiting: ends at once
+    assert events[c][-1].finish_reason == "cancelled"
+    assert engine.cancel(a)
+    engine.step()  # the boundary: a's row is freed before anything else runs
+    assert events[a][-1].finish_reason == "cancelled"
+    assert engine.runner.rows.num_free == 1
+    assert not engine.cancel(a) and not engine.cancel("nope")
+    while engine.step():
+        pass
+    assert events[b][-1].finish_reason == "length"
+    assert engine.runner.rows.num_free == 2
+
+
+def test_full_queue_raises_busy(lm):
+    engine = Engine(lm, EngineConfig(max_running=1, max_waiting=2, max_len=64, max_hot_adapters=0))
+    cb = lambda ev: None  # noqa: E731
+    for _ in range(2):
+        engine.submit([1, 2, 3], SamplingParams(max_tokens=2, **GREEDY), callback=cb)
+    with pytest.raises(EngineBusy) as e:
+        engine.submit([1, 2, 3], SamplingParams(max_tokens=2, **GREEDY), callback=cb)
+    assert e.value.retry_after_s > 0
+    while engine.step():
+        pass
+    engine.submit([1, 2, 3], SamplingParams(max_tokens=2, **GREEDY), callback=cb)  # room again
+
+
+def test_bad_requests_are_refused_with_the_field(lm, store):
+    engine = Engine(lm, EngineConfig(max_running=1, max_len=64, max_hot_adapters=1), store=store)
+    cb = lambda ev: None  # noqa: E731
+    with pytest.raises(ConfigError, match="prompt"):
+        engine.submit([], SamplingParams(), callback=cb)
+    with pytest.raises(ConfigError, match="64 tokens"):
+        engine.submit([1] * 64, SamplingParams(), callback=cb)
+    with pytest.raises(ConfigError, match="temperature"):
+        engine.submit([1], SamplingParams(temperature=-1), callback=cb)
+    with pytest.raises(AdapterError, match="nope"):
+        engine.submit([1], SamplingParams(), adapter="nope", callback=cb)
+    with pytest.raises(ConfigError, match="max_running"):
+        Engine(lm, EngineConfig(max_running=0))
+    with pytest.raises(ConfigError, match="kv_cache_bytes"):
+        Engine(lm, EngineConfig(kv_cache_bytes=10))
+
+
+def test_kv_budget_caps_the_rows(lm):
+    per_row = 2 * 2 * 2 * 16 * 4 * (128 + 1)  # layers * (k, v) * kv heads * head dim * f32
+    engine = Engine(lm, EngineConfig(max_running=32, max_len=128, kv_cache_bytes=3 * per_row,
+                                     max_hot_adapters=0))
+    assert engine.num_rows == 3
+
+
+def test_async_stream_on_the_engine_thread(lm, store, folder):
+    engine = Engine(lm, EngineConfig(max_running=4, max_len=128, max_hot_adapters=2), store=store)
+    engine.start()
+    ps = prompts(3, seed=4)
+
+    async def consume(p, adapter, limit=None):
+        out = []
+        gen = engine.stream(p, SamplingParams(max_tokens=8, **GREEDY), adapter=adapter)
+        async for ev in gen:
+            out.append(ev)
+            if limit and len(out) == limit:
+                await gen.aclose()  # a client going away
+                break
+        return out
+
+    async def main():
+        return await asyncio.gather(consume(ps[0], "r8-all"), consume(ps[1], None),
+                                    consume(ps[2], None, limit=2))
+
+    try:
+        full_a, full_b, partial = asyncio.run(main())
+        assert tokens(full_a) == reference(merged(folder, store.get("r8-all")), ps[0], 8)[0]
+        assert tokens(full_b) == reference(lm, ps[1], 8)[0]
+        assert len(partial) == 2
+        for _ in range(100):  # the cancelled one leaves at the next step boundary
+            if engine.runner.rows.num_free == 4:
+                break
+            asyncio.run(asyncio.sleep(0.01))
+        assert engine.runner.rows.num_free == 4 and not engine.has_work()
+    finally:
+        engine.shutdown(timeout=10)

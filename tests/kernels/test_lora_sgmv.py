@@ -1,0 +1,180 @@
+"""fleetlm::lora_sgmv (C++ multi-LoRA kernel) against the per-token reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fleetlm.engine.lora import NO_ADAPTER, LoraBatch, StackedLora, lora_delta_reference
+from fleetlm.kernels import lora_sgmv
+from fleetlm.kernels._build import NativeKernel
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _kernel() -> None:
+    if not lora_sgmv.load():
+        pytest.skip("fleetlm::lora_sgmv could not be built/loaded "
+                    "(no compiler/ninja, or FLEETLM_LORA_KERNEL=0)")
+
+
+def make_stack(slot_ranks, in_features, parts, max_rank, dtype, seed=0) -> StackedLora:
+    """slot_ranks[s]: a rank (or None: part absent) per part, or None for an empty slot."""
+    g = torch.Generator().manual_seed(seed)
+    stack = StackedLora.allocate(len(slot_ranks), max_rank, in_features, parts, dtype)
+    for slot, ranks in enumerate(slot_ranks):
+        if ranks is not None:
+            stack.set(slot, [None if r is None else
+                             (torch.randn(r, in_features, generator=g) / math.sqrt(in_features),
+                              torch.randn(n, r, generator=g) * 0.3, 0.5 + slot % 3)
+                             for r, n in zip(ranks, parts, strict=True)])
+    return stack
+
+
+def run(x, stack, slots):
+    t = torch.as_tensor(slots, dtype=torch.long)
+    return lora_sgmv.lora_sgmv(x, stack.a, stack.bt, stack.ranks, stack.scales, stack.offsets, t)
+
+
+def reference(x, stack, slots):
+    f = StackedLora(stack.a.float(), stack.bt.float(), stack.ranks, stack.scales, stack.offsets)
+    return lora_delta_reference(x.float(), f, LoraBatch.from_slots(torch.as_tensor(slots)))
+
+
+def random_ranks(num_slots, num_parts, max_rank, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [tuple(int(r) or None for r in torch.randint(0, max_rank + 1, (num_parts,), generator=g))
+            for _ in range(num_slots)]
+
+
+QKV_ODD = dict(in_features=50, parts=(40, 8, 8), max_rank=16)  # sizes off every SIMD width
+MIXED_RANKS = [(16, 3, None), (5, 5, 5), (1, None, 16), None, (7, 9, 2), (16, 16, 16)]
+CASES = {
+    # name: (layout, slot ranks, token slots)
+    "mixed": (QKV_ODD, MIXED_RANKS, [0, 1, 2, 3, 4, 5, NO_ADAPTER, 0, 0, 1, 5, 5, NO_ADAPTER, 2]),
+    "one_token": (QKV_ODD, MIXED_RANKS, [4]),
+    "no_adapter": (QKV_ODD, MIXED_RANKS, [NO_ADAPTER] * 7),
+    "32_tokens_32_slots": (dict(in_features=72, parts=(65, 31), max_rank=8),
+                           random_ranks(32, 2, 8, seed=1), list(range(31, -1, -1))),
+    "600_tokens_3_slots": (QKV_ODD, MIXED_RANKS, [4, 1, 5, 5, NO_ADAPTER] * 120),
+    "wide_one_part": (dict(in_features=96, parts=(130,), max_rank=16),
+                      [(16,), (3,), None], [0, 1, 0, 0, 2, 1, 0, 1, 1]),
+    "tiny": (dict(in_features=1, parts=(1, 17), max_rank=2), [(1, 2), (2, None)],
+             [0, 1, 1, NO_ADAPTER, 0]),
+}
+
+
+def tolerance(dtype, ref):
+    if dtype == torch.float32:
+        return dict(atol=1e-5, rtol=1e-5)
+    return dict(atol=1e-2 * max(1.0, float(ref.abs().max())), rtol=1.6e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES)
+def test_matches_reference(case, dtype):
+    layout, slot_ranks, slots = CASES[case]
+    stack = make_stack(slot_ranks, dtype=dtype, **layout)
+    x = torch.randn(len(slots), layout["in_features"],
+                    generator=torch.Generator().manual_seed(2)).to(dtype)
+    got = run(x, stack, slots)
+    ref = reference(x, stack, slots)
+    assert got.shape == ref.shape and got.dtype == dtype
+    torch.testing.assert_close(got.float(), ref, **tolerance(dtype, ref))
+    # exact zeros where nothing applies: no adapter, empty slot, absent part
+    assert torch.equal(got.float()[ref == 0], ref[ref == 0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_thread_counts_give_identical_results(dtype):
+    layout, slot_ranks, slots = CASES["600_tokens_3_slots"]
+    stack = make_stack(slot_ranks, dtype=dtype, **layout)
+    x = torch.randn(len(slots), layout["in_features"]).to(dtype)
+    old = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(run(x, stack, slots))
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_non_contiguous_x_is_handled():
+    layout, slot_ranks, slots = CASES["mixed"]
+    stack = make_stack(slot_ranks, dtype=torch.float32, **layout)
+    wide = torch.randn(len(slots), 2 * layout["in_features"])
+    x = wide[:, ::2]
+    assert not x.is_contiguous()
+    torch.testing.assert_close(run(x, stack, slots), run(x.contiguous(), stack, slots),
+                               atol=0, rtol=0)
+
+
+def _args(**over):
+    stack = make_stack(MIXED_RANKS, dtype=torch.float32, **QKV_ODD)
+    args = dict(x=torch.randn(3, 50), a=stack.a, bt=stack.bt, ranks=stack.ranks,
+                scales=stack.scales, offsets=stack.offsets,
+                token_slots=torch.tensor([0, NO_ADAPTER, 5]))
+    args.update(over)
+    return args
+
+
+BAD = {
+    "x_float64": (dict(x=torch.randn(3, 50, dtype=torch.float64)), "float32 or bfloat16"),
+    "x_3d": (dict(x=torch.randn(1, 3, 50)), "x must be 2-D"),
+    "a_dtype": (dict(a=torch.zeros(6, 3, 16, 50, dtype=torch.bfloat16)), "must have x's dtype"),
+    "in_mismatch": (dict(x=torch.randn(3, 49)), "x has 49 features"),
+    "bt_shape": (dict(bt=torch.zeros(6, 8, 56)), "bt .* does not match a"),
+    "slot_range": (dict(token_slots=torch.tensor([0, 6, 1])), r"token_slots\[1\] = 6 is outside"),
+    "slot_dtype": (dict(token_slots=torch.tensor([0, 1, 2], dtype=torch.int32)),
+                   "token_slots must be int64"),
+    "slot_count": (dict(token_slots=torch.tensor([0, 1])), r"token_slots must be int64 \[T\] = \[3\]"),
+    "rank_range": (dict(ranks=torch.full((6, 3), 17, dtype=torch.int32)), "outside \\[0, R = 16\\]"),
+    "rank_dtype": (dict(ranks=torch.zeros(6, 3, dtype=torch.long)), "ranks must be int32"),
+    "scales_shape": (dict(scales=torch.zeros(6)), "scales must be float32 \\[S, P\\]"),
+    "offsets_end": (dict(offsets=torch.tensor([0, 40, 48, 55])), "offsets must run from 0 to out = 56"),
+    "a_strided": (dict(a=torch.zeros(6, 3, 50, 16).transpose(2, 3)), "a and bt must be contiguous"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_inputs_raise_clear_errors(case):
+    over, message = BAD[case]
+    with pytest.raises(RuntimeError, match=message):
+        lora_sgmv.lora_sgmv(**_args(**over))
+
+
+def test_fake_kernel_and_schema():
+    args = _args()
+    torch.library.opcheck(torch.ops.fleetlm.lora_sgmv.default, tuple(args.values()),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_compiled_fullgraph_equals_eager(dtype):
+    layout, slot_ranks, slots = CASES["mixed"]
+    stack = make_stack(slot_ranks, dtype=dtype, **layout)
+    x = torch.randn(len(slots), layout["in_features"]).to(dtype)
+    t = torch.tensor(slots)
+
+    def proj(x, t):  # the op between ordinary ops, as in a model's forward
+        return x.new_ones(()) * 2 + lora_sgmv.lora_sgmv(x * 0.5, stack.a, stack.bt, stack.ranks,
+                                                         stack.scales, stack.offsets, t)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(proj, fullgraph=True)
+    torch.testing.assert_close(compiled(x, t), proj(x, t), atol=0, rtol=0)
+
+
+def test_env_var_disables_the_build(monkeypatch):
+    def never() -> None:
+        raise AssertionError("a disabled kernel must not be built")
+
+    monkeypatch.setenv(lora_sgmv.ENV_VAR, "0")
+    kernel = NativeKernel("fleetlm_test_disabled", lora_sgmv._kernel.source, lora_sgmv.ENV_VAR,
+                          never, fallback="nothing")
+    assert not kernel.load() and not kernel.is_loaded()
