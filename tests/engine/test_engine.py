@@ -266,3 +266,21 @@ def test_async_stream_on_the_engine_thread(lm, store, folder):
         assert engine.runner.rows.num_free == 4 and not engine.has_work()
     finally:
         engine.shutdown(timeout=10)
+
+
+def test_batched_greedy_without_logprobs_picks_the_same_tokens(lm, store):
+    """Plain greedy rows share one batched argmax; it must agree with the sampler path."""
+    ps = prompts(6, seed=5)
+    names = ["r8-all", None, "r4-qv", None, "r16-rs", "r8-all"]
+    cfg = EngineConfig(max_running=6, max_len=128, max_hot_adapters=3)
+    with_lp = [tokens(e) for e in run(Engine(lm, cfg, store=store),
+                                      [(p, 6, a) for p, a in zip(ps, names, strict=True)])]
+    engine = Engine(lm, cfg, store=store)
+    events: dict[str, list[EngineEvent]] = defaultdict(list)
+    ids = [engine.submit(p, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True),
+                         adapter=a, callback=lambda ev: events[ev.request_id].append(ev))
+           for p, a in zip(ps, names, strict=True)]
+    while engine.step():
+        pass
+    assert [tokens(events[i]) for i in ids] == with_lp
+    assert all(e.logprob is None for i in ids for e in events[i])

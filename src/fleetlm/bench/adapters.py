@@ -45,7 +45,17 @@ class AdaptersBenchConfig:
     adapter_counts: list[int] = field(default_factory=lambda: [1, 8, 64, 256])
     popularities: list[str] = field(default_factory=lambda: list(POPULARITIES))
     max_hot_adapters: int = 64
-    baseline_budget_s: float = 60.0  # per PEFT baseline
+    baseline_budget_s: float = 180.0  # most seconds of generation per transformers baseline
+    # The transformers baselines serve the first requests of the same stream (their
+    # rates are over what they completed): one-at-a-time switching takes ~4 s a request.
+    switching_requests: int = 16
+    mixed_requests: int = 64
+    continuous_requests: int = 128
+    # Each baseline in the dtype it ran fastest in on the development CPU (2 cores):
+    # PEFT is slower in bfloat16 (switching 15.8 vs 21.3 tok/s, mixed 36 vs 54), transformers'
+    # continuous batching faster (292 vs 133 tok/s).
+    peft_dtype: str = "float32"
+    continuous_dtype: str = "bfloat16"
     skip: list[str] = field(default_factory=list)
     adapters_dir: Path | None = None  # where the random adapters are written (cached)
     seed: int = 0
@@ -55,7 +65,8 @@ class AdaptersBenchConfig:
 
         problems = []
         for name in ("num_requests", "concurrency", "prompt_tokens", "max_new_tokens", "rank",
-                     "max_hot_adapters"):
+                     "max_hot_adapters", "switching_requests", "mixed_requests",
+                     "continuous_requests"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')}={getattr(self, name)}: must be >= 1")
         if not self.adapter_counts or min(self.adapter_counts) < 1:
@@ -68,6 +79,9 @@ class AdaptersBenchConfig:
             problems.append(f"--skip {bad}: choose from {', '.join(BASELINES)}")
         if self.baseline_budget_s <= 0:
             problems.append("--baseline-budget-s: must be > 0")
+        for name in ("peft_dtype", "continuous_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16"):
+                problems.append(f"{name}={getattr(self, name)!r}: float32 or bfloat16")
         if problems:
             raise ConfigError("invalid benchmark settings: " + "; ".join(problems))
 
@@ -204,7 +218,8 @@ def run(cfg: AdaptersBenchConfig, out: Path | None) -> dict[str, Any]:
             results["engine"].append(r)
     engine.shutdown()
     folder = lm.folder
-    dtype = lm.model.dtype
+    peft_dtype = getattr(torch, cfg.peft_dtype)
+    cont_dtype = getattr(torch, cfg.continuous_dtype)
     gc.collect()
     torch.manual_seed(cfg.seed)
     mix_n = 64 if 64 in cfg.adapter_counts else n_max
@@ -212,29 +227,34 @@ def run(cfg: AdaptersBenchConfig, out: Path | None) -> dict[str, Any]:
     mix_dirs = [dirs[a] for a in sorted({a for a in mix if a is not None})]
     if "peft-switching" not in cfg.skip:
         console.print("[bold]transformers + PEFT, set_adapter per request[/]")
-        r = hf_baselines.peft_switching(folder, mix_dirs, prompts, _names(mix, dirs),
-                                        cfg.max_new_tokens, dtype=dtype,
+        k = cfg.switching_requests
+        r = hf_baselines.peft_switching(folder, mix_dirs, prompts[:k], _names(mix, dirs)[:k],
+                                        cfg.max_new_tokens, dtype=peft_dtype,
                                         time_budget_s=cfg.baseline_budget_s)
         results["baselines"].append({**r, "num_adapters": mix_n, "popularity": "uniform"})
     if "peft-mixed" not in cfg.skip:
         console.print("[bold]transformers + PEFT, mixed-adapter batches[/]")
-        r = hf_baselines.peft_mixed_batches(folder, mix_dirs, prompts, _names(mix, dirs),
-                                            cfg.concurrency, cfg.max_new_tokens, dtype=dtype,
+        k = cfg.mixed_requests
+        r = hf_baselines.peft_mixed_batches(folder, mix_dirs, prompts[:k], _names(mix, dirs)[:k],
+                                            cfg.concurrency, cfg.max_new_tokens, dtype=peft_dtype,
                                             time_budget_s=cfg.baseline_budget_s)
         results["baselines"].append({**r, "num_adapters": mix_n, "popularity": "uniform"})
     if "hf-continuous" not in cfg.skip:
         console.print("[bold]transformers continuous batching, no adapters[/]")
-        r = hf_baselines.hf_continuous_batching(folder, prompts, cfg.concurrency,
-                                                cfg.max_new_tokens, dtype=dtype,
+        r = hf_baselines.hf_continuous_batching(folder, prompts[: cfg.continuous_requests],
+                                                cfg.concurrency,
+                                                cfg.max_new_tokens, dtype=cont_dtype,
                                                 time_budget_s=cfg.baseline_budget_s)
         results["baselines"].append({**r, "num_adapters": 0, "popularity": None})
+    for r in results["baselines"]:
+        r.pop("outputs", None)  # token ids per request: large, and only the tests need them
     results["ratios"] = _ratios(results, mix_n)
     _print_table(results, console)
     write_json(results, out)
     return results
 
 
-def _names(assignment: list[int | None], dirs: list[Path]) -> list[str | None]:
+def _names(assignment: list[int | None], dirs: list[Path]) -> list[int | str | None]:
     return [None if a is None else dirs[a].name for a in assignment]
 
 

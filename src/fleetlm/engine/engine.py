@@ -39,10 +39,11 @@ from typing import Any
 import torch
 
 from fleetlm.adapters.errors import AdapterError
+from fleetlm.adapters.store import AdapterStore
 from fleetlm.engine.detokenizer import Detokenizer
 from fleetlm.engine.lora import NO_ADAPTER
 from fleetlm.engine.runner import DecodeItem, ModelRunner, PrefillItem
-from fleetlm.engine.sampler import RequestSampler
+from fleetlm.engine.sampler import RequestSampler, SampleResult
 from fleetlm.engine.sampling_params import SamplingParams
 from fleetlm.engine.scheduler import Scheduler, SchedulerConfig, SeqStatus, Sequence, StepPlan
 from fleetlm.errors import ConfigError, FleetLMError
@@ -97,7 +98,7 @@ class _Request:
     prompt: list[int]
     params: SamplingParams
     adapter: str | None
-    callback: Callable[[EngineEvent], None]
+    callback: Callable[[EngineEvent], object]
     sampler: RequestSampler
     detok: Detokenizer
     stop_ids: set[int]
@@ -111,7 +112,7 @@ class _Request:
 
 class Engine:
     def __init__(self, lm: LoadedModel, config: EngineConfig | None = None,
-                 store: Any | None = None) -> None:
+                 store: AdapterStore | None = None) -> None:
         self.lm = lm
         self.config = config or EngineConfig()
         self.config.validate()
@@ -152,7 +153,7 @@ class Engine:
     # -- public API -------------------------------------------------------------------
 
     def submit(self, prompt: list[int], params: SamplingParams, *,
-               callback: Callable[[EngineEvent], None], adapter: str | None = None,
+               callback: Callable[[EngineEvent], object], adapter: str | None = None,
                request_id: str | None = None) -> str:
         """Queue a request; events arrive through ``callback`` (called on the engine's
         thread: keep it short). Raises ConfigError for a bad request, the store's
@@ -186,7 +187,9 @@ class Engine:
             self.scheduler.add(req.seq)  # EngineBusy when the queue is full
             self._requests[rid] = req
             self._wake.notify()
-        if adapter is not None and adapter not in self.store.warm_names():
+        if self.store is not None and adapter is not None \
+                and adapter not in self.store.warm_names():
+            # read it from disk off the engine thread, so its first step does not wait
             req.adapter_ready = self._prefetch.submit(self.store.get, adapter)
         return rid
 
@@ -295,13 +298,29 @@ class Engine:
             self.scheduler.complete_step(plan)
         self.steps += 1
         if out.decode_logits is not None:
-            for item, row in zip(decode, out.decode_logits, strict=True):
-                self._sample(self._requests[item.seq_id], row)
+            self._sample_rows([self._requests[d.seq_id] for d in decode], out.decode_logits)
         if out.prefill_logits is not None:
-            for pitem, row in zip(prefill, out.prefill_logits, strict=True):
-                if pitem.last:
-                    self._sample(self._requests[pitem.seq_id], row)
+            last = [i for i, p in enumerate(prefill) if p.last]
+            if last:
+                self._sample_rows([self._requests[prefill[i].seq_id] for i in last],
+                                  out.prefill_logits[last])
         return True
+
+    def _sample_rows(self, reqs: list[_Request], logits: torch.Tensor) -> None:
+        """Sample one token per row of logits [n, V]; plain greedy rows (no penalties, no
+        logprobs) share one batched argmax, the rest go through their own sampler."""
+        plain = [i for i, r in enumerate(reqs) if r.sampler.plain_greedy]
+        picked: dict[int, int] = {}
+        if plain:
+            v = self.lm.config.vocab_size
+            ids = logits[plain, :v].argmax(-1).tolist() if len(plain) < len(reqs) \
+                else logits[:, :v].argmax(-1).tolist()
+            picked = dict(zip(plain, ids, strict=True))
+        for i, req in enumerate(reqs):
+            if i in picked:
+                self._emit(req, SampleResult(picked[i], None, []))
+            elif not req.done:
+                self._emit(req, req.sampler.sample(logits[i]))
 
     def _items(self, plan: StepPlan) -> tuple[list[DecodeItem], list[PrefillItem]]:
         """The plan's work, less sequences that left since it was made (failed adapter)."""
@@ -314,6 +333,7 @@ class Engine:
         decode = [DecodeItem(s.request_id, self._requests[s.request_id].last_token,
                              s.prompt_len + s.num_generated - 1, slot(s))
                   for s in plan.decode if live(s)]
+        decode.sort(key=lambda d: self.runner.rows.row_of[d.seq_id])  # the cache's row order
         prefill = [PrefillItem(c.seq.request_id,
                                self._requests[c.seq.request_id].prompt[c.start:c.end],
                                c.start, slot(c.seq), c.last) for c in plan.prefill if live(c.seq)]
@@ -338,6 +358,7 @@ class Engine:
     def _load_adapters(self, plan: StepPlan) -> bool:
         ok = True
         for name, slot in plan.adapter_loads:
+            assert self.store is not None  # the scheduler only plans loads for adapter requests
             try:
                 adapter = self.store.get(name)  # warm hit, or read from disk and validate
                 if adapter.rank > self.config.max_lora_rank:
@@ -353,10 +374,9 @@ class Engine:
                     self._end(self._requests[seq.request_id], "error", e)
         return ok
 
-    def _sample(self, req: _Request, logits: torch.Tensor) -> None:
+    def _emit(self, req: _Request, s: SampleResult) -> None:
         if req.done:
             return
-        s = req.sampler.sample(logits)
         req.generated += 1
         req.last_token = s.token_id
         self.generated_tokens += 1

@@ -32,6 +32,12 @@ from fleetlm.engine.rows import Move, RowAllocator
 from fleetlm.errors import ConfigError
 from fleetlm.models.llama import LlamaForCausalLM
 
+# Attention reads cache positions [0, kv_len) with kv_len rounded up to this. The runner
+# runs eagerly, so a fine bucket costs nothing in compilation and saves reading (and
+# masking) positions no sequence has reached: at 32 sequences, attention over 256
+# positions took 2.2x as long as over 128 (SDPA, bf16).
+RUNNER_KV_BUCKET = 32
+
 
 @dataclass(frozen=True)
 class DecodeItem:
@@ -133,11 +139,12 @@ class ModelRunner:
         rows = [by_id[s] for s in order]
         ids = torch.tensor([[it.token] for it in rows], dtype=torch.long)
         pos = torch.tensor([[it.position] for it in rows], dtype=torch.long)
-        kv_len = bucket(max(it.position for it in rows) + 1, KV_BUCKET)
+        kv_len = bucket(max(it.position for it in rows) + 1, RUNNER_KV_BUCKET)
         lora = self._lora([it.adapter_slot for it in rows])
         logits = self.model(ids, pos, self.cache, None, kv_len, None, lora)[:, 0]
-        # back to the caller's order
-        index = {s: i for i, s in enumerate(order)}
+        if [it.seq_id for it in items] == order:
+            return logits
+        index = {s: i for i, s in enumerate(order)}  # back to the caller's order
         return logits[torch.tensor([index[it.seq_id] for it in items])]
 
     def _prefill(self, items: Sequence[PrefillItem]) -> Tensor:
@@ -154,6 +161,6 @@ class ModelRunner:
             pos[i, :n] = torch.arange(p.start, p.start + n)
             token_slots[i * width: i * width + n] = [p.adapter_slot] * n
         slots = torch.tensor([self.rows.row_of[p.seq_id] for p in items], dtype=torch.long)
-        kv_len = bucket(max(p.start + len(p.tokens) for p in items), KV_BUCKET)
+        kv_len = bucket(max(p.start + len(p.tokens) for p in items), RUNNER_KV_BUCKET)
         last = torch.tensor([len(p.tokens) - 1 for p in items], dtype=torch.long)
         return self.model(ids, pos, self.cache, slots, kv_len, last, self._lora(token_slots))

@@ -97,6 +97,12 @@ class RequestSampler:
             if prompt_ids:
                 self.seen[torch.tensor(prompt_ids, device=device)] = True
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing to track or report: the token is just the argmax."""
+        return (self.params.greedy and self.counts is None and self.seen is None
+                and self.params.logprobs is None)
+
     def observe(self, token_id: int) -> None:
         if self.counts is not None:
             self.counts[token_id] += 1

@@ -125,10 +125,11 @@ class Attention(nn.Module):
         # Grouped-query attention without copying K/V: fold the `rep` query heads that
         # share a KV head into the query-length dim -> [B, Hkv, rep*S, D].
         q = q.view(B, S, Hkv, rep, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, rep * S, D)
-        if S == 1:
-            # decode: written as multiply + reduce rather than matmuls so torch.compile
+        if S == 1 and torch.compiler.is_compiling():
+            # compiled decode: written as multiply + reduce rather than matmuls so inductor
             # fuses it into a few loops over the cache (no transposed copy of K, no
-            # per-call setup of the SDPA kernel -- both measured slower for one query)
+            # per-call setup of the SDPA kernel -- both measured slower for one query).
+            # Eagerly, the same code would materialise [B, Hkv, rep, L, D] float32 temporaries.
             scores = (q[:, :, :, None, :] * keys[:, :, None]).float().sum(-1) * self.head_dim**-0.5
             probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)  # [B, Hkv, rep, L]
             out = (probs[..., None] * values[:, :, None].float()).sum(-2).to(values.dtype)
