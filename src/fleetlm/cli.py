@@ -196,7 +196,10 @@ def bench_adapters(
     adapter_counts: Annotated[str, typer.Option(help="Comma-separated numbers of distinct adapters.")] = "1,8,64,256",
     popularities: Annotated[str, typer.Option(help="Comma-separated: uniform, zipf.")] = "uniform,zipf",
     max_hot_adapters: Annotated[int, typer.Option(help="Adapter slots in the engine.")] = 64,
-    baseline_budget_s: Annotated[float, typer.Option(help="Seconds per transformers baseline.")] = 60.0,
+    baseline_budget_s: Annotated[float, typer.Option(help="Most seconds of generation per transformers baseline.")] = 180.0,
+    switching_requests: Annotated[int, typer.Option(help="Requests served by the PEFT switching baseline.")] = 16,
+    mixed_requests: Annotated[int, typer.Option(help="Requests served by the PEFT mixed-batch baseline.")] = 64,
+    continuous_requests: Annotated[int, typer.Option(help="Requests served by transformers' continuous batching.")] = 128,
     skip: Annotated[str, typer.Option(help="Comma-separated baselines to skip: peft-switching, "
                                            "peft-mixed, hf-continuous")] = "",
     adapters_dir: Annotated[Path | None, typer.Option(help="Where the random adapters are cached.")] = None,
@@ -217,6 +220,8 @@ def bench_adapters(
             adapter_counts=ints(adapter_counts),
             popularities=[x.strip() for x in popularities.split(",") if x.strip()],
             max_hot_adapters=max_hot_adapters, baseline_budget_s=baseline_budget_s,
+            switching_requests=switching_requests, mixed_requests=mixed_requests,
+            continuous_requests=continuous_requests,
             skip=[x.strip() for x in skip.split(",") if x.strip()], adapters_dir=adapters_dir)
         run(cfg, out)
     except (FleetLMError, ValueError) as e:

@@ -152,14 +152,13 @@ def run(cfg: AdaptersBenchConfig, out: Path | None) -> dict[str, Any]:
 
     from fleetlm.adapters import AdapterStore
     from fleetlm.bench import hf_baselines
-    from fleetlm.bench.rss import rss_bytes
     from fleetlm.bench.workload import assign_adapters, make_adapter_set, make_prompts
     from fleetlm.engine.engine import Engine, EngineConfig
     from fleetlm.models.gguf_convert import cache_root
     from fleetlm.models.loader import load_model
 
     cfg.validate()
-    console = Console(stderr=True)
+    console = Console(stderr=True, width=max(140, Console(stderr=True).width))
     lm = load_model(cfg.model, dtype=cfg.dtype, quantize=cfg.quantize)
     prompts = make_prompts(lm.tokenizer, cfg.num_requests, cfg.prompt_tokens, cfg.seed)
     n_max = max(cfg.adapter_counts)
@@ -170,20 +169,16 @@ def run(cfg: AdaptersBenchConfig, out: Path | None) -> dict[str, Any]:
     console.print(f"  ready in {time.perf_counter() - t:.1f} s")
     names = [d.name for d in dirs]
 
-    # resident cost: RSS growth from making every adapter warm, against tensor bytes
-    gc.collect()
-    rss0 = rss_bytes()
+    # resident cost, measured in a fresh process (this one's heap already holds freed
+    # memory that new tensors would reuse, which would flatter the ratio)
+    resident = _resident_in_subprocess(lm.folder, root, names, cfg.rank, str(lm.model.dtype))
+    console.print(f"  {len(names)} adapters warm: {resident['tensor_bytes'] / 2**20:.0f} MiB of "
+                  f"tensors, RSS +{resident['rss_growth_bytes'] / 2**20:.0f} MiB "
+                  f"({resident['ratio']:.2f}x), loaded in {resident['load_s']:.1f} s")
     store = AdapterStore(root, lm.config, dtype=lm.model.dtype, max_rank=cfg.rank,
                          warm_budget_bytes=1 << 40)
-    t = time.perf_counter()
-    tensor_bytes = sum(store.get(n).nbytes for n in names)
-    load_s = time.perf_counter() - t
-    resident = {"adapters": len(names), "tensor_bytes": tensor_bytes,
-                "rss_growth_bytes": rss_bytes() - rss0, "load_s": load_s}
-    resident["ratio"] = resident["rss_growth_bytes"] / tensor_bytes
-    console.print(f"  {len(names)} adapters warm: {tensor_bytes / 2**20:.0f} MiB of tensors, "
-                  f"RSS +{resident['rss_growth_bytes'] / 2**20:.0f} MiB "
-                  f"({resident['ratio']:.2f}x), loaded in {load_s:.1f} s")
+    for n in names:  # every adapter warm before timing: serving, not first reads from disk
+        store.get(n)
 
     engine = Engine(lm, EngineConfig(
         max_running=cfg.concurrency, max_waiting=cfg.num_requests + cfg.concurrency,
@@ -208,11 +203,11 @@ def run(cfg: AdaptersBenchConfig, out: Path | None) -> dict[str, Any]:
     base = engine_run("no-adapters", [None] * cfg.num_requests)
     base.update(num_adapters=0, popularity=None)
     results["engine"].append(base)
-    for n in cfg.adapter_counts:
+    for count in cfg.adapter_counts:
         for pop in cfg.popularities:
-            assignment = assign_adapters(cfg.num_requests, n, pop, cfg.seed)
-            r = engine_run(f"{n}-{pop}", assignment)
-            r.update(num_adapters=n, popularity=pop,
+            assignment = assign_adapters(cfg.num_requests, count, pop, cfg.seed)
+            r = engine_run(f"{count}-{pop}", assignment)
+            r.update(num_adapters=count, popularity=pop,
                      distinct_used=len({a for a in assignment if a is not None}),
                      vs_no_adapters=r["tokens_per_s"] / base["tokens_per_s"])
             results["engine"].append(r)
@@ -231,27 +226,59 @@ def run(cfg: AdaptersBenchConfig, out: Path | None) -> dict[str, Any]:
         r = hf_baselines.peft_switching(folder, mix_dirs, prompts[:k], _names(mix, dirs)[:k],
                                         cfg.max_new_tokens, dtype=peft_dtype,
                                         time_budget_s=cfg.baseline_budget_s)
-        results["baselines"].append({**r, "num_adapters": mix_n, "popularity": "uniform"})
+        results["baselines"].append({**r, "system": "peft-switching", "num_adapters": mix_n,
+                                     "popularity": "uniform"})
     if "peft-mixed" not in cfg.skip:
         console.print("[bold]transformers + PEFT, mixed-adapter batches[/]")
         k = cfg.mixed_requests
         r = hf_baselines.peft_mixed_batches(folder, mix_dirs, prompts[:k], _names(mix, dirs)[:k],
                                             cfg.concurrency, cfg.max_new_tokens, dtype=peft_dtype,
                                             time_budget_s=cfg.baseline_budget_s)
-        results["baselines"].append({**r, "num_adapters": mix_n, "popularity": "uniform"})
+        results["baselines"].append({**r, "system": "peft-mixed", "num_adapters": mix_n,
+                                     "popularity": "uniform"})
     if "hf-continuous" not in cfg.skip:
         console.print("[bold]transformers continuous batching, no adapters[/]")
         r = hf_baselines.hf_continuous_batching(folder, prompts[: cfg.continuous_requests],
                                                 cfg.concurrency,
                                                 cfg.max_new_tokens, dtype=cont_dtype,
                                                 time_budget_s=cfg.baseline_budget_s)
-        results["baselines"].append({**r, "num_adapters": 0, "popularity": None})
+        results["baselines"].append({**r, "system": "hf-continuous", "num_adapters": 0,
+                                     "popularity": None})
     for r in results["baselines"]:
         r.pop("outputs", None)  # token ids per request: large, and only the tests need them
     results["ratios"] = _ratios(results, mix_n)
     _print_table(results, console)
     write_json(results, out)
     return results
+
+
+def _resident_worker(folder: str, root: str, names: list[str], rank: int, dtype: str) -> dict:
+    import torch
+
+    from fleetlm.adapters import AdapterStore
+    from fleetlm.bench.rss import rss_bytes
+    from fleetlm.models.loader import read_config
+
+    config = read_config(Path(folder))
+    store = AdapterStore(Path(root), config, dtype=getattr(torch, dtype.removeprefix("torch.")),
+                         max_rank=rank, warm_budget_bytes=1 << 40)
+    store.validate(names[0])  # imports and first-use setup before the baseline reading
+    before = rss_bytes()
+    t = time.perf_counter()
+    tensor_bytes = sum(store.get(n).nbytes for n in names)
+    load_s = time.perf_counter() - t
+    growth = rss_bytes() - before
+    return {"adapters": len(names), "tensor_bytes": tensor_bytes, "rss_growth_bytes": growth,
+            "ratio": growth / tensor_bytes, "load_s": load_s,
+            "how": "fresh process: RSS after loading every adapter warm minus RSS before"}
+
+
+def _resident_in_subprocess(folder: Path, root: Path, names: list[str], rank: int,
+                            dtype: str) -> dict:
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_resident_worker, (str(folder), str(root), names, rank, dtype))
 
 
 def _names(assignment: list[int | None], dirs: list[Path]) -> list[int | str | None]:
@@ -261,7 +288,7 @@ def _names(assignment: list[int | None], dirs: list[Path]) -> list[int | str | N
 def _ratios(results: dict[str, Any], mix_n: int) -> dict[str, Any]:
     eng = {(r["num_adapters"], r["popularity"]): r["tokens_per_s"] for r in results["engine"]}
     base = eng[(0, None)]
-    bl = {r["name"]: r for r in results["baselines"]}
+    bl = {r["system"]: r for r in results["baselines"]}
     ratios: dict[str, Any] = {}
     for (n, pop), v in eng.items():
         if n:
@@ -284,13 +311,13 @@ def _print_table(results: dict[str, Any], console: Any) -> None:
     t = Table(title="fleetlm bench adapters")
     for col in ("system", "adapters", "popularity", "tok/s", "TTFT p50 ms", "TTFT p99 ms",
                 "ITL p50 ms", "ITL p99 ms", "peak RSS MiB", "requests"):
-        t.add_column(col)
+        t.add_column(col, no_wrap=True)
 
     def f(v: Any, nd: int = 1) -> str:
         return "-" if v is None else f"{v:.{nd}f}"
 
     for r in results["engine"] + results["baselines"]:
-        system = "fleetlm" if r in results["engine"] else r["name"]
+        system = "fleetlm" if r in results["engine"] else r["system"]
         t.add_row(system, str(r.get("num_adapters", "")), str(r.get("popularity") or "-"),
                   f(r.get("tokens_per_s")), f(r.get("ttft_p50_ms"), 0), f(r.get("ttft_p99_ms"), 0),
                   f(r.get("itl_p50_ms")), f(r.get("itl_p99_ms")), f(r.get("peak_rss_mb"), 0),

@@ -34,10 +34,9 @@ from torch import Tensor
 from fleetlm.kernels import lora_sgmv
 
 NO_ADAPTER = -1
-# From this many tokens on, over at most TORCH_MAX_ADAPTERS adapters, torch's GEMM beats
-# the native kernel (see lora_delta for the measurements).
-TORCH_MIN_TOKENS = 256
-TORCH_MAX_ADAPTERS = 8
+# From this many tokens of one adapter on, torch's GEMM beats the native kernel on
+# shrink-heavy projections (see lora_delta for the measurements).
+TORCH_MIN_TOKENS = 1024
 
 
 def lora_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:
@@ -47,7 +46,7 @@ def lora_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq on tensors would be elementwise; identity is enough
 class LoraBatch:
     """Adapter assignment of a packed batch of T tokens (the same for every projection).
 
@@ -62,6 +61,8 @@ class LoraBatch:
     @classmethod
     def from_slots(cls, token_slots: Tensor | Sequence[int]) -> LoraBatch:
         slots = torch.as_tensor(token_slots)
+        if slots.numel() == 0:
+            slots = slots.to(torch.long)
         if slots.is_floating_point() or slots.is_complex() or slots.dtype == torch.bool:
             raise ValueError(f"token_slots must be integer slot ids, got dtype {slots.dtype}")
         return cls(slots.reshape(-1).to(torch.long).contiguous())
@@ -245,16 +246,37 @@ def lora_delta_torch(x: Tensor, lora: StackedLora, batch: LoraBatch) -> Tensor:
     return out
 
 
-def _use_kernel(x: Tensor, batch: LoraBatch) -> bool:
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _use_kernel(x: Tensor, lora: StackedLora, batch: LoraBatch) -> bool:
+    if not x.is_cpu or x.dtype not in _KERNEL_DTYPES:
         return False
     if torch.compiler.is_compiling():
-        # never build or look at the batch's grouping inside a traced graph: that would
+        # never build, nor look at the batch's grouping, inside a traced graph: that would
         # bake one batch's adapter mix into it
         return lora_sgmv.is_loaded()
     if not lora_sgmv.load():
         return False
-    return not (batch.num_tokens >= TORCH_MIN_TOKENS and len(batch.segments) <= TORCH_MAX_ADAPTERS)
+    n = x.shape[0]
+    if n < TORCH_MIN_TOKENS or lora.a.shape[3] <= lora.bt.shape[2]:
+        return True
+    # one adapter for the whole (prefill) batch of a shrink-heavy projection: torch's GEMM
+    segments = batch.segments
+    return not (len(segments) == 1 and segments[0][2] - segments[0][1] == n)
+
+
+def _mismatch(x: Tensor, lora: StackedLora, batch: LoraBatch) -> ValueError:
+    problems = []
+    if x.shape[-1] != lora.in_features:
+        problems.append(f"x has {x.shape[-1]} features, the adapters expect {lora.in_features}")
+    tokens = x.numel() // max(1, x.shape[-1])
+    if tokens != batch.num_tokens:
+        problems.append(f"x has {tokens} tokens but the LoraBatch has {batch.num_tokens}")
+    if x.dtype != lora.a.dtype:
+        problems.append(f"x is {x.dtype} but the adapter buffers are {lora.a.dtype}; "
+                        "allocate the StackedLora in the model's dtype")
+    return ValueError("lora_delta: " + "; ".join(problems))
 
 
 def lora_delta(x: Tensor, lora: StackedLora, batch: LoraBatch) -> Tensor:
@@ -264,23 +286,29 @@ def lora_delta(x: Tensor, lora: StackedLora, batch: LoraBatch) -> Tensor:
     it), else :func:`lora_delta_torch`. Under ``torch.compile`` the choice depends on
     nothing but whether the kernel is loaded, so one graph serves every adapter mix.
 
-    Measured (bf16, 2 threads, SmolLM2-135M shapes, R=16, 64 slots; median us per call
-    kernel / torch path) -- see the report in the commit that introduced this:
-    TODO
+    The one case handed to torch even with the kernel loaded was decided by measurement
+    (bf16, 2 threads, SmolLM2-135M shapes, R=16, 64 slots; median us per call, kernel /
+    this module's torch path)::
+
+        tokens/adapters      32/1     32/32      512/1     512/8     2048/1     2048/4
+        qkv 576->3 parts   20/187   41/4595    198/295  208/1925    789/793   881/2015
+        o 576->576         13/68    20/2131     92/113   98/753     356/352   393/989
+        gate_up 576->2x    25/146   74/4302    324/469  332/1935  1327/1553  1336/3787
+        down 1536->576     17/75    29/2237    153/146  164/818     660/458   683/1328
+
+    The kernel's dot-product shrink is its weaker half, and torch pays per adapter segment:
+    torch wins only when one adapter covers a prefill batch of at least TORCH_MIN_TOKENS
+    tokens and the projection is shrink-heavy (in > out, i.e. down_proj: 260 vs 323 us at
+    1024 tokens, 458 vs 660 at 2048).
     """
-    if x.shape[-1] != lora.in_features:
-        raise ValueError(f"lora_delta: x has {x.shape[-1]} features, the adapters expect "
-                         f"{lora.in_features}")
-    if x.dtype != lora.a.dtype:
-        raise ValueError(f"lora_delta: x is {x.dtype} but the adapter buffers are "
-                         f"{lora.a.dtype}; allocate the StackedLora in the model's dtype")
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.shape[0] != batch.num_tokens:
-        raise ValueError(f"lora_delta: x has {x2.shape[0]} tokens but the LoraBatch has "
-                         f"{batch.num_tokens}")
-    if _use_kernel(x2, batch):
+    shape = x.shape
+    x2 = x if x.dim() == 2 else x.reshape(-1, shape[-1])
+    if (shape[-1] != lora.a.shape[3] or x2.shape[0] != batch.token_slots.shape[0]
+            or x.dtype != lora.a.dtype):
+        raise _mismatch(x, lora, batch)
+    if _use_kernel(x2, lora, batch):
         out = torch.ops.fleetlm.lora_sgmv(x2, lora.a, lora.bt, lora.ranks, lora.scales,
                                           lora.offsets, batch.token_slots)
     else:
         out = lora_delta_torch(x2, lora, batch)
-    return out.reshape(*x.shape[:-1], lora.out_features)
+    return out if x.dim() == 2 else out.reshape(*shape[:-1], out.shape[-1])

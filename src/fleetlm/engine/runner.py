@@ -80,6 +80,10 @@ class ModelRunner:
         self.lengths: dict[str, int] = {}  # positions written in the cache, per sequence
         self.lora = (MultiLoraBuffers(model.config, max_hot_adapters, max_lora_rank, model.dtype)
                      if max_hot_adapters > 0 else None)
+        if self.lora is not None and self.cache.k[0].device.type == "cpu":
+            from fleetlm.kernels import lora_sgmv
+
+            lora_sgmv.load()  # build (once, ~20 s) now rather than inside the first forward
 
     # -- rows -------------------------------------------------------------------------
 
