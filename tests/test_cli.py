@@ -20,7 +20,7 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 def test_help_lists_commands():
     r = run("--help")
     assert r.returncode == 0
-    for cmd in ("generate", "bench"):
+    for cmd in ("generate", "bench", "adapters"):
         assert cmd in r.stdout
 
 
@@ -72,3 +72,50 @@ def test_bench_decode_writes_json_with_ratios(tmp_path):
     assert ratio["decode_vs_transformers-float32"] == round(expected, 2)
     assert data["quality"]["fleetlm-int8"]["perplexity"] > 1
     assert "decode tok/s" in r.stdout  # the table
+
+
+def test_bench_adapters_rejects_bad_settings():
+    r = run("bench", "adapters", "--popularities", "pareto", "--concurrency", "0")
+    assert r.returncode == 2
+    assert "pareto" in r.stderr and "--concurrency" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_generate_with_an_adapter_from_the_store(tmp_path):
+    from fleetlm.adapters.random import make_random_adapter
+    from fleetlm.models.loader import load_model
+
+    cfg = load_model("smollm2-135m", dtype="float32", with_tokenizer=False).config
+    make_random_adapter(tmp_path / "demo", cfg, rank=8, alpha=16, seed=0, std=0.05)
+    args = ("generate", "--dtype", "float32", "--max-tokens", "12", "--adapters-dir", str(tmp_path))
+    with_adapter = run(*args, "--adapter", "demo", "The river town")
+    plain = run(*args, "The river town")
+    assert with_adapter.returncode == 0, with_adapter.stderr
+    assert "smollm2-135m:demo" in with_adapter.stderr and "generated 12 tok" in with_adapter.stderr
+    assert with_adapter.stdout != plain.stdout  # the adapter changes the answer
+    missing = run(*args, "--adapter", "nope", "hi")
+    assert missing.returncode == 2 and "'nope'" in missing.stderr and "Traceback" not in missing.stderr
+
+
+@pytest.mark.slow
+def test_bench_adapters_writes_json_with_every_baseline(tmp_path):
+    out = tmp_path / "adapters.json"
+    r = run("bench", "adapters", "--num-requests", "6", "--concurrency", "3", "--prompt-tokens", "16",
+            "--max-new-tokens", "4", "--adapter-counts", "1,3", "--popularities", "uniform,zipf",
+            "--switching-requests", "2", "--mixed-requests", "3", "--continuous-requests", "3",
+            "--adapters-dir", str(tmp_path / "adapters"), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    import json
+
+    data = json.loads(out.read_text())
+    runs = {(e["num_adapters"], e["popularity"]): e for e in data["engine"]}
+    assert set(runs) == {(0, None), (1, "uniform"), (1, "zipf"), (3, "uniform"), (3, "zipf")}
+    for e in runs.values():
+        assert e["requests_completed"] == 6 and e["generated_tokens"] == 24
+        assert e["tokens_per_s"] > 0 and e["ttft_p50_ms"] > 0 and e["itl_p99_ms"] > 0
+    assert {b["system"] for b in data["baselines"]} == {"peft-switching", "peft-mixed", "hf-continuous"}
+    for b in data["baselines"]:
+        assert b["tokens_per_s"] > 0 and "outputs" not in b
+    assert data["resident"]["adapters"] == 3 and data["resident"]["ratio"] > 0
+    assert any("PEFT switching" in k for k in data["ratios"])
+    assert any("generate_batch" in k for k in data["ratios"])

@@ -284,3 +284,21 @@ def test_batched_greedy_without_logprobs_picks_the_same_tokens(lm, store):
         pass
     assert [tokens(events[i]) for i in ids] == with_lp
     assert all(e.logprob is None for i in ids for e in events[i])
+
+
+def test_pinned_adapter_stays_hot_while_others_rotate(lm, store):
+    engine = Engine(lm, EngineConfig(max_running=2, max_len=128, max_hot_adapters=2), store=store)
+    engine.pin_adapter("r4-qv")
+    with pytest.raises(ConfigError):  # one slot must stay free to rotate
+        engine.pin_adapter("r8-all")
+    assert not {i.name: i.pinned for i in store.list()}["r8-all"]  # the failed pin is undone
+    ps = prompts(4, seed=6)
+    run(engine, [(ps[0], 3, "r4-qv")])
+    slot = engine.scheduler.adapter_slot("r4-qv")
+    run(engine, [(ps[1], 3, "r8-all"), (ps[2], 3, "r16-rs"), (ps[3], 3, "r8-all")])
+    assert engine.scheduler.hot_adapters()["r4-qv"] == slot  # never evicted
+    engine.unpin_adapter("r4-qv")
+    run(engine, [(ps[1], 3, "r8-all"), (ps[2], 3, "r16-rs")])
+    assert "r4-qv" not in engine.scheduler.hot_adapters()
+    with pytest.raises(AdapterError):
+        engine.pin_adapter("nope")

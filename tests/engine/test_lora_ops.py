@@ -124,14 +124,41 @@ def test_without_the_kernel_lora_delta_uses_torch(stacked, monkeypatch):
     assert calls == [4]
 
 
+@pytest.mark.skipif(not lora_sgmv.load(), reason="fleetlm::lora_sgmv could not be built/loaded")
+def test_only_single_adapter_prefill_of_shrink_heavy_projections_goes_to_torch(monkeypatch):
+    calls = []
+
+    def spy(x, lora, b):
+        calls.append(x.shape[0])
+        return lora_delta_torch(x, lora, b)
+
+    monkeypatch.setattr(lora_mod, "lora_delta_torch", spy)
+    n = lora_mod.TORCH_MIN_TOKENS
+    down_like = make_stack([(8,), (4,)], in_features=96, parts=(40,))  # in > out
+    up_like = make_stack([(8,), (4,)], in_features=40, parts=(96,))
+    x96, x40 = torch.randn(n, 96), torch.randn(n, 40)
+    lora_delta(x96, down_like, batch([0] * n))
+    assert calls == [n]
+    for x, stack, slots in [(x96, down_like, [0] * (n - 1) + [1]),           # two adapters
+                            (x96, down_like, [0] * (n - 1) + [NO_ADAPTER]),  # not every token
+                            (x96[:-1], down_like, [0] * (n - 1)),            # too few tokens
+                            (x40, up_like, [0] * n)]:                        # expand-heavy
+        b = batch(slots)
+        torch.testing.assert_close(lora_delta(x, stack, b), lora_delta_reference(x, stack, b),
+                                   atol=1e-5, rtol=1e-5)
+    assert calls == [n]
+
+
 def test_lora_delta_rejects_mismatches(stacked):
     x = torch.randn(3, IN)
     with pytest.raises(ValueError, match="3 tokens but the LoraBatch has 2"):
         lora_delta(x, stacked, batch([0, 1]))
-    with pytest.raises(ValueError, match="features"):
+    with pytest.raises(ValueError, match="x has 51 features, the adapters expect 50"):
         lora_delta(torch.randn(2, IN + 1), stacked, batch([0, 1]))
     with pytest.raises(ValueError, match="bfloat16 but the adapter buffers are torch.float32"):
         lora_delta(x.bfloat16(), stacked, batch([0, 1, 2]))
+    with pytest.raises(ValueError, match="features.*; x has 6 tokens.*; x is torch.bfloat16"):
+        lora_delta(torch.randn(2, 3, IN + 1).bfloat16(), stacked, batch([0]))
 
 
 def test_reference_is_the_lora_formula():
@@ -216,6 +243,7 @@ def test_batch_groups_tokens_by_slot():
     assert LoraBatch.from_slots(torch.tensor([[1, 1], [0, NO_ADAPTER]])).token_slots.tolist() == [
         1, 1, 0, NO_ADAPTER]
     assert batch([NO_ADAPTER, NO_ADAPTER]).empty and not batch([0]).empty
+    assert LoraBatch.from_slots([]).num_tokens == 0
     with pytest.raises(ValueError, match="integer slot ids"):
         LoraBatch.from_slots(torch.tensor([0.0, 1.0]))
 

@@ -32,7 +32,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,7 +106,6 @@ class _Request:
     submitted: float
     last_token: int = -1
     generated: int = 0
-    adapter_ready: Future[Any] | None = None
     done: bool = False
 
 
@@ -189,8 +188,9 @@ class Engine:
             self._wake.notify()
         if self.store is not None and adapter is not None \
                 and adapter not in self.store.warm_names():
-            # read it from disk off the engine thread, so its first step does not wait
-            req.adapter_ready = self._prefetch.submit(self.store.get, adapter)
+            # read it from disk off the engine thread, so its first step does not wait;
+            # a failure resurfaces (and fails the request) when the loop loads it
+            self._prefetch.submit(self.store.get, adapter)
         return rid
 
     def cancel(self, request_id: str) -> bool:
@@ -235,7 +235,8 @@ class Engine:
         self._thread.start()
 
     def shutdown(self, timeout: float | None = None) -> None:
-        """Stop the loop thread (after its current step); unfinished requests are cancelled."""
+        """Stop the loop thread (after its current step) and cancel unfinished requests.
+        Final: the engine cannot be started again."""
         with self._lock:
             self._stop = True
             self._wake.notify()
@@ -246,6 +247,27 @@ class Engine:
             self.cancel(rid)
         self._apply_cancels()
         self._prefetch.shutdown(wait=False)
+
+    def pin_adapter(self, name: str) -> None:
+        """Keep an adapter warm in the store and, once loaded, hot in the engine (at most
+        max_hot_adapters - 1 pins, so one slot always rotates). Raises AdapterError for an
+        unknown or invalid adapter, ConfigError when too many are pinned."""
+        if self.store is None or self.config.max_hot_adapters == 0:
+            raise ConfigError(f"adapter {name!r}: this engine serves no adapters")
+        self.store.pin(name)
+        with self._lock:
+            try:
+                self.scheduler.pin_adapter(name)
+            except ConfigError:
+                self.store.unpin(name)
+                raise
+
+    def unpin_adapter(self, name: str) -> None:
+        if self.store is None:
+            return
+        with self._lock:
+            self.scheduler.unpin_adapter(name)
+        self.store.unpin(name)
 
     def has_work(self) -> bool:
         with self._lock:

@@ -12,7 +12,9 @@ row's next real tokens before any query can see them.
 Variants are config flags, not subclasses: q/k/v bias (Qwen2), q/k RMSNorm (Qwen3),
 llama3/linear RoPE scaling, sliding window (Mistral), tied embeddings (SmolLM2).
 Module names follow Hugging Face (``model.layers.N.self_attn.q_proj``) so checkpoints
-and PEFT adapters map one to one. The model knows nothing about tokenizers, sampling
+and PEFT adapters map one to one. Multi-LoRA arrives as an explicit argument
+(:class:`~fleetlm.engine.multi_lora.LoraContext`: each token's adapter slot and the
+stacked adapter weights); each projection adds its per-token delta to its output. The model knows nothing about tokenizers, sampling
 or scheduling.
 """
 
