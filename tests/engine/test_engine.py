@@ -302,3 +302,30 @@ def test_pinned_adapter_stays_hot_while_others_rotate(lm, store):
     assert "r4-qv" not in engine.scheduler.hot_adapters()
     with pytest.raises(AdapterError):
         engine.pin_adapter("nope")
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(lm, monkeypatch):
+    engine = Engine(lm, EngineConfig(max_running=2, max_len=64, max_hot_adapters=0))
+    engine.start()
+    try:
+        real = engine.runner.execute
+        calls = {"n": 0}
+
+        def flaky(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("boom")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(engine.runner, "execute", flaky)
+
+        async def one(p):
+            return [ev async for ev in engine.stream(p, SamplingParams(max_tokens=3, **GREEDY))]
+
+        first = asyncio.run(one([1, 2, 3]))
+        assert first[-1].finish_reason == "error" and "boom" in str(first[-1].error)
+        assert engine.runner.rows.num_free == 2
+        second = asyncio.run(one([1, 2, 3]))
+        assert tokens(second) == reference(lm, [1, 2, 3], 3)[0]
+    finally:
+        engine.shutdown(timeout=10)
