@@ -24,8 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 serve: install
-	$(BIN)/fleetlm generate --model smollm2-135m --chat --max-tokens 64 \
-		"What is the capital of France? Answer in one sentence."
+	$(BIN)/fleetlm serve --model smollm2-135m --host 127.0.0.1 --port 8000
 
 test: install
 	$(BIN)/python -m pytest -q

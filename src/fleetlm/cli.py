@@ -132,6 +132,51 @@ def generate(
         _fail(e)
 
 
+@app.command()
+def serve(
+    model: ModelOpt = "smollm2-135m",
+    adapters_dir: Annotated[Path | None, typer.Option(help="The adapter store (default: the user data folder).")] = None,
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    dtype: DTypeArg = DTypeOpt.auto,
+    quantize: QuantArg = QuantOpt.none,
+    max_batch: Annotated[int, typer.Option(help="Sequences decoded together (KV cache rows).")] = 32,
+    max_len: Annotated[int, typer.Option(help="Prompt + generated tokens per sequence.")] = 2048,
+    max_hot_adapters: Annotated[int, typer.Option(help="Adapters held in the engine's LoRA slots.")] = 32,
+    max_lora_rank: Annotated[int, typer.Option(help="Largest adapter rank accepted.")] = 16,
+    config: Annotated[Path | None, typer.Option(help="Routes config (YAML; not supported yet).")] = None,
+) -> None:
+    """Serve the model (and every adapter in the store) over an OpenAI-compatible HTTP API."""
+    try:
+        if config is not None:
+            raise FleetLMError("--config: routes are not supported yet (the router is a later milestone)")
+        import uvicorn
+
+        from fleetlm.adapters import AdapterStore
+        from fleetlm.engine.engine import Engine, EngineConfig
+        from fleetlm.models.loader import load_model
+        from fleetlm.paths import default_adapters_dir
+        from fleetlm.server.app import create_app
+
+        lm = load_model(model, dtype=dtype.value, quantize=quantize.value)
+        root = adapters_dir or default_adapters_dir()
+        store = AdapterStore(root, lm.config, dtype=lm.model.dtype, max_rank=max_lora_rank)
+        engine = Engine(lm, EngineConfig(max_running=max_batch, max_len=max_len,
+                                         max_hot_adapters=max_hot_adapters,
+                                         max_lora_rank=max_lora_rank), store=store)
+        name = model if "/" not in model and not model.endswith(".gguf") else lm.name
+        engine.start()
+        typer.echo(f"fleetlm: serving {name!r} with adapters from {root} on http://{host}:{port}/v1",
+                   err=True)
+        try:
+            uvicorn.run(create_app(engine, name), host=host, port=port, log_level="warning",
+                        timeout_graceful_shutdown=30)
+        finally:
+            engine.shutdown(timeout=30)
+    except FleetLMError as e:
+        _fail(e)
+
+
 def _engine_stream(lm: Any, ids: list[int], params: Any, adapter: str,
                    adapters_dir: Path | None, max_lora_rank: int) -> Any:
     """One request through the batching engine (the path that applies adapters)."""

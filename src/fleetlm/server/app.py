@@ -1,0 +1,352 @@
+"""The OpenAI-compatible HTTP API over one :class:`~fleetlm.engine.engine.Engine`.
+
+Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions``,
+``POST /v1/completions``, ``GET /metrics``. ``model`` is the base model's name, an
+adapter in the store, or ``base:adapter``. Errors are OpenAI-shaped
+(``{"error": {"message", "type", "param", "code"}}``): unknown model 404, bad parameter
+400 naming the field, adapter that fails validation 422, queue full 429 with
+``Retry-After``; never a traceback. A client that disconnects mid-stream cancels its
+request (the engine frees its cache row at the next step).
+
+This module knows HTTP and OpenAI shapes; tokens, batching and adapters are the engine's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from fleetlm.adapters.errors import AdapterError, AdapterNotFound
+from fleetlm.engine.engine import Engine, EngineEvent
+from fleetlm.engine.sampling_params import SamplingParams
+from fleetlm.errors import ConfigError, EngineBusy, FleetLMError
+from fleetlm.server.schemas import ChatCompletionRequest, CompletionRequest
+
+DEFAULT_MAX_TOKENS = 256
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str, param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
+
+
+def _error_body(e: APIError) -> dict[str, Any]:
+    return {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
+
+
+def _param_of(message: str) -> str | None:
+    # our ConfigErrors start with the field name: "temperature=-1: must be ..." / "prompt: ..."
+    body = message.split(": ", 1)[-1] if message.startswith("invalid ") else message
+    head = body.split(":", 1)[0].split("=", 1)[0].strip()
+    return head if head.isidentifier() else None
+
+
+def _api_error(e: Exception) -> APIError:
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, EngineBusy):
+        return APIError(429, str(e), "rate_limit_exceeded", code="engine_busy",
+                        headers={"Retry-After": str(max(1, round(e.retry_after_s)))})
+    if isinstance(e, AdapterNotFound):
+        return APIError(404, str(e), "invalid_request_error", "model", "model_not_found")
+    if isinstance(e, AdapterError):
+        return APIError(422, str(e), "invalid_request_error", "model", "invalid_adapter")
+    if isinstance(e, ConfigError):
+        return APIError(400, str(e), "invalid_request_error", _param_of(str(e)))
+    if isinstance(e, FleetLMError):
+        return APIError(500, str(e), "server_error")
+    return APIError(500, f"internal error: {type(e).__name__}", "server_error")
+
+
+def create_app(engine: Engine, model_name: str) -> FastAPI:
+    app = FastAPI(title="fleetlm", docs_url=None, redoc_url=None)
+    tok = engine.lm.tokenizer
+    store = engine.store
+    metrics = _Metrics()
+
+    @app.exception_handler(APIError)
+    async def _on_api_error(request: Request, e: APIError) -> JSONResponse:
+        return JSONResponse(_error_body(e), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_validation(request: Request, e: RequestValidationError) -> JSONResponse:
+        errs = e.errors()
+        first = errs[0] if errs else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        msg = "; ".join(f"{'.'.join(str(x) for x in er.get('loc', ()) if x != 'body')}: {er.get('msg')}"
+                        for er in errs)
+        return JSONResponse(_error_body(APIError(400, msg, "invalid_request_error",
+                                                 ".".join(loc) or None)), status_code=400)
+
+    @app.exception_handler(FleetLMError)
+    async def _on_fleetlm(request: Request, e: FleetLMError) -> JSONResponse:
+        err = _api_error(e)  # expected errors: a response, not a logged traceback
+        return JSONResponse(_error_body(err), status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(Exception)
+    async def _on_any(request: Request, e: Exception) -> JSONResponse:
+        err = _api_error(e)
+        return JSONResponse(_error_body(err), status_code=err.status, headers=err.headers)
+
+    def resolve(model: str) -> str | None:
+        """The adapter a ``model`` field names (None: the base model)."""
+        if model == model_name:
+            return None
+        adapter = model
+        if ":" in model:
+            base, adapter = model.split(":", 1)
+            if base != model_name:
+                raise APIError(404, f"model {model!r}: unknown base {base!r} (this server runs "
+                                    f"{model_name!r})", "invalid_request_error", "model",
+                               "model_not_found")
+        if store is None:
+            raise APIError(404, f"model {model!r} does not exist; this server serves "
+                                f"{model_name!r} and no adapters", "invalid_request_error",
+                           "model", "model_not_found")
+        store.validate(adapter)  # AdapterNotFound -> 404, AdapterError -> 422
+        return adapter
+
+    def sampling(req: Any, max_tokens: int | None, logprobs: int | None, seed: int | None
+                 ) -> SamplingParams:
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        return SamplingParams(max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
+                              temperature=req.temperature, top_p=req.top_p, seed=seed,
+                              stop=stop, presence_penalty=req.presence_penalty,
+                              frequency_penalty=req.frequency_penalty,
+                              logprobs=logprobs).validate(engine.lm.config.vocab_size)
+
+    def seeds(req: Any) -> list[int | None]:
+        return [None if req.seed is None else req.seed + i for i in range(req.n)]
+
+    async def start(ids: list[int], params: SamplingParams, adapter: str | None,
+                    ) -> AsyncIterator[EngineEvent]:
+        """Submit now (so errors surface before any response byte) and return the stream."""
+        gen = engine.stream(ids, params, adapter=adapter)
+        first = await gen.__anext__()  # raises ConfigError / EngineBusy / AdapterError
+
+        async def rest() -> AsyncIterator[EngineEvent]:
+            yield first
+            async for ev in gen:
+                yield ev
+        return rest()
+
+    async def collect(stream: AsyncIterator[EngineEvent]) -> list[EngineEvent]:
+        return [ev async for ev in stream]
+
+    def check_end(ev: EngineEvent) -> None:
+        if ev.finish_reason == "error":
+            raise _api_error(ev.error or FleetLMError("generation failed"))
+
+    def token_text(i: int) -> str:
+        return str(tok.decode([i])) if tok is not None else ""
+
+    def chat_logprobs(events: list[EngineEvent]) -> dict[str, Any]:
+        content = []
+        for ev in events:
+            if ev.token_id is None or ev.logprob is None:
+                continue
+            t = token_text(ev.token_id)
+            content.append({"token": t, "logprob": ev.logprob, "bytes": list(t.encode()),
+                            "top_logprobs": [{"token": token_text(i), "logprob": lp,
+                                              "bytes": list(token_text(i).encode())}
+                                             for i, lp in ev.top_logprobs]})
+        return {"content": content}
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": model_name, **engine.stats()}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        now = int(time.time())
+        data = [{"id": model_name, "object": "model", "created": now, "owned_by": "fleetlm"}]
+        if store is not None:
+            data += [{"id": a.name, "object": "model", "created": now, "owned_by": "fleetlm",
+                      "parent": model_name, "root": f"{model_name}:{a.name}"} for a in store.list()]
+        return {"object": "list", "data": data}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(engine), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(req: ChatCompletionRequest) -> Any:
+        adapter = resolve(req.model)
+        if tok is None or not getattr(tok, "chat_template", None):
+            raise APIError(400, f"model {model_name!r} has no chat template; use /v1/completions",
+                           "invalid_request_error", "messages")
+        msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
+        out = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        ids = list(out["input_ids"] if hasattr(out, "keys") else out)
+        k = (req.top_logprobs or 0) if req.logprobs else None
+        streams = [await start(ids, sampling(req, req.max_completion_tokens or req.max_tokens, k, s),
+                               adapter) for s in seeds(req)]
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        metrics.count(req.model)
+        if req.stream:
+            return _sse(_chat_chunks(streams, rid, created, req, chat_logprobs))
+        results = await asyncio.gather(*(collect(s) for s in streams))
+        choices, completion = [], 0
+        for i, evs in enumerate(results):
+            check_end(evs[-1])
+            completion += evs[-1].completion_tokens
+            choices.append({"index": i, "message": {"role": "assistant",
+                                                    "content": "".join(e.text for e in evs)},
+                            "logprobs": chat_logprobs(evs) if req.logprobs else None,
+                            "finish_reason": evs[-1].finish_reason})
+        return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
+                "choices": choices, "usage": _usage(len(ids), completion)}
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(req: CompletionRequest) -> Any:
+        adapter = resolve(req.model)
+        if req.echo:
+            raise APIError(400, "echo: prompt logprobs are not supported yet", "invalid_request_error", "echo")
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if len(prompts) != 1:
+            raise APIError(400, "prompt: send one prompt per request", "invalid_request_error", "prompt")
+        if tok is None:
+            raise APIError(400, "this model has no tokenizer", "invalid_request_error", "prompt")
+        ids = list(tok(prompts[0])["input_ids"])
+        streams = [await start(ids, sampling(req, req.max_tokens or 16, req.logprobs, s), adapter)
+                   for s in seeds(req)]
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        metrics.count(req.model)
+        if req.stream:
+            return _sse(_completion_chunks(streams, rid, created, req))
+        results = await asyncio.gather(*(collect(s) for s in streams))
+        choices, completion = [], 0
+        for i, evs in enumerate(results):
+            check_end(evs[-1])
+            completion += evs[-1].completion_tokens
+            lp = None
+            if req.logprobs is not None:
+                toks = [e for e in evs if e.token_id is not None]
+                lp = {"tokens": [token_text(e.token_id) for e in toks if e.token_id is not None],
+                      "token_logprobs": [e.logprob for e in toks],
+                      "top_logprobs": [{token_text(i): v for i, v in e.top_logprobs} for e in toks],
+                      "text_offset": []}
+            choices.append({"index": i, "text": "".join(e.text for e in evs), "logprobs": lp,
+                            "finish_reason": evs[-1].finish_reason})
+        return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
+                "choices": choices, "usage": _usage(len(ids), completion)}
+
+    return app
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def _sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+    async def body() -> AsyncIterator[bytes]:
+        async for c in chunks:
+            yield f"data: {json.dumps(c)}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+    return StreamingResponse(body(), media_type="text/event-stream")
+
+
+async def _merged(streams: list[AsyncIterator[EngineEvent]]) -> AsyncIterator[tuple[int, EngineEvent]]:
+    """Events of n streams as they come, tagged with the choice index; closing it closes all."""
+    queue: asyncio.Queue[tuple[int, EngineEvent | None]] = asyncio.Queue()
+
+    async def pump(i: int, s: AsyncIterator[EngineEvent]) -> None:
+        try:
+            async for ev in s:
+                await queue.put((i, ev))
+        finally:
+            await queue.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    live = len(tasks)
+    try:
+        while live:
+            i, ev = await queue.get()
+            if ev is None:
+                live -= 1
+                continue
+            yield i, ev
+    finally:
+        for t in tasks:
+            t.cancel()  # a client that went away: the streams' cleanup cancels the requests
+
+
+async def _chat_chunks(streams: list[AsyncIterator[EngineEvent]], rid: str, created: int,
+                       req: ChatCompletionRequest, chat_logprobs: Any) -> AsyncIterator[dict[str, Any]]:
+    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model}
+    for i in range(len(streams)):
+        yield {**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                    "logprobs": None, "finish_reason": None}]}
+    prompt, completion = 0, 0
+    async for i, ev in _merged(streams):
+        if ev.finish_reason == "error":
+            err = _api_error(ev.error or FleetLMError("generation failed"))
+            yield _error_body(err)
+            return
+        delta = {"content": ev.text} if ev.token_id is not None else {}
+        lp = chat_logprobs([ev]) if req.logprobs and ev.token_id is not None else None
+        if delta or ev.finish_reason:
+            yield {**base, "choices": [{"index": i, "delta": delta, "logprobs": lp,
+                                        "finish_reason": ev.finish_reason}]}
+        if ev.finish_reason:
+            prompt = ev.prompt_tokens
+            completion += ev.completion_tokens
+    if req.stream_options and req.stream_options.include_usage:
+        yield {**base, "choices": [], "usage": _usage(prompt, completion)}
+
+
+async def _completion_chunks(streams: list[AsyncIterator[EngineEvent]], rid: str, created: int,
+                             req: CompletionRequest) -> AsyncIterator[dict[str, Any]]:
+    base = {"id": rid, "object": "text_completion", "created": created, "model": req.model}
+    prompt, completion = 0, 0
+    async for i, ev in _merged(streams):
+        if ev.finish_reason == "error":
+            yield _error_body(_api_error(ev.error or FleetLMError("generation failed")))
+            return
+        if ev.token_id is not None or ev.finish_reason:
+            yield {**base, "choices": [{"index": i, "text": ev.text, "logprobs": None,
+                                        "finish_reason": ev.finish_reason}]}
+        if ev.finish_reason:
+            prompt = ev.prompt_tokens
+            completion += ev.completion_tokens
+    if req.stream_options and req.stream_options.include_usage:
+        yield {**base, "choices": [], "usage": _usage(prompt, completion)}
+
+
+class _Metrics:
+    """Prometheus metrics on a private registry (several apps per process in tests)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("fleetlm_requests", "Generation requests by model",
+                                ["model"], registry=self.registry)
+        self.waiting = Gauge("fleetlm_queue_depth", "Requests waiting", registry=self.registry)
+        self.running = Gauge("fleetlm_running", "Sequences in the batch", registry=self.registry)
+        self.tokens = Gauge("fleetlm_generated_tokens", "Tokens generated since start",
+                            registry=self.registry)
+
+    def count(self, model: str) -> None:
+        self.requests.labels(model=model).inc()
+
+    def render(self, engine: Engine) -> bytes:
+        from prometheus_client import generate_latest
+
+        s = engine.stats()
+        self.waiting.set(s["waiting"])
+        self.running.set(s["running"])
+        self.tokens.set(s["generated_tokens"])
+        return bytes(generate_latest(self.registry))
