@@ -177,6 +177,32 @@ def serve(
         _fail(e)
 
 
+@bench_app.command("serve")
+def bench_serve(
+    model: ModelOpt = "smollm2-135m",
+    out: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
+    dtype: DTypeArg = DTypeOpt.auto,
+    num_requests: Annotated[int, typer.Option(help="Most requests per configuration.")] = 128,
+    concurrency: Annotated[str, typer.Option(help="Comma-separated client counts.")] = "1,32",
+    prompt_tokens: Annotated[int, typer.Option(help="Tokens per prompt.")] = 64,
+    max_new_tokens: Annotated[int, typer.Option(help="Greedy tokens per request.")] = 64,
+    time_budget_s: Annotated[float, typer.Option(help="Seconds per configuration.")] = 300.0,
+) -> None:
+    """The HTTP server's overhead: the same workload in-process and over loopback HTTP."""
+    from fleetlm.bench.serve import ServeBenchConfig, run
+
+    try:
+        try:
+            levels = [int(x) for x in concurrency.split(",") if x.strip()]
+        except ValueError:
+            raise typer.BadParameter(f"--concurrency {concurrency!r}: comma-separated integers") from None
+        run(ServeBenchConfig(model=model, dtype=dtype.value, num_requests=num_requests,
+                             concurrency=levels, prompt_tokens=prompt_tokens,
+                             max_new_tokens=max_new_tokens, time_budget_s=time_budget_s), out)
+    except (FleetLMError, ValueError) as e:
+        _fail(e)
+
+
 def _engine_stream(lm: Any, ids: list[int], params: Any, adapter: str,
                    adapters_dir: Path | None, max_lora_rank: int) -> Any:
     """One request through the batching engine (the path that applies adapters)."""

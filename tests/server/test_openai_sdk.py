@@ -141,3 +141,57 @@ def test_disconnect_mid_stream_frees_the_row(server, client):
             break
         time.sleep(0.05)
     assert engine.runner.rows.num_free == engine.num_rows and not engine.has_work()
+
+
+def test_response_format_json_schema(client):
+    import json
+
+    schema = {"type": "object", "additionalProperties": False,
+              "properties": {"name": {"type": "string", "maxLength": 20},
+                             "age": {"type": "integer"},
+                             "color": {"enum": ["red", "green", "blue"]}},
+              "required": ["name", "age", "color"]}
+    r = client.chat.completions.create(
+        model="smollm2-135m", max_tokens=120, temperature=0,
+        messages=[{"role": "user",
+                   "content": "Describe a person as JSON with name, age and favourite color."}],
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "person", "schema": schema, "strict": True}})
+    assert r.choices[0].finish_reason == "stop"
+    obj = json.loads(r.choices[0].message.content)
+    assert set(obj) == {"name", "age", "color"} and isinstance(obj["name"], str)
+    assert isinstance(obj["age"], int) and obj["color"] in ("red", "green", "blue")
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as e:
+        _ask(client, model="smollm2-135m", max_tokens=4, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}})
+    assert e.value.body["param"] == "response_format"
+
+
+def test_completions_take_token_ids_and_ignore_eos(server, client):
+    _, _, lm = server
+    ids = lm.tokenizer("The capital of France is")["input_ids"]
+    by_ids = client.completions.create(model="smollm2-135m", prompt=ids, max_tokens=12,
+                                       temperature=0, extra_body={"ignore_eos": True})
+    by_text = client.completions.create(model="smollm2-135m", prompt="The capital of France is",
+                                        max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    assert by_ids.usage.completion_tokens == 12 and by_ids.choices[0].finish_reason == "length"
+
+
+def test_n_choices_are_submitted_together_and_a_refusal_cancels_them(server, client):
+    import openai
+
+    _, engine, _ = server
+    r = _ask(client, model="smollm2-135m", max_tokens=4, n=2, temperature=1.0, seed=3)
+    assert len(r.choices) == 2 and r.usage.completion_tokens <= 8
+    # 4 rows + 2 waiting places: 8 choices cannot all be queued -> 429, and nothing leaks
+    with pytest.raises(openai.RateLimitError) as e:
+        _ask(client, model="smollm2-135m", max_tokens=50, n=8, temperature=1.0)
+    assert e.value.response.headers.get("retry-after")
+    for _ in range(200):
+        if not engine.has_work() and engine.runner.rows.num_free == engine.num_rows:
+            break
+        time.sleep(0.05)
+    assert not engine.has_work() and engine.runner.rows.num_free == engine.num_rows

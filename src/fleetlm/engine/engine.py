@@ -176,7 +176,8 @@ class Engine:
             stop_ids.update(self.lm.stop_token_ids)
         req = _Request(
             id=rid, prompt=list(prompt), params=params, adapter=adapter, callback=callback,
-            sampler=RequestSampler(params, self.lm.config.vocab_size, list(prompt)),
+            sampler=RequestSampler(params, self.lm.config.vocab_size, list(prompt),
+                                   tokenizer=self.lm.tokenizer),
             detok=Detokenizer(self.lm.tokenizer, params.stop),
             stop_ids=stop_ids, seq=Sequence(rid, len(prompt), max_new, adapter),
             submitted=time.perf_counter())
@@ -411,6 +412,9 @@ class Engine:
             text = req.detok.push(s.token_id)
             if req.detok.stopped:
                 reason = "stop"
+            elif req.sampler.finished:  # the response_format grammar is complete
+                reason = "stop"
+                text += req.detok.flush()
             elif req.generated >= req.seq.max_new_tokens:
                 reason = "length"
                 text += req.detok.flush()

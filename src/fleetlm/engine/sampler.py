@@ -2,18 +2,22 @@
 
 The mask functions work on [B, V] float logits and are pure, so tests can check them
 on hand-made numbers. :class:`RequestSampler` holds one request's state (token
-counts for penalties, its own ``torch.Generator``), so a seeded request reproduces
-whatever else runs beside it. The sampler knows nothing about text.
+counts for penalties, its own ``torch.Generator``, and for ``response_format`` a
+:class:`~fleetlm.engine.structured.TokenConstraint` whose mask is applied first), so a
+seeded request reproduces whatever else runs beside it. The sampler knows nothing about
+text; the constraint alone reads the tokenizer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from fleetlm.engine.sampling_params import SamplingParams
+from fleetlm.engine.structured import TokenConstraint
 
 NEG_INF = float("-inf")
 
@@ -75,13 +79,19 @@ class RequestSampler:
     """One request's sampling state: penalties' token counts and its random generator.
 
     Reported log-probabilities are those of the model's own distribution (before
-    penalties, temperature and truncation), so they measure the model's confidence.
+    penalties, temperature, truncation and the structured-output mask), so they measure
+    the model's confidence. ``tokenizer`` is needed only for ``response_format``.
     """
 
     def __init__(self, params: SamplingParams, vocab_size: int, prompt_ids: list[int],
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", tokenizer: Any = None) -> None:
         self.params = params
         self.vocab_size = vocab_size
+        # compiled here, in the submitting thread: a bad schema raises ConfigError there
+        self.constraint: TokenConstraint | None = None
+        if params.constrained:
+            assert params.response_format is not None
+            self.constraint = TokenConstraint(params.response_format, tokenizer, vocab_size)
         self.generator: torch.Generator | None = None
         if not params.greedy:
             self.generator = torch.Generator(device=device)
@@ -99,11 +109,18 @@ class RequestSampler:
 
     @property
     def plain_greedy(self) -> bool:
-        """Greedy with nothing to track or report: the token is just the argmax."""
+        """Greedy with nothing to track, mask or report: the token is just the argmax."""
         return (self.params.greedy and self.counts is None and self.seen is None
-                and self.params.logprobs is None)
+                and self.params.logprobs is None and self.constraint is None)
+
+    @property
+    def finished(self) -> bool:
+        """The structured-output grammar is complete: the request should stop."""
+        return self.constraint is not None and self.constraint.is_finished
 
     def observe(self, token_id: int) -> None:
+        if self.constraint is not None:
+            self.constraint.advance(token_id)
         if self.counts is not None:
             self.counts[token_id] += 1
         if self.seen is not None:
@@ -129,7 +146,8 @@ class RequestSampler:
     def sample(self, logits: Tensor) -> SampleResult:
         """Choose the next token from one row of logits [V]."""
         logits = logits[: self.vocab_size].float()
-        x = self.process(logits)
+        x = logits if self.constraint is None else self.constraint.apply(logits)
+        x = self.process(x)
         if self.params.greedy:
             token = int(torch.argmax(x))
         else:

@@ -6,8 +6,11 @@ Plain data: no torch here, so the scheduler and the server can use it freely.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from fleetlm.errors import ConfigError
+
+RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
 
 
 @dataclass
@@ -25,6 +28,14 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # added to the model's eos ids
     ignore_eos: bool = False
     logprobs: int | None = None  # None -> off; k -> chosen token's logprob + top-k alternatives
+    # OpenAI shape: {"type": "json_object"} or {"type": "json_schema", "json_schema":
+    # {"name": ..., "schema": {...}, "strict": ...}}; None or {"type": "text"} -> free text
+    response_format: dict[str, Any] | None = None
+
+    @property
+    def constrained(self) -> bool:
+        """Output must follow a grammar (a token mask per step)."""
+        return self.response_format is not None and self.response_format.get("type") != "text"
 
     @property
     def greedy(self) -> bool:
@@ -57,6 +68,7 @@ class SamplingParams:
             problems.append("stop: every stop string must be a non-empty string")
         if len(self.stop) > 16:
             problems.append(f"stop: at most 16 stop strings, got {len(self.stop)}")
+        problems.extend(_response_format_problems(self.response_format))
         if vocab_size is not None:
             bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
             if bad:
@@ -64,3 +76,21 @@ class SamplingParams:
         if problems:
             raise ConfigError("invalid sampling parameters: " + "; ".join(problems))
         return self
+
+
+def _response_format_problems(rf: object) -> list[str]:
+    """Shape checks only; whether the schema itself compiles is the constraint's job."""
+    if rf is None:
+        return []
+    if not isinstance(rf, dict) or rf.get("type") not in RESPONSE_FORMAT_TYPES:
+        kind = rf.get("type") if isinstance(rf, dict) else rf
+        return [f"response_format: type {kind!r} is not one of {', '.join(RESPONSE_FORMAT_TYPES)}"]
+    if rf["type"] != "json_schema":
+        return []
+    spec = rf.get("json_schema")
+    if not isinstance(spec, dict):
+        return ["response_format: type 'json_schema' needs a 'json_schema' object "
+                "({\"name\": ..., \"schema\": {...}})"]
+    if "schema" in spec and not isinstance(spec["schema"], dict):
+        return ["response_format: json_schema.schema must be a JSON object (a JSON schema)"]
+    return []

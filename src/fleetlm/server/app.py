@@ -28,6 +28,7 @@ from fleetlm.adapters.errors import AdapterError, AdapterNotFound
 from fleetlm.engine.engine import Engine, EngineEvent
 from fleetlm.engine.sampling_params import SamplingParams
 from fleetlm.errors import ConfigError, EngineBusy, FleetLMError
+from fleetlm.server.metrics import ServerMetrics
 from fleetlm.server.schemas import ChatCompletionRequest, CompletionRequest
 
 DEFAULT_MAX_TOKENS = 256
@@ -73,7 +74,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
     app = FastAPI(title="fleetlm", docs_url=None, redoc_url=None)
     tok = engine.lm.tokenizer
     store = engine.store
-    metrics = _Metrics()
+    metrics = ServerMetrics()
 
     @app.exception_handler(APIError)
     async def _on_api_error(request: Request, e: APIError) -> JSONResponse:
@@ -124,7 +125,8 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
                               temperature=req.temperature, top_p=req.top_p, seed=seed,
                               stop=stop, presence_penalty=req.presence_penalty,
                               frequency_penalty=req.frequency_penalty,
-                              logprobs=logprobs).validate(engine.lm.config.vocab_size)
+                              logprobs=logprobs, response_format=req.response_format,
+                              ignore_eos=req.ignore_eos).validate(engine.lm.config.vocab_size)
 
     def seeds(req: Any) -> list[int | None]:
         return [None if req.seed is None else req.seed + i for i in range(req.n)]
@@ -140,6 +142,19 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
             async for ev in gen:
                 yield ev
         return rest()
+
+    async def start_all(ids: list[int], params: list[SamplingParams], adapter: str | None
+                        ) -> list[AsyncIterator[EngineEvent]]:
+        """Submit the n choices together; if any is refused, cancel the others."""
+        got = await asyncio.gather(*(start(ids, p, adapter) for p in params),
+                                   return_exceptions=True)
+        errors = [g for g in got if isinstance(g, BaseException)]
+        if errors:
+            for g in got:
+                if not isinstance(g, BaseException):
+                    await g.aclose()  # type: ignore[attr-defined]
+            raise errors[0]
+        return list(got)  # type: ignore[arg-type]
 
     async def collect(stream: AsyncIterator[EngineEvent]) -> list[EngineEvent]:
         return [ev async for ev in stream]
@@ -162,6 +177,11 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
                                               "bytes": list(token_text(i).encode())}
                                              for i, lp in ev.top_logprobs]})
         return {"content": content}
+
+    if store is not None:
+        from fleetlm.server.adapters_api import adapters_router  # it imports APIError from here
+
+        app.include_router(adapters_router(engine, model_name))
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -190,10 +210,10 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         out = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
         ids = list(out["input_ids"] if hasattr(out, "keys") else out)
         k = (req.top_logprobs or 0) if req.logprobs else None
-        streams = [await start(ids, sampling(req, req.max_completion_tokens or req.max_tokens, k, s),
-                               adapter) for s in seeds(req)]
+        track = metrics.request(req.model, len(ids))
+        params = [sampling(req, req.max_completion_tokens or req.max_tokens, k, s) for s in seeds(req)]
+        streams = [track.wrap(st) for st in await start_all(ids, params, adapter)]
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        metrics.count(req.model)
         if req.stream:
             return _sse(_chat_chunks(streams, rid, created, req, chat_logprobs))
         results = await asyncio.gather(*(collect(s) for s in streams))
@@ -213,16 +233,20 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         adapter = resolve(req.model)
         if req.echo:
             raise APIError(400, "echo: prompt logprobs are not supported yet", "invalid_request_error", "echo")
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        if len(prompts) != 1:
-            raise APIError(400, "prompt: send one prompt per request", "invalid_request_error", "prompt")
-        if tok is None:
-            raise APIError(400, "this model has no tokenizer", "invalid_request_error", "prompt")
-        ids = list(tok(prompts[0])["input_ids"])
-        streams = [await start(ids, sampling(req, req.max_tokens or 16, req.logprobs, s), adapter)
-                   for s in seeds(req)]
+        if isinstance(req.prompt, list) and req.prompt and all(isinstance(t, int) for t in req.prompt):
+            ids = [int(t) for t in req.prompt]  # token ids, as OpenAI allows
+        else:
+            prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+            if len(prompts) != 1 or not isinstance(prompts[0], str):
+                raise APIError(400, "prompt: send one prompt (a string or a list of token ids) "
+                                    "per request", "invalid_request_error", "prompt")
+            if tok is None:
+                raise APIError(400, "this model has no tokenizer", "invalid_request_error", "prompt")
+            ids = list(tok(prompts[0])["input_ids"])
+        track = metrics.request(req.model, len(ids))
+        params = [sampling(req, req.max_tokens or 16, req.logprobs, s) for s in seeds(req)]
+        streams = [track.wrap(st) for st in await start_all(ids, params, adapter)]
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        metrics.count(req.model)
         if req.stream:
             return _sse(_completion_chunks(streams, rid, created, req))
         results = await asyncio.gather(*(collect(s) for s in streams))
@@ -324,29 +348,3 @@ async def _completion_chunks(streams: list[AsyncIterator[EngineEvent]], rid: str
     if req.stream_options and req.stream_options.include_usage:
         yield {**base, "choices": [], "usage": _usage(prompt, completion)}
 
-
-class _Metrics:
-    """Prometheus metrics on a private registry (several apps per process in tests)."""
-
-    def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge
-
-        self.registry = CollectorRegistry()
-        self.requests = Counter("fleetlm_requests", "Generation requests by model",
-                                ["model"], registry=self.registry)
-        self.waiting = Gauge("fleetlm_queue_depth", "Requests waiting", registry=self.registry)
-        self.running = Gauge("fleetlm_running", "Sequences in the batch", registry=self.registry)
-        self.tokens = Gauge("fleetlm_generated_tokens", "Tokens generated since start",
-                            registry=self.registry)
-
-    def count(self, model: str) -> None:
-        self.requests.labels(model=model).inc()
-
-    def render(self, engine: Engine) -> bytes:
-        from prometheus_client import generate_latest
-
-        s = engine.stats()
-        self.waiting.set(s["waiting"])
-        self.running.set(s["running"])
-        self.tokens.set(s["generated_tokens"])
-        return bytes(generate_latest(self.registry))

@@ -31,6 +31,9 @@ class _Common(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     user: str | None = None
+    ignore_eos: bool = False  # extension (as vLLM): generate max_tokens even past end-of-sequence
+    # {"type": "text" | "json_object" | "json_schema", ...}; checked by SamplingParams
+    response_format: dict[str, Any] | None = None
 
 
 class ChatMessage(BaseModel):
@@ -52,6 +55,6 @@ class ChatCompletionRequest(_Common):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] = Field(min_length=1)
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False

@@ -1,0 +1,184 @@
+"""``fleetlm bench serve``: what the HTTP server costs on top of the in-process engine.
+
+The same workload as ``bench adapters`` (prompts of ``prompt_tokens`` tokens,
+``max_new_tokens`` greedy tokens with end-of-sequence ignored, a closed loop of
+``concurrency`` clients) runs twice on one engine: driven in-process, then through the
+OpenAI-compatible server on loopback with an async httpx load generator (streaming
+``/v1/completions`` with the prompt as token ids, so both runs see identical tokens).
+Reported for single stream and for ``concurrency`` clients: tokens/s, TTFT and
+inter-token latency p50/p99, and the server's throughput loss against the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fleetlm.bench.common import environment, write_json
+
+
+@dataclass
+class ServeBenchConfig:
+    model: str = "smollm2-135m"
+    dtype: str = "auto"
+    num_requests: int = 128
+    concurrency: list[int] = field(default_factory=lambda: [1, 32])
+    prompt_tokens: int = 64
+    max_new_tokens: int = 64
+    time_budget_s: float = 300.0  # per configuration; a run stops submitting after it
+
+    def validate(self) -> None:
+        from fleetlm.errors import ConfigError
+
+        problems = []
+        for name in ("num_requests", "prompt_tokens", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')}={getattr(self, name)}: must be >= 1")
+        if not self.concurrency or min(self.concurrency) < 1:
+            problems.append("--concurrency: positive integers, e.g. 1,32")
+        if self.time_budget_s <= 0:
+            problems.append("--time-budget-s: must be > 0")
+        if problems:
+            raise ConfigError("invalid benchmark settings: " + "; ".join(problems))
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    import numpy as np
+
+    return float(np.percentile(np.asarray(xs), q)) if xs else None
+
+
+def _summary(name: str, stamps: dict[int, list[float]], starts: dict[int, float], wall: float
+             ) -> dict[str, Any]:
+    done = [i for i, s in stamps.items() if s]
+    ttft = [(stamps[i][0] - starts[i]) * 1e3 for i in done]
+    itl = [(b - a) * 1e3 for i in done for a, b in zip(stamps[i], stamps[i][1:], strict=False)]
+    tokens = sum(len(stamps[i]) for i in done)
+    return {"name": name, "requests_completed": len(done), "generated_tokens": tokens,
+            "wall_s": wall, "tokens_per_s": tokens / wall,
+            "ttft_p50_ms": _pct(ttft, 50), "ttft_p99_ms": _pct(ttft, 99),
+            "itl_p50_ms": _pct(itl, 50), "itl_p99_ms": _pct(itl, 99)}
+
+
+async def _http_run(url: str, model: str, prompts: list[list[int]], concurrency: int,
+                    max_new_tokens: int, budget_s: float) -> dict[str, Any]:
+    import httpx
+
+    stamps: dict[int, list[float]] = {}
+    starts: dict[int, float] = {}
+    next_i = 0
+    t0 = time.perf_counter()
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal next_i
+        while next_i < len(prompts) and time.perf_counter() - t0 < budget_s:
+            i = next_i
+            next_i += 1
+            body = {"model": model, "prompt": prompts[i], "max_tokens": max_new_tokens,
+                    "temperature": 0, "stream": True, "ignore_eos": True}
+            starts[i] = time.perf_counter()
+            stamps[i] = []
+            async with http.stream("POST", f"{url}/completions", json=body) as r:
+                if r.status_code != 200:
+                    raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        raise RuntimeError(f"stream error: {chunk['error']}")
+                    for _ in chunk.get("choices", []):
+                        stamps[i].append(time.perf_counter())
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+    wall = time.perf_counter() - t0
+    # the last chunk of each stream carries finish_reason and no new token
+    for i in stamps:
+        if stamps[i]:
+            stamps[i] = stamps[i][:max_new_tokens]
+    return _summary(f"server-{concurrency}", stamps, starts, wall)
+
+
+def run(cfg: ServeBenchConfig, out: Path | None) -> dict[str, Any]:
+    import uvicorn
+    from rich.console import Console
+    from rich.table import Table
+
+    from fleetlm.bench.adapters import run_engine
+    from fleetlm.bench.workload import make_prompts
+    from fleetlm.engine.engine import Engine, EngineConfig
+    from fleetlm.models.loader import load_model
+    from fleetlm.server.app import create_app
+
+    cfg.validate()
+    console = Console(stderr=True, width=max(120, Console(stderr=True).width))
+    lm = load_model(cfg.model, dtype=cfg.dtype)
+    prompts = make_prompts(lm.tokenizer, cfg.num_requests, cfg.prompt_tokens, 0)
+    engine = Engine(lm, EngineConfig(max_running=max(cfg.concurrency),
+                                     max_waiting=cfg.num_requests + max(cfg.concurrency),
+                                     max_len=cfg.prompt_tokens + cfg.max_new_tokens + 1,
+                                     max_hot_adapters=0))
+    results: dict[str, Any] = {"config": asdict(cfg), "environment": environment(), "runs": []}
+    for c in cfg.concurrency:
+        run_engine(engine, prompts[:c], [None] * c, c, 4, f"warm-{c}")
+        n = min(cfg.num_requests, max(c * 4, 8))
+        r = run_engine(engine, prompts[:n], [None] * n, c, cfg.max_new_tokens, f"engine-{c}")
+        r.update(concurrency=c, system="engine")
+        results["runs"].append(r)
+        console.print(f"  engine, {c:>3} concurrent: {r['tokens_per_s']:7.1f} tok/s")
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    engine.start()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, cfg.model), host="127.0.0.1",
+                                           port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        for c in cfg.concurrency:
+            n = min(cfg.num_requests, max(c * 4, 8))
+            asyncio.run(_http_run(url, cfg.model, prompts[:c], c, 4, cfg.time_budget_s))  # warm
+            r = asyncio.run(_http_run(url, cfg.model, prompts[:n], c, cfg.max_new_tokens,
+                                      cfg.time_budget_s))
+            r.update(concurrency=c, system="server")
+            results["runs"].append(r)
+            console.print(f"  server, {c:>3} concurrent: {r['tokens_per_s']:7.1f} tok/s")
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        engine.shutdown(30)
+
+    by = {(r["system"], r["concurrency"]): r for r in results["runs"]}
+    results["ratios"] = {
+        f"server / engine throughput, {c} concurrent (target >= 0.90 at 32)":
+            by[("server", c)]["tokens_per_s"] / by[("engine", c)]["tokens_per_s"]
+        for c in cfg.concurrency}
+    t = Table(title="fleetlm bench serve")
+    for col in ("system", "concurrent", "requests", "tok/s", "TTFT p50 ms", "TTFT p99 ms",
+                "ITL p50 ms", "ITL p99 ms"):
+        t.add_column(col, no_wrap=True)
+
+    def f(v: Any, nd: int = 1) -> str:
+        return "-" if v is None else f"{v:.{nd}f}"
+
+    for r in results["runs"]:
+        t.add_row(r["system"], str(r["concurrency"]), str(r["requests_completed"]),
+                  f(r["tokens_per_s"]), f(r["ttft_p50_ms"], 0), f(r["ttft_p99_ms"], 0),
+                  f(r["itl_p50_ms"]), f(r["itl_p99_ms"]))
+    console.print(t)
+    for k, v in results["ratios"].items():
+        console.print(f"  {k}: {v:.3f}")
+    write_json(results, out)
+    return results

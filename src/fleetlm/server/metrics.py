@@ -1,0 +1,112 @@
+"""Prometheus metrics of one server, on a private registry (several apps per process in tests).
+
+Counted as the server consumes engine events (:meth:`ServerMetrics.request` wraps a
+request's choice streams): requests by ``model`` (base, adapter, ``base:adapter``) and
+``status``, prompt and completion tokens, time to first token and inter-token latency.
+Sampled at scrape time from ``engine.stats()`` and the adapter store: queue depth, batch
+size, hot and warm adapters, tokens generated.
+
+Requests refused before generation starts (unknown model, bad parameter, queue full) are
+answered with an HTTP error and are not counted here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from fleetlm.engine.engine import Engine, EngineEvent
+
+# seconds; a 135M model on a laptop CPU is ~10-50 ms per token, prefill up to seconds
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+# worst first: a request's status is the worst of its choices'
+_STATUSES = ("error", "cancelled", "length", "stop")
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("fleetlm_requests", "Generation requests by model and outcome "
+                                "(stop, length, cancelled, error)", ["model", "status"], registry=r)
+        self.prompt_tokens = Counter("fleetlm_prompt_tokens", "Prompt tokens (once per request, "
+                                     "as usage reports them)", ["model"], registry=r)
+        self.completion_tokens = Counter("fleetlm_completion_tokens", "Generated tokens (of a "
+                                         "cancelled choice: those sent)", ["model"], registry=r)
+        self.ttft = Histogram("fleetlm_time_to_first_token_seconds", "From request start to "
+                              "the first generated token", ["model"], buckets=_TTFT_BUCKETS,
+                              registry=r)
+        self.itl = Histogram("fleetlm_inter_token_latency_seconds", "Between consecutive "
+                             "tokens of one choice", ["model"], buckets=_ITL_BUCKETS, registry=r)
+        self.waiting = Gauge("fleetlm_queue_depth", "Requests waiting", registry=r)
+        self.running = Gauge("fleetlm_running", "Sequences in the batch", registry=r)
+        self.hot = Gauge("fleetlm_hot_adapters", "Adapters in the engine's stacked buffers",
+                         registry=r)
+        self.warm = Gauge("fleetlm_warm_adapters", "Adapters loaded in the store's RAM tier",
+                          registry=r)
+        self.generated = Gauge("fleetlm_generated_tokens", "Tokens generated since start",
+                               registry=r)
+
+    def request(self, model: str, prompt_tokens: int) -> RequestMetrics:
+        """Start timing one request (call before submitting it to the engine)."""
+        return RequestMetrics(self, model, prompt_tokens)
+
+    def render(self, engine: Engine) -> bytes:
+        s = engine.stats()
+        self.waiting.set(s["waiting"])
+        self.running.set(s["running"])
+        self.hot.set(len(s["hot_adapters"]))
+        self.warm.set(len(engine.store.warm_names()) if engine.store is not None else 0)
+        self.generated.set(s["generated_tokens"])
+        return bytes(generate_latest(self.registry))
+
+
+class RequestMetrics:
+    """One request's n choice streams; the request is counted once, when the last ends."""
+
+    def __init__(self, metrics: ServerMetrics, model: str, prompt_tokens: int) -> None:
+        self.m, self.model, self.prompt_tokens = metrics, model, prompt_tokens
+        self.start = time.perf_counter()
+        self.first_token: float | None = None
+        self.open = 0
+        self.status = "stop"
+
+    def wrap(self, stream: AsyncIterator[EngineEvent]) -> AsyncIterator[EngineEvent]:
+        """``stream``, observed: token timings as events pass, the outcome when it ends or
+        its consumer goes away (a closed or cancelled stream counts as ``cancelled``)."""
+        self.open += 1
+        return self._observe(stream)
+
+    async def _observe(self, stream: AsyncIterator[EngineEvent]) -> AsyncIterator[EngineEvent]:
+        status, last, seen, tokens = "cancelled", None, 0, None
+        try:
+            async for ev in stream:
+                if ev.token_id is not None:
+                    now = time.perf_counter()
+                    if self.first_token is None:
+                        self.first_token = now
+                        self.m.ttft.labels(model=self.model).observe(now - self.start)
+                    if last is not None:
+                        self.m.itl.labels(model=self.model).observe(now - last)
+                    last = now
+                    seen += 1
+                if ev.finish_reason:
+                    status = ev.finish_reason if ev.finish_reason in _STATUSES else "error"
+                    tokens = ev.completion_tokens  # the engine's count, as usage reports it
+                yield ev
+        finally:
+            self.m.completion_tokens.labels(model=self.model).inc(seen if tokens is None else tokens)
+            self._end(status)
+
+    def _end(self, status: str) -> None:
+        if _STATUSES.index(status) < _STATUSES.index(self.status):
+            self.status = status
+        self.open -= 1
+        if self.open == 0:
+            self.m.requests.labels(model=self.model, status=self.status).inc()
+            self.m.prompt_tokens.labels(model=self.model).inc(self.prompt_tokens)
