@@ -4,47 +4,19 @@ corrupt uploads that are refused while the server keeps answering."""
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
-import torch
+
+from tests.server.conftest import MODEL, live_server
 
 pytestmark = pytest.mark.slow
-
-MODEL = "smollm2-135m"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    import uvicorn
-
-    from fleetlm.adapters import AdapterStore
-    from fleetlm.engine.engine import Engine, EngineConfig
-    from fleetlm.models.loader import load_model
-    from fleetlm.server.app import create_app
-
-    lm = load_model(MODEL, dtype="float32")
-    root = tmp_path_factory.mktemp("adapters")
-    store = AdapterStore(root, lm.config, dtype=torch.float32, max_rank=16)
-    engine = Engine(lm, EngineConfig(max_running=4, max_len=512, max_waiting=2,
-                                     max_hot_adapters=2), store=store)
-    engine.start()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(engine, MODEL), host="127.0.0.1",
-                                        port=port, log_level="warning"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    while not srv.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", engine, lm, root
-    srv.should_exit = True
-    t.join(10)
-    engine.shutdown(10)
+    with live_server(tmp_path_factory.mktemp("adapters"), with_demo=False) as live:
+        yield live.url, live.engine, live.lm, live.root
 
 
 @pytest.fixture(scope="module")

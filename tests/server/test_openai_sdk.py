@@ -3,46 +3,19 @@
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 
 import pytest
-import torch
+
+from tests.server.conftest import live_server
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    import uvicorn
-
-    from fleetlm.adapters import AdapterStore
-    from fleetlm.adapters.random import make_random_adapter
-    from fleetlm.engine.engine import Engine, EngineConfig
-    from fleetlm.models.loader import load_model
-    from fleetlm.server.app import create_app
-
-    lm = load_model("smollm2-135m", dtype="float32")
-    root = tmp_path_factory.mktemp("adapters")
-    make_random_adapter(root / "demo", lm.config, rank=8, alpha=16, seed=0, std=0.05)
-    store = AdapterStore(root, lm.config, dtype=torch.float32, max_rank=16)
-    engine = Engine(lm, EngineConfig(max_running=4, max_len=512, max_waiting=2,
-                                     max_hot_adapters=2), store=store)
-    engine.start()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(engine, "smollm2-135m"), host="127.0.0.1",
-                                        port=port, log_level="warning"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    while not srv.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/v1", engine, lm
-    srv.should_exit = True
-    t.join(10)
-    engine.shutdown(10)
+    with live_server(tmp_path_factory.mktemp("adapters"), with_demo=True) as live:
+        yield f"{live.url}/v1", live.engine, live.lm
 
 
 @pytest.fixture(scope="module")
