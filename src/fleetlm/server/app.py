@@ -17,7 +17,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -161,7 +161,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
 
     def check_end(ev: EngineEvent) -> None:
         if ev.finish_reason == "error":
-            raise _api_error(ev.error or FleetLMError("generation failed"))
+            raise _failure(ev)
 
     def token_text(i: int) -> str:
         return str(tok.decode([i])) if tok is not None else ""
@@ -307,44 +307,59 @@ async def _merged(streams: list[AsyncIterator[EngineEvent]]) -> AsyncIterator[tu
             t.cancel()  # a client that went away: the streams' cleanup cancels the requests
 
 
+def _failure(ev: EngineEvent) -> APIError:
+    """The API error for an event that ended its request with finish_reason "error"."""
+    return _api_error(ev.error or FleetLMError("generation failed"))
+
+
+async def _chunks(streams: list[AsyncIterator[EngineEvent]], base: dict[str, Any],
+                  include_usage: bool, choice: Callable[[int, EngineEvent], dict[str, Any] | None],
+                  ) -> AsyncIterator[dict[str, Any]]:
+    """SSE payloads of n merged streams: ``choice(index, event)`` (None: nothing to send),
+    an error body if a request fails, and a final usage chunk when asked for."""
+    prompt, completion = 0, 0
+    async for i, ev in _merged(streams):
+        if ev.finish_reason == "error":
+            yield _error_body(_failure(ev))
+            return
+        c = choice(i, ev)
+        if c is not None:
+            yield {**base, "choices": [c]}
+        if ev.finish_reason:
+            prompt = ev.prompt_tokens
+            completion += ev.completion_tokens
+    if include_usage:
+        yield {**base, "choices": [], "usage": _usage(prompt, completion)}
+
+
 async def _chat_chunks(streams: list[AsyncIterator[EngineEvent]], rid: str, created: int,
                        req: ChatCompletionRequest, chat_logprobs: Any) -> AsyncIterator[dict[str, Any]]:
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model}
     for i in range(len(streams)):
         yield {**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                     "logprobs": None, "finish_reason": None}]}
-    prompt, completion = 0, 0
-    async for i, ev in _merged(streams):
-        if ev.finish_reason == "error":
-            err = _api_error(ev.error or FleetLMError("generation failed"))
-            yield _error_body(err)
-            return
+
+    def choice(i: int, ev: EngineEvent) -> dict[str, Any] | None:
         delta = {"content": ev.text} if ev.token_id is not None else {}
+        if not (delta or ev.finish_reason):
+            return None
         lp = chat_logprobs([ev]) if req.logprobs and ev.token_id is not None else None
-        if delta or ev.finish_reason:
-            yield {**base, "choices": [{"index": i, "delta": delta, "logprobs": lp,
-                                        "finish_reason": ev.finish_reason}]}
-        if ev.finish_reason:
-            prompt = ev.prompt_tokens
-            completion += ev.completion_tokens
-    if req.stream_options and req.stream_options.include_usage:
-        yield {**base, "choices": [], "usage": _usage(prompt, completion)}
+        return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": ev.finish_reason}
+
+    usage = bool(req.stream_options and req.stream_options.include_usage)
+    async for chunk in _chunks(streams, base, usage, choice):
+        yield chunk
 
 
 async def _completion_chunks(streams: list[AsyncIterator[EngineEvent]], rid: str, created: int,
                              req: CompletionRequest) -> AsyncIterator[dict[str, Any]]:
     base = {"id": rid, "object": "text_completion", "created": created, "model": req.model}
-    prompt, completion = 0, 0
-    async for i, ev in _merged(streams):
-        if ev.finish_reason == "error":
-            yield _error_body(_api_error(ev.error or FleetLMError("generation failed")))
-            return
-        if ev.token_id is not None or ev.finish_reason:
-            yield {**base, "choices": [{"index": i, "text": ev.text, "logprobs": None,
-                                        "finish_reason": ev.finish_reason}]}
-        if ev.finish_reason:
-            prompt = ev.prompt_tokens
-            completion += ev.completion_tokens
-    if req.stream_options and req.stream_options.include_usage:
-        yield {**base, "choices": [], "usage": _usage(prompt, completion)}
 
+    def choice(i: int, ev: EngineEvent) -> dict[str, Any] | None:
+        if ev.token_id is None and not ev.finish_reason:
+            return None
+        return {"index": i, "text": ev.text, "logprobs": None, "finish_reason": ev.finish_reason}
+
+    usage = bool(req.stream_options and req.stream_options.include_usage)
+    async for chunk in _chunks(streams, base, usage, choice):
+        yield chunk
