@@ -378,8 +378,7 @@ class Engine:
                     pool.remove(name)
                     self._stale.discard(name)
 
-    def _load_adapters(self, plan: StepPlan) -> bool:
-        ok = True
+    def _load_adapters(self, plan: StepPlan) -> None:
         for name, slot in plan.adapter_loads:
             assert self.store is not None  # the scheduler only plans loads for adapter requests
             try:
@@ -389,13 +388,11 @@ class Engine:
                                              f"{self.config.max_lora_rank} (raise --max-lora-rank)")
                 self.runner.load_adapter(slot, adapter)
             except FleetLMError as e:
-                ok = False
                 with self._lock:
                     failed = self.scheduler.fail_adapter(name)
                 for seq in failed:
                     self.runner.release(seq.request_id)
                     self._end(self._requests[seq.request_id], "error", e)
-        return ok
 
     def _emit(self, req: _Request, s: SampleResult) -> None:
         if req.done:
