@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fleetlm.bench.common import environment, write_json
+from fleetlm.bench.common import environment, percentile, write_json
 
 POPULARITIES = ("uniform", "zipf")
 BASELINES = ("peft-switching", "peft-mixed", "hf-continuous")
@@ -86,14 +86,6 @@ class AdaptersBenchConfig:
             raise ConfigError("invalid benchmark settings: " + "; ".join(problems))
 
 
-def _pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    import numpy as np
-
-    return float(np.percentile(np.asarray(xs), q))
-
-
 def run_engine(engine: Any, prompts: list[list[int]], adapters: list[str | None],
                concurrency: int, max_new_tokens: int, name: str) -> dict[str, Any]:
     """Closed loop through the engine, driven step by step on this thread."""
@@ -139,8 +131,8 @@ def run_engine(engine: Any, prompts: list[list[int]], adapters: list[str | None]
         "generated_tokens": generated,
         "wall_s": wall,
         "tokens_per_s": generated / wall,
-        "ttft_p50_ms": _pct(ttft, 50), "ttft_p99_ms": _pct(ttft, 99),
-        "itl_p50_ms": _pct(itl, 50), "itl_p99_ms": _pct(itl, 99),
+        "ttft_p50_ms": percentile(ttft, 50), "ttft_p99_ms": percentile(ttft, 99),
+        "itl_p50_ms": percentile(itl, 50), "itl_p99_ms": percentile(itl, 99),
         "peak_rss_mb": rss.peak_bytes / 2**20,
         "steps": engine.steps,
     }

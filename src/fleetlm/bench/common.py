@@ -43,6 +43,13 @@ def median(xs: list[float]) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
 
 
+def percentile(xs: list[float], q: float) -> float | None:
+    """numpy's default (linear interpolation); None for no data."""
+    import numpy as np
+
+    return float(np.percentile(np.asarray(xs, dtype=np.float64), q)) if xs else None
+
+
 def environment() -> dict[str, Any]:
     import torch
 

@@ -26,9 +26,9 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from fleetlm.bench.common import percentile
 from fleetlm.bench.rss import PeakRSS
 
 METRIC_KEYS = ("name", "requests_completed", "generated_tokens", "wall_s", "tokens_per_s",
@@ -41,11 +41,6 @@ class RequestTrace:
     submitted: float  # perf_counter seconds
     token_times: list[float] = field(default_factory=list)  # one per generated token
     token_ids: list[int] = field(default_factory=list)
-
-
-def percentile(xs: list[float], q: float) -> float | None:
-    """numpy's default (linear interpolation); None for no data."""
-    return float(np.percentile(np.asarray(xs, dtype=np.float64), q)) if xs else None
 
 
 def summarize(name: str, traces: list[RequestTrace], wall_s: float, peak_rss_bytes: int,

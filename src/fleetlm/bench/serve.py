@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fleetlm.bench.common import environment, write_json
+from fleetlm.bench.common import environment, percentile, write_json
 
 
 @dataclass
@@ -48,12 +48,6 @@ class ServeBenchConfig:
             raise ConfigError("invalid benchmark settings: " + "; ".join(problems))
 
 
-def _pct(xs: list[float], q: float) -> float | None:
-    import numpy as np
-
-    return float(np.percentile(np.asarray(xs), q)) if xs else None
-
-
 def _summary(name: str, stamps: dict[int, list[float]], starts: dict[int, float], wall: float
              ) -> dict[str, Any]:
     done = [i for i, s in stamps.items() if s]
@@ -62,8 +56,8 @@ def _summary(name: str, stamps: dict[int, list[float]], starts: dict[int, float]
     tokens = sum(len(stamps[i]) for i in done)
     return {"name": name, "requests_completed": len(done), "generated_tokens": tokens,
             "wall_s": wall, "tokens_per_s": tokens / wall,
-            "ttft_p50_ms": _pct(ttft, 50), "ttft_p99_ms": _pct(ttft, 99),
-            "itl_p50_ms": _pct(itl, 50), "itl_p99_ms": _pct(itl, 99)}
+            "ttft_p50_ms": percentile(ttft, 50), "ttft_p99_ms": percentile(ttft, 99),
+            "itl_p50_ms": percentile(itl, 50), "itl_p99_ms": percentile(itl, 99)}
 
 
 async def _http_run(url: str, model: str, prompts: list[list[int]], concurrency: int,
