@@ -3,6 +3,7 @@ heavy imports (torch, transformers) happen inside the commands, never at import.
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from enum import StrEnum
@@ -168,11 +169,19 @@ def serve(
         engine.start()
         typer.echo(f"fleetlm: serving {name!r} with adapters from {root} on http://{host}:{port}/v1",
                    err=True)
+        # uvicorn stops accepting on SIGTERM/SIGINT, lets requests in flight finish (30 s at
+        # most), then re-raises the signal to the handler it found: ours only records it, so
+        # the engine is shut down in order and the process exits 0.
+        stopped: list[int] = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda s, _f: stopped.append(s))
         try:
             uvicorn.run(create_app(engine, name), host=host, port=port, log_level="warning",
                         timeout_graceful_shutdown=30)
         finally:
             engine.shutdown(timeout=30)
+        if stopped:
+            typer.echo("fleetlm: stopped", err=True)
     except FleetLMError as e:
         _fail(e)
 

@@ -90,9 +90,24 @@ def test_upload_multipart_then_use_and_pin(server, http, client, tmp_path):
     assert {m.id for m in client.models.list()} >= {MODEL, "uploaded"}
     assert _ask(client, "uploaded")
     assert _entries(http)["uploaded"]["tier"] == "hot"
-    # same name again: refused, the stored one untouched
-    r = http.post("/v1/adapters", data={"name": "uploaded"}, files=_files(src))
-    assert r.status_code == 422 and "already" in r.json()["error"]["message"]
+    before = _ask(client, "uploaded")
+    # same name again: 409, the stored one untouched
+    other = _make(tmp_path / "other", lm, seed=5)
+    stored = (root / "uploaded" / "adapter_model.safetensors").read_bytes()
+    r = http.post("/v1/adapters", data={"name": "uploaded"}, files=_files(other))
+    assert r.status_code == 409, r.text
+    err = r.json()["error"]
+    assert err["code"] == "adapter_exists" and err["param"] == "name" and "overwrite" in err["message"]
+    assert (root / "uploaded" / "adapter_model.safetensors").read_bytes() == stored
+    assert _ask(client, "uploaded") == before
+    # overwrite=true replaces it; the engine serves the new weights, not a stale hot copy
+    r = http.post("/v1/adapters", data={"name": "uploaded", "overwrite": "true"}, files=_files(other))
+    assert r.status_code == 201, r.text
+    assert (root / "uploaded" / "adapter_model.safetensors").read_bytes() == \
+        (other / "adapter_model.safetensors").read_bytes()
+    assert http.post("/v1/adapters", data={"name": "twin"}, files=_files(other)).status_code == 201
+    assert _ask(client, "uploaded") == _ask(client, "twin")
+    assert http.delete("/v1/adapters/twin").status_code == 200
     assert http.delete("/v1/adapters/uploaded").status_code == 200  # a pin does not block it
     assert not (root / "uploaded").exists()
 

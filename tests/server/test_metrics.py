@@ -60,3 +60,28 @@ def test_request_token_and_latency_metrics(server):
     assert _value(after, "fleetlm_queue_depth") == 0 and _value(after, "fleetlm_running") == 0
     assert _value(after, "fleetlm_hot_adapters") == 1 and _value(after, "fleetlm_warm_adapters") >= 1
     assert _value(after, "fleetlm_generated_tokens") >= r.usage.completion_tokens
+
+
+def test_refused_requests_are_counted_by_model_and_status(server):
+    import httpx
+
+    before = _samples(server)
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with httpx.Client(base_url=server, timeout=30) as http:
+        assert http.post("/v1/chat/completions", json={**chat, "model": "nope"}).status_code == 404
+        assert http.post("/v1/chat/completions",
+                         json={**chat, "model": MODEL, "temperature": -1}).status_code == 400
+        assert http.post("/v1/completions", json={"model": MODEL, "prompt": "x",
+                                                  "max_tokens": "many"}).status_code == 400
+        assert http.get("/v1/models").status_code == 200  # not a generation request
+    after = _samples(server)
+
+    def refused(model: str, code: str) -> float:
+        return _value(after, "fleetlm_refused_requests_total", model=model, code=code) \
+            - _value(before, "fleetlm_refused_requests_total", model=model, code=code)
+
+    assert refused("nope", "404") == 1
+    assert refused(MODEL, "400") == 1  # parsed, then refused by the engine's checks
+    assert refused("unknown", "400") == 1  # the body did not parse: no model to name
+    # refused requests are not in the generation counter
+    assert _value(after, "fleetlm_requests_total", model="nope", status="error") == 0

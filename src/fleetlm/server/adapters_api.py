@@ -4,6 +4,7 @@
     POST   /v1/adapters          JSON {"name", "pin"?}: load a folder already under the store's
                                  root; or multipart/form-data: a ``name`` field plus the PEFT
                                  files as file parts, validated fully and copied in atomically
+                                 (409 if the name is taken, unless ``overwrite`` is true)
     GET    /v1/adapters/{name}   one entry
     DELETE /v1/adapters/{name}   unpin (if pinned) and remove from the store
 
@@ -34,7 +35,7 @@ from fleetlm.server.app import APIError
 
 # a file part's name, after dropping any directories the client sent with it
 _FILE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
-_FORM_FIELDS = ("name", "pin")
+_FORM_FIELDS = ("name", "pin", "overwrite")
 
 
 class LoadAdapterRequest(BaseModel):
@@ -76,10 +77,27 @@ def adapters_router(engine: Engine, model_name: str) -> APIRouter:
         except AdapterError as e:
             raise _adapter_error(e, "name") from e
 
-    def add(folder: Path, name: str, pin: bool) -> AdapterInfo:
+    def pinned(name: str) -> bool:
         try:
-            store.add(folder, name)  # validates everything before anything lands in root
+            return store.validate(name).pinned
+        except AdapterError:  # the stored one is broken: replacing it is the fix
+            return False
+
+    def add(folder: Path, name: str, pin: bool, overwrite: bool) -> AdapterInfo:
+        if not overwrite and store.exists(name):
+            raise APIError(409, f"adapter {name!r} already exists; send overwrite=true to replace "
+                                f"it, or DELETE /v1/adapters/{name} first", "invalid_request_error",
+                           "name", "adapter_exists")
+        was_pinned = overwrite and store.exists(name) and pinned(name)
+        try:
+            if was_pinned:
+                engine.unpin_adapter(name)  # the replacement is pinned only if `pin` says so
+            # validates everything before anything lands in root; replacing one drops its hot
+            # copy in the engine once no running request uses it
+            store.add(folder, name, overwrite=overwrite)
         except AdapterError as e:
+            if was_pinned:
+                engine.pin_adapter(name)  # refused: the old one stays as it was
             err = _adapter_error(e, "file")
             err.message = err.message.replace(str(folder), "the upload")  # not our temp path
             raise err from e
@@ -128,7 +146,8 @@ def adapters_router(engine: Engine, model_name: str) -> APIRouter:
             if not isinstance(name, str) or not name:
                 raise APIError(400, "name: a multipart upload needs a 'name' field (the adapter's "
                                     "name, [A-Za-z0-9._-]{1,64})", "invalid_request_error", "name")
-            pin = str(form.get("pin", "false")).strip().lower() in ("1", "true", "yes", "on")
+            pin, overwrite = (str(form.get(k, "false")).strip().lower() in ("1", "true", "yes", "on")
+                              for k in ("pin", "overwrite"))
             files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
             problems = [f"{k}: unknown field (send {', '.join(_FORM_FIELDS)} and file parts)"
                         for k, v in form.multi_items()
@@ -152,7 +171,7 @@ def adapters_router(engine: Engine, model_name: str) -> APIRouter:
                     with (folder / n).open("wb") as out:
                         while chunk := await f.read(1 << 20):
                             out.write(chunk)
-                info = await run_in_threadpool(add, folder, name, pin)
+                info = await run_in_threadpool(add, folder, name, pin, overwrite)
             finally:
                 await run_in_threadpool(shutil.rmtree, tmp, True)
         finally:

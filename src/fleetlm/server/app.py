@@ -32,6 +32,7 @@ from fleetlm.server.metrics import ServerMetrics
 from fleetlm.server.schemas import ChatCompletionRequest, CompletionRequest
 
 DEFAULT_MAX_TOKENS = 256
+_GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
 
 
 class APIError(Exception):
@@ -76,9 +77,16 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
     store = engine.store
     metrics = ServerMetrics()
 
+    def respond(request: Request, err: APIError) -> JSONResponse:
+        """The error response; a generation request refused before it was tracked is counted."""
+        if request.url.path in _GENERATION_PATHS and not getattr(request.state, "tracked", False):
+            model = getattr(request.state, "model", None) or "unknown"
+            metrics.refused.labels(model=model, code=str(err.status)).inc()
+        return JSONResponse(_error_body(err), status_code=err.status, headers=err.headers)
+
     @app.exception_handler(APIError)
     async def _on_api_error(request: Request, e: APIError) -> JSONResponse:
-        return JSONResponse(_error_body(e), status_code=e.status, headers=e.headers)
+        return respond(request, e)
 
     @app.exception_handler(RequestValidationError)
     async def _on_validation(request: Request, e: RequestValidationError) -> JSONResponse:
@@ -87,18 +95,15 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         msg = "; ".join(f"{'.'.join(str(x) for x in er.get('loc', ()) if x != 'body')}: {er.get('msg')}"
                         for er in errs)
-        return JSONResponse(_error_body(APIError(400, msg, "invalid_request_error",
-                                                 ".".join(loc) or None)), status_code=400)
+        return respond(request, APIError(400, msg, "invalid_request_error", ".".join(loc) or None))
 
     @app.exception_handler(FleetLMError)
     async def _on_fleetlm(request: Request, e: FleetLMError) -> JSONResponse:
-        err = _api_error(e)  # expected errors: a response, not a logged traceback
-        return JSONResponse(_error_body(err), status_code=err.status, headers=err.headers)
+        return respond(request, _api_error(e))  # expected errors: a response, not a traceback
 
     @app.exception_handler(Exception)
     async def _on_any(request: Request, e: Exception) -> JSONResponse:
-        err = _api_error(e)
-        return JSONResponse(_error_body(err), status_code=err.status, headers=err.headers)
+        return respond(request, _api_error(e))
 
     def resolve(model: str) -> str | None:
         """The adapter a ``model`` field names (None: the base model)."""
@@ -201,7 +206,8 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         return Response(metrics.render(engine), media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat(req: ChatCompletionRequest) -> Any:
+    async def chat(req: ChatCompletionRequest, request: Request) -> Any:
+        request.state.model = req.model
         adapter = resolve(req.model)
         if tok is None or not getattr(tok, "chat_template", None):
             raise APIError(400, f"model {model_name!r} has no chat template; use /v1/completions",
@@ -213,6 +219,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         track = metrics.request(req.model, len(ids))
         params = [sampling(req, req.max_completion_tokens or req.max_tokens, k, s) for s in seeds(req)]
         streams = [track.wrap(st) for st in await start_all(ids, params, adapter)]
+        request.state.tracked = True  # from here on, the request metric counts it
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             return _sse(_chat_chunks(streams, rid, created, req, chat_logprobs))
@@ -229,7 +236,8 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
                 "choices": choices, "usage": _usage(len(ids), completion)}
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(req: CompletionRequest) -> Any:
+    async def completions(req: CompletionRequest, request: Request) -> Any:
+        request.state.model = req.model
         adapter = resolve(req.model)
         if req.echo:
             raise APIError(400, "echo: prompt logprobs are not supported yet", "invalid_request_error", "echo")
@@ -246,6 +254,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         track = metrics.request(req.model, len(ids))
         params = [sampling(req, req.max_tokens or 16, req.logprobs, s) for s in seeds(req)]
         streams = [track.wrap(st) for st in await start_all(ids, params, adapter)]
+        request.state.tracked = True  # from here on, the request metric counts it
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             return _sse(_completion_chunks(streams, rid, created, req))

@@ -7,7 +7,7 @@ Sampled at scrape time from ``engine.stats()`` and the adapter store: queue dept
 size, hot and warm adapters, tokens generated.
 
 Requests refused before generation starts (unknown model, bad parameter, queue full) are
-answered with an HTTP error and are not counted here.
+counted apart, by model and HTTP status, in ``fleetlm_refused_requests``.
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ class ServerMetrics:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("fleetlm_requests", "Generation requests by model and outcome "
                                 "(stop, length, cancelled, error)", ["model", "status"], registry=r)
+        self.refused = Counter("fleetlm_refused_requests", "Generation requests answered with "
+                               "an HTTP error before generating (404, 400, 422, 429, ...)",
+                               ["model", "code"], registry=r)
         self.prompt_tokens = Counter("fleetlm_prompt_tokens", "Prompt tokens (once per request, "
                                      "as usage reports them)", ["model"], registry=r)
         self.completion_tokens = Counter("fleetlm_completion_tokens", "Generated tokens (of a "
