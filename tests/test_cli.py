@@ -119,3 +119,20 @@ def test_bench_adapters_writes_json_with_every_baseline(tmp_path):
     assert data["resident"]["adapters"] == 3 and data["resident"]["ratio"] > 0
     assert any("PEFT switching" in k for k in data["ratios"])
     assert any("generate_batch" in k for k in data["ratios"])
+
+
+@pytest.mark.slow
+def test_bench_serve_runs_the_real_server_and_writes_json(tmp_path):
+    import json
+
+    out = tmp_path / "serve.json"
+    r = run("bench", "serve", "--dtype", "float32", "--num-requests", "4", "--concurrency", "1,2",
+            "--prompt-tokens", "8", "--max-new-tokens", "4", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    runs = {(x["system"], x["concurrency"]): x for x in data["runs"]}
+    assert set(runs) == {("engine", 1), ("engine", 2), ("server", 1), ("server", 2)}
+    for x in runs.values():
+        assert x["requests_completed"] >= 1 and x["tokens_per_s"] > 0
+        assert x["generated_tokens"] == 4 * x["requests_completed"]  # every token came back
+    assert len(data["ratios"]) == 2 and all(v > 0 for v in data["ratios"].values())

@@ -2,9 +2,12 @@
 
 The same workload as ``bench adapters`` (prompts of ``prompt_tokens`` tokens,
 ``max_new_tokens`` greedy tokens with end-of-sequence ignored, a closed loop of
-``concurrency`` clients) runs twice on one engine: driven in-process, then through the
-OpenAI-compatible server on loopback with an async httpx load generator (streaming
-``/v1/completions`` with the prompt as token ids, so both runs see identical tokens).
+``concurrency`` clients) runs twice: driven in-process on an engine, then through ``fleetlm serve`` started as
+its own process (as users run it) on loopback, with an async httpx load generator in this
+process (streaming ``/v1/completions`` with the prompt as token ids, so both runs see
+identical tokens). Both share the machine's cores with their client, as a real
+deployment's clients do not: on a 2-core box the load generator's CPU time is part of
+what the server run pays.
 Reported for single stream and for ``concurrency`` clients: tokens/s, TTFT and
 inter-token latency p50/p99, and the server's throughput loss against the engine.
 """
@@ -12,10 +15,17 @@ inter-token latency p50/p99, and the server's throughput loss against the engine
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import shutil
+import signal
 import socket
-import threading
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,8 +111,52 @@ async def _http_run(url: str, model: str, prompts: list[list[int]], concurrency:
     return _summary(f"server-{concurrency}", stamps, starts, wall)
 
 
+@contextlib.contextmanager
+def serve_process(cfg: ServeBenchConfig, max_batch: int) -> Iterator[str]:
+    """``fleetlm serve`` in its own process, as a user runs it; yields its ``/v1`` URL and
+    stops it with SIGTERM (graceful shutdown) afterwards."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    home = tempfile.mkdtemp(prefix="fleetlm-bench-serve-")
+    cmd = [sys.executable, "-m", "fleetlm", "serve", "--model", cfg.model, "--dtype", cfg.dtype,
+           "--port", str(port), "--max-batch", str(max_batch),
+           "--max-len", str(cfg.prompt_tokens + cfg.max_new_tokens + 1)]
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "FLEETLM_HOME": home})
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"fleetlm serve exited with {proc.returncode}:\n{log.read()[-2000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("fleetlm serve did not answer /health within 300 s")
+            time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def run(cfg: ServeBenchConfig, out: Path | None) -> dict[str, Any]:
-    import uvicorn
+    import gc
+
     from rich.console import Console
     from rich.table import Table
 
@@ -110,7 +164,6 @@ def run(cfg: ServeBenchConfig, out: Path | None) -> dict[str, Any]:
     from fleetlm.bench.workload import make_prompts
     from fleetlm.engine.engine import Engine, EngineConfig
     from fleetlm.models.loader import load_model
-    from fleetlm.server.app import create_app
 
     cfg.validate()
     console = Console(stderr=True, width=max(120, Console(stderr=True).width))
@@ -128,19 +181,10 @@ def run(cfg: ServeBenchConfig, out: Path | None) -> dict[str, Any]:
         r.update(concurrency=c, system="engine")
         results["runs"].append(r)
         console.print(f"  engine, {c:>3} concurrent: {r['tokens_per_s']:7.1f} tok/s")
+    del engine, lm  # the server process loads its own copy
+    gc.collect()
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    engine.start()
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, cfg.model), host="127.0.0.1",
-                                           port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
+    with serve_process(cfg, max(cfg.concurrency)) as url:
         for c in cfg.concurrency:
             n = min(cfg.num_requests, max(c * 4, 8))
             asyncio.run(_http_run(url, cfg.model, prompts[:c], c, 4, cfg.time_budget_s))  # warm
@@ -149,10 +193,6 @@ def run(cfg: ServeBenchConfig, out: Path | None) -> dict[str, Any]:
             r.update(concurrency=c, system="server")
             results["runs"].append(r)
             console.print(f"  server, {c:>3} concurrent: {r['tokens_per_s']:7.1f} tok/s")
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        engine.shutdown(30)
 
     by = {(r["system"], r["concurrency"]): r for r in results["runs"]}
     results["ratios"] = {

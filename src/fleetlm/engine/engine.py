@@ -31,6 +31,8 @@ import itertools
 import logging
 import threading
 import time
+import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -109,6 +111,38 @@ class _Request:
     done: bool = False
 
 
+class _Mailbox:
+    """Events for one asyncio loop's streams, handed over once per batch, not per event.
+
+    A decode step emits one event per running request; waking the loop for each of them
+    (``call_soon_threadsafe`` writes to its self-pipe and runs a callback per event) costs
+    the GIL the engine thread needs. Here the first event of a step schedules one drain and
+    the rest just join the batch."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.items: deque[tuple[asyncio.Queue[EngineEvent], EngineEvent]] = deque()
+        self.scheduled = False
+
+    def post(self, queue: asyncio.Queue[EngineEvent], ev: EngineEvent) -> None:
+        with self.lock:
+            self.items.append((queue, ev))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+    def _drain(self) -> None:
+        with self.lock:
+            items, self.items, self.scheduled = self.items, deque(), False
+        for queue, ev in items:
+            queue.put_nowait(ev)
+
+
 class Engine:
     def __init__(self, lm: LoadedModel, config: EngineConfig | None = None,
                  store: AdapterStore | None = None) -> None:
@@ -136,6 +170,8 @@ class Engine:
             prefill_chunk=c.prefill_chunk, max_hot_adapters=max(hot, 1)))
         self.num_rows = rows
         self._lock = threading.RLock()  # callbacks may submit
+        self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = \
+            weakref.WeakKeyDictionary()
         self._wake = threading.Condition(self._lock)
         self._requests: dict[str, _Request] = {}
         self._cancel: set[str] = set()
@@ -214,8 +250,11 @@ class Engine:
         """Async iterator of a request's events; closing it early cancels the request."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
+        mailbox = self._mailboxes.get(loop)
+        if mailbox is None:
+            mailbox = self._mailboxes[loop] = _Mailbox(loop)
         rid = self.submit(prompt, params, adapter=adapter, request_id=request_id,
-                          callback=lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+                          callback=lambda ev: mailbox.post(queue, ev))
         finished = False
         try:
             while True:
