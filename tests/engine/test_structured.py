@@ -128,6 +128,10 @@ def test_unconstrained_sampler_is_unchanged(byte_tokenizer):
     ("json", "type 'json'"),
     ({"type": "json_schema"}, "'json_schema' object"),
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}, "must be a JSON object"),
+    ({"type": "choice"}, "'choices'"),
+    ({"type": "choice", "choices": []}, "'choices'"),
+    ({"type": "choice", "choices": ["a", ""]}, "'choices'"),
+    ({"type": "choice", "choices": ["a", 3]}, "'choices'"),
 ])
 def test_bad_response_format_shapes(rf, needle):
     with pytest.raises(ConfigError, match="response_format") as e:
@@ -142,6 +146,24 @@ def test_invalid_schema_is_a_config_error(byte_tokenizer, schema):
     params = SamplingParams(response_format=rf).validate()
     with pytest.raises(ConfigError, match="^response_format: "):
         RequestSampler(params, len(byte_tokenizer), [], tokenizer=byte_tokenizer)
+
+
+CHOICES = ["card_arrival", "card_linking", "exchange_rate", 'odd "quoted" \\ label', "a"]
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+@pytest.mark.parametrize("seed", range(4))
+def test_choice_gives_exactly_one_of_the_choices(byte_tokenizer, seed, greedy):
+    text, done = _decode_random(byte_tokenizer, {"type": "choice", "choices": CHOICES}, seed, greedy)
+    assert done and text in CHOICES
+
+
+def test_choice_mask_after_a_shared_prefix(byte_tokenizer):
+    c = TokenConstraint({"type": "choice", "choices": CHOICES}, byte_tokenizer, len(byte_tokenizer))
+    for ch in "card_":
+        c.advance(byte_tokenizer.convert_tokens_to_ids(ch))
+    allowed = {byte_tokenizer.decode([i]) for i in c.allowed_mask().nonzero().flatten().tolist()}
+    assert allowed == {"a", "l"}  # card_arrival or card_linking, nothing else
 
 
 def test_no_tokenizer_is_a_config_error():

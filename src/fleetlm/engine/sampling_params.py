@@ -10,7 +10,9 @@ from typing import Any
 
 from fleetlm.errors import ConfigError
 
-RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
+# "choice" is fleetlm's extension: {"type": "choice", "choices": ["a", "b"]}, output exactly one
+RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema", "choice")
+MAX_CHOICES = 4096
 
 
 @dataclass
@@ -85,6 +87,15 @@ def _response_format_problems(rf: object) -> list[str]:
     if not isinstance(rf, dict) or rf.get("type") not in RESPONSE_FORMAT_TYPES:
         kind = rf.get("type") if isinstance(rf, dict) else rf
         return [f"response_format: type {kind!r} is not one of {', '.join(RESPONSE_FORMAT_TYPES)}"]
+    if rf["type"] == "choice":
+        choices = rf.get("choices")
+        if (not isinstance(choices, list) or not choices
+                or any(not isinstance(c, str) or c == "" for c in choices)):
+            return ["response_format: type 'choice' needs 'choices', a non-empty list of "
+                    "non-empty strings"]
+        if len(choices) > MAX_CHOICES:
+            return [f"response_format: at most {MAX_CHOICES} choices, got {len(choices)}"]
+        return []
     if rf["type"] != "json_schema":
         return []
     spec = rf.get("json_schema")

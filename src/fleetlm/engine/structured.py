@@ -1,7 +1,8 @@
 """Structured output: a per-request token mask that keeps generation inside a JSON schema.
 
-OpenAI's ``response_format`` (``json_object`` or ``json_schema``) is compiled by
-llguidance into a grammar over the model's own tokens. Each step the sampler asks the
+OpenAI's ``response_format`` (``json_object`` or ``json_schema``), or fleetlm's
+``{"type": "choice", "choices": [...]}`` (the output is exactly one of the strings, e.g. a
+classifier's labels), is compiled by llguidance into a grammar over the model's own tokens. Each step the sampler asks the
 :class:`TokenConstraint` which tokens may come next and sets the others' logits to
 -inf, so the output is valid by construction -- nothing is ever retried. When the
 grammar is complete only EOS is allowed, and :attr:`TokenConstraint.is_finished` tells
@@ -51,6 +52,12 @@ def schema_of(response_format: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def choice_grammar(choices: list[str]) -> str:
+    """A lark grammar accepting exactly one of ``choices`` (JSON string literals are valid
+    lark string literals, escapes included)."""
+    return "start: " + " | ".join(json.dumps(c) for c in dict.fromkeys(choices)) + "\n"
+
+
 def _llg_tokenizer(tokenizer: Any, vocab_size: int) -> Any:
     """llguidance's view of a Hugging Face tokenizer; building one takes ~0.4 s, so it is
     cached per tokenizer object (the tokenizer is kept alive so its id stays unique)."""
@@ -83,19 +90,23 @@ class TokenConstraint:
         if tokenizer is None:
             raise ConfigError("response_format: constrained decoding needs a tokenizer, "
                               "and this model has none")
-        schema = schema_of(response_format)
-        if schema is None:
-            raise ConfigError("response_format: type 'text' needs no constraint")
         try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(
-                json.dumps(schema), overrides=_JSON_OPTIONS)
+            if response_format.get("type") == "choice":
+                grammar = llguidance.LLMatcher.grammar_from_lark(choice_grammar(
+                    response_format["choices"]))
+            else:
+                schema = schema_of(response_format)
+                if schema is None:
+                    raise ConfigError("response_format: type 'text' needs no constraint")
+                grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                    json.dumps(schema), overrides=_JSON_OPTIONS)
         except (TypeError, ValueError) as e:
-            raise ConfigError(f"response_format: the JSON schema cannot be used ({e})") from e
+            raise ConfigError(f"response_format: the grammar cannot be built ({e})") from e
         llt = _llg_tokenizer(tokenizer, vocab_size)
         self.vocab_size = vocab_size
         self.matcher = llguidance.LLMatcher(llt, grammar, log_level=0)
         if self.matcher.is_error():
-            raise ConfigError(f"response_format: invalid JSON schema: {self.matcher.get_error()}")
+            raise ConfigError(f"response_format: cannot be compiled: {self.matcher.get_error()}")
         # llguidance writes one bit per token into int32 words; unpacked per step
         self._bits = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
 
