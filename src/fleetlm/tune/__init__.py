@@ -1,0 +1,1 @@
+"""``fleetlm tune``: raw rows -> cleaned, anonymised, expanded, filtered -> LoRA -> evaluated -> published."""
