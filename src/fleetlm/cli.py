@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 import time
 from enum import StrEnum
 from pathlib import Path
@@ -166,24 +167,60 @@ def serve(
                                          max_hot_adapters=max_hot_adapters,
                                          max_lora_rank=max_lora_rank), store=store)
         name = model if "/" not in model and not model.endswith(".gguf") else lm.name
-        engine.start()
         typer.echo(f"fleetlm: serving {name!r} with adapters from {root} on http://{host}:{port}/v1",
                    err=True)
-        # uvicorn stops accepting on SIGTERM/SIGINT, lets requests in flight finish (30 s at
-        # most), then re-raises the signal to the handler it found: ours only records it, so
-        # the engine is shut down in order and the process exits 0.
-        stopped: list[int] = []
+        server = uvicorn.Server(uvicorn.Config(create_app(engine, name), host=host, port=port,
+                                               log_level="warning", timeout_graceful_shutdown=30))
+        # The engine runs on this (main) thread and HTTP on a second one: torch's OpenMP
+        # pool is much slower when forked from a second thread (see Engine.run). SIGTERM or
+        # Ctrl-C: uvicorn stops accepting, lets requests in flight finish (30 s at most),
+        # and its thread ends; a second Ctrl-C stops at once.
+        def on_signal(sig: int, _frame: Any) -> None:
+            if server.should_exit and sig == signal.SIGINT:
+                server.force_exit = True
+            server.should_exit = True
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda s, _f: stopped.append(s))
+            signal.signal(sig, on_signal)
+        http = threading.Thread(target=server.run, name="fleetlm-http", daemon=True)
+        http.start()
         try:
-            uvicorn.run(create_app(engine, name), host=host, port=port, log_level="warning",
-                        timeout_graceful_shutdown=30)
+            engine.run(until=lambda: not http.is_alive())
         finally:
             engine.shutdown(timeout=30)
-        if stopped:
-            typer.echo("fleetlm: stopped", err=True)
+        if not server.started:
+            raise FleetLMError(f"--host {host} --port {port}: the HTTP server did not start "
+                               "(is the port in use? see the message above)")
+        typer.echo("fleetlm: stopped", err=True)
     except FleetLMError as e:
         _fail(e)
+
+
+@app.command()
+def tune(
+    config: Annotated[Path, typer.Argument(help="The tune config (YAML); see examples/banking77.yaml.")],
+    resume: Annotated[bool, typer.Option("--resume", help="Continue training from the last checkpoint.")] = False,
+    serve_url: Annotated[str | None, typer.Option(help="A running `fleetlm serve` to load the adapter into.")] = None,
+    output_dir: Annotated[Path | None, typer.Option(help="Run folder (default: the config's output_dir or runs/NAME).")] = None,
+    device: Annotated[str, typer.Option(help="cpu, or cuda when a GPU is there.")] = "cpu",
+) -> None:
+    """Raw data to a served adapter: prepare, synthesise, filter, LoRA-tune, evaluate, publish."""
+    from fleetlm.tune.config import load_config
+    from fleetlm.tune.pipeline import Pipeline
+
+    try:
+        cfg = load_config(config)
+        if output_dir is not None:
+            cfg = cfg.model_copy(update={"output_dir": output_dir})
+        result = Pipeline(cfg, resume=resume, serve_url=serve_url, device=device).run()
+    except FleetLMError as e:
+        _fail(e)
+        return
+    m = result.summary.get("metrics", {})
+    for name, r in m.items():
+        typer.echo(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in r.items() if k != "rows"))
+    typer.echo(f"adapter: {result.adapter_dir}\nrun folder: {result.run_dir} "
+               f"({result.summary['wall_seconds']:.0f} s)")
 
 
 @bench_app.command("serve")

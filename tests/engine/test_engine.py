@@ -329,3 +329,30 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(lm, monk
         assert tokens(second) == reference(lm, [1, 2, 3], 3)[0]
     finally:
         engine.shutdown(timeout=10)
+
+
+def test_run_on_the_calling_thread_serves_requests_from_another_thread(lm):
+    """Engine.run: the loop on the caller's thread (fleetlm serve's main thread), requests
+    submitted from elsewhere, and it returns once ``until`` holds."""
+    import threading
+
+    engine = Engine(lm, EngineConfig(max_running=2, max_len=64, max_hot_adapters=0))
+    ps = prompts(3, seed=7)
+    got: dict[int, list[EngineEvent]] = defaultdict(list)
+    done = threading.Event()
+
+    def client() -> None:
+        for i, p in enumerate(ps):
+            engine.submit(p, SamplingParams(max_tokens=5, **GREEDY), callback=got[i].append)
+        while not all(got[i] and got[i][-1].finish_reason for i in range(len(ps))):
+            threading.Event().wait(0.01)
+        done.set()
+
+    t = threading.Thread(target=client)
+    t.start()
+    engine.run(until=done.is_set, poll_s=0.01)
+    t.join()
+    for i, p in enumerate(ps):
+        assert tokens(got[i]) == reference(lm, p, 5)[0]
+        assert got[i][-1].finish_reason == "length"
+    engine.shutdown()

@@ -327,14 +327,30 @@ class Engine:
 
     # -- the loop ---------------------------------------------------------------------
 
-    def _loop(self) -> None:
+    def run(self, until: Callable[[], bool], poll_s: float = 0.1) -> None:
+        """Run the loop on the calling thread until ``until()`` is true (checked every
+        ``poll_s`` while idle and after every step) or :meth:`shutdown`.
+
+        Prefer this to :meth:`start` on a process's main thread: with OpenMP (torch's CPU
+        thread pool), parallel regions forked from a second thread get a second worker
+        pool, libgomp then counts more threads than cores and its workers stop spinning
+        between regions -- small matmuls (a decode step is made of them) measured 2.5x
+        slower, single-stream decoding 1.5x slower on 2 cores. ``fleetlm serve`` runs the
+        HTTP server on a thread and the engine here."""
+        self._loop(until, poll_s)
+
+    def _loop(self, until: Callable[[], bool] | None = None, poll_s: float = 0.1) -> None:
         while True:
             with self._lock:
                 while not self._stop and not (self.scheduler.num_waiting
                                               or self.scheduler.num_running or self._cancel):
-                    self._wake.wait()
+                    if until is not None and until():
+                        return
+                    self._wake.wait(poll_s if until is not None else None)
                 if self._stop:
                     return
+            if until is not None and until():
+                return
             try:
                 self.step()
             except Exception as e:  # never leave callers hanging on a dead loop
