@@ -42,7 +42,7 @@ from fleetlm.errors import ConfigError
 from fleetlm.models.config import LlamaConfig
 
 # copied by add besides the two required files, when present
-_OPTIONAL_FILES = ("README.md",)
+_OPTIONAL_FILES = ("README.md", "fleetlm_task.json")  # model card; how the adapter was prompted in tuning
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ def classification_user_turn(text: str, task: TaskConfig, labels: Sequence[str] 
     model (zero- and few-shot), a tuned adapter has learned them."""
     head = task.instruction
     if labels is not None:
-        head += "\nLabels: " + ", ".join(labels)
-    return f"{head}\n\nText: {text}"
+        head = (head + "\n" if head else "") + "Labels: " + ", ".join(labels)
+    return f"{head}\n\nText: {text}" if head else text
 
 
 def task_messages(example: Example, task: TaskConfig, *, labels: Sequence[str] | None = None,
@@ -35,10 +35,11 @@ def task_messages(example: Example, task: TaskConfig, *, labels: Sequence[str] |
     msgs: list[dict[str, str]] = []
     if task.system_prompt:
         msgs.append({"role": "system", "content": task.system_prompt})
-    for ex in (*shots, example):
+    for i, ex in enumerate((*shots, example)):
         if task.type == "classification":
             assert ex.text is not None, "classification rows carry their text"
-            turn = [{"role": "user", "content": classification_user_turn(ex.text, task, labels)}]
+            shown = labels if i == 0 else None  # the label list once, in the first turn
+            turn = [{"role": "user", "content": classification_user_turn(ex.text, task, shown)}]
         else:
             turn = [dict(m) for m in ex.prompt if m["role"] != "system" or not task.system_prompt]
         msgs.extend(turn)
@@ -90,4 +91,5 @@ def task_card(task: TaskConfig, labels: Sequence[str] | None) -> dict[str, Any]:
     return {"type": task.type, "system_prompt": task.system_prompt,
             "instruction": task.instruction if task.type == "classification" else None,
             "labels": list(labels) if labels is not None else None,
-            "user_turn": "{instruction}\n\nText: {text}" if task.type == "classification" else None}
+            "user_turn": ("{instruction}\n\nText: {text}" if task.instruction else "{text}")
+            if task.type == "classification" else None}

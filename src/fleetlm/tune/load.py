@@ -41,19 +41,25 @@ _ROLES = {"system", "user", "assistant"}
 def load_rows(cfg: TuneConfig) -> tuple[list[Example], list[Example] | None]:
     """The training rows of ``data.path`` (a seeded sample of ``data.max_rows`` when set)
     and the rows of ``data.validation_path`` (None when no validation file is given)."""
-    train = _load_file(cfg, cfg.data.path, "data.path")
+    train = _load_files(cfg, cfg.data.paths, "data.path")
     if cfg.data.max_rows is not None and len(train) > cfg.data.max_rows:
         keep = sorted(random.Random(cfg.seed).sample(range(len(train)), cfg.data.max_rows))
         train = [train[i] for i in keep]
     val = None
-    if cfg.data.validation_path is not None:
-        val = _load_file(cfg, cfg.data.validation_path, "data.validation_path")
+    if cfg.data.validation_paths:
+        val = _load_files(cfg, cfg.data.validation_paths, "data.validation_path")
     if cfg.task.type == "classification" and cfg.task.labels is not None:
         _check_labels(cfg.task.labels, [("data.path", train), ("data.validation_path", val or [])])
     return train, val
 
 
 # ----------------------------------------------------------------------------- files
+
+
+def _load_files(cfg: TuneConfig, paths: list[Path], field: str) -> list[Example]:
+    if len(paths) == 1:
+        return _load_file(cfg, paths[0], field)
+    return [ex for i, p in enumerate(paths) for ex in _load_file(cfg, p, f"{field}[{i}]")]
 
 
 def _load_file(cfg: TuneConfig, path: Path, field: str) -> list[Example]:

@@ -112,10 +112,17 @@ def answer_loss(model: Any, batch: Batch) -> tuple[Tensor, int]:
 
 
 def build_model(base_folder: Path, cfg: TrainConfig) -> Any:
-    """The base in float32 (the optimizer's master weights), with LoRA layers if asked."""
+    """The model to train. Full: float32 weights (the optimizer's master copy). LoRA with
+    ``bf16``: the frozen base in bfloat16, so autocast does not cast every weight on every
+    forward (measured 13% of a step), and the adapter in float32. ``attention: eager`` (the
+    default) because torch's CPU flash-attention backward took a quarter of a step on
+    the short rows of fine-tuning data (measured: eager 1.16x faster per step)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
+    frozen_bf16 = cfg.method == "lora" and cfg.bf16
+    model = AutoModelForCausalLM.from_pretrained(
+        base_folder, dtype=torch.bfloat16 if frozen_bf16 else torch.float32,
+        attn_implementation=cfg.attention)
     model.config.use_cache = False
     if cfg.method == "full":
         return model
@@ -131,7 +138,7 @@ def build_model(base_folder: Path, cfg: TrainConfig) -> Any:
                       lora_dropout=cfg.dropout,
                       target_modules=list(cfg.target_modules), use_rslora=cfg.use_rslora,
                       bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, lcfg)
+    return get_peft_model(model, lcfg, autocast_adapter_dtype=True)  # adapter in float32
 
 
 def _schedule(total: int, warmup: int) -> Callable[[int], float]:
@@ -285,7 +292,7 @@ def train(model: Any, train_rows: Sequence[Encoded], val_rows: Sequence[Encoded]
                 with _autocast(cfg, dev):
                     loss, _ = answer_loss(model, b)
                 (loss / max(1, n_answer)).backward()
-                accum_loss += float(loss)
+                accum_loss += float(loss.detach())
                 accum_count += int(b.targets.numel())
                 accum_tokens += b.tokens
             torch.nn.utils.clip_grad_norm_(params, 1.0)
