@@ -223,6 +223,26 @@ def tune(
                f"({result.summary['wall_seconds']:.0f} s)")
 
 
+@bench_app.command("tune")
+def bench_tune(
+    config: Annotated[Path, typer.Option("--config", help="A tune config, e.g. examples/banking77.yaml.")],
+    out: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
+    steps: Annotated[int, typer.Option(help="Optimizer steps per throughput run.")] = 30,
+    skip_pipeline: Annotated[bool, typer.Option("--skip-pipeline", help="Only the throughput comparison.")] = False,
+    skip_trainer: Annotated[bool, typer.Option("--skip-trainer", help="No transformers Trainer baseline.")] = False,
+) -> None:
+    """`fleetlm tune CONFIG` end to end, and its training loop against transformers' Trainer."""
+    from fleetlm.bench.tune import TuneBenchConfig, run
+
+    if steps < 3:
+        _fail(FleetLMError(f"--steps={steps}: at least 3 (the first two are warm-up)"))
+    try:
+        run(TuneBenchConfig(config=config, steps=steps, skip_pipeline=skip_pipeline,
+                            skip_trainer=skip_trainer), out)
+    except FleetLMError as e:
+        _fail(e)
+
+
 @bench_app.command("serve")
 def bench_serve(
     model: ModelOpt = "smollm2-135m",

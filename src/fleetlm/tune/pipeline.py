@@ -342,7 +342,13 @@ class Pipeline:
         rank = max(16, c.train.rank)
         store = None if full else AdapterStore(output.parent, lm.config, dtype=lm.model.dtype,
                                                max_rank=rank)
-        engine = Engine(lm, EngineConfig(max_running=32, max_len=4096, max_hot_adapters=0 if full else 1,
+        from fleetlm.engine.generate import KV_BUCKET
+
+        # the rotary table the model was loaded with bounds the KV rows (in KV_BUCKET steps)
+        positions = int(lm.model.rope_cos.shape[0])
+        max_len = min(4096, (positions - 1) // KV_BUCKET * KV_BUCKET)
+        engine = Engine(lm, EngineConfig(max_running=32, max_len=max_len,
+                                         max_hot_adapters=0 if full else 1,
                                          max_lora_rank=rank, max_step_tokens=2048,
                                          prefill_chunk=2048), store=store)
         try:

@@ -1,0 +1,226 @@
+"""``fleetlm tune`` end to end on a tiny random model with SmolLM2's tokenizer: the loss
+falls, stages are cached, training resumes exactly, bad configs name their field, the
+published adapter scores in the engine what the run reported, and a real fleetlm server
+works as the teacher."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from fleetlm.tune.config import parse_config
+from fleetlm.tune.pipeline import Pipeline
+
+LABELS = {"fruit": ["apple", "banana", "cherry", "mango"],
+          "tool": ["hammer", "wrench", "saw", "drill"],
+          "animal": ["horse", "tiger", "otter", "eagle"]}
+FLEETLM = shutil.which("fleetlm", path=str(Path(sys.executable).parent))
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random Llama with the embedded model's tokenizer and chat template
+    (embeddings drawn wide enough that a tied head can express a confident answer)."""
+    import transformers
+
+    from fleetlm.models.loader import resolve_source
+
+    src = resolve_source("smollm2-135m")
+    folder = tmp_path_factory.mktemp("tiny-base")
+    tok = transformers.AutoTokenizer.from_pretrained(src)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=512,
+                                   tie_word_embeddings=True, initializer_range=0.3,
+                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _write_data(path: Path, n_per_label: int = 24, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "category"])
+        for label, words in LABELS.items():
+            for i in range(n_per_label):
+                a, b = rng.sample(words, 2)
+                w.writerow([f"I saw a {a} and a {b} on day {i} of {rng.choice('xyzw')}", label])
+
+
+def _config(tmp: Path, base: Path, **over: Any) -> dict[str, Any]:
+    data = tmp / "train.csv"
+    if not data.exists():
+        _write_data(data)
+    raw: dict[str, Any] = {
+        "name": "tiny-cls", "base_model": str(base), "seed": 0,
+        "task": {"type": "classification", "system_prompt": "Sort it.", "instruction": ""},
+        "data": {"path": str(data), "label_column": "category", "validation_fraction": 0.25},
+        "prepare": {"dedup": "exact"},
+        "train": {"rank": 8, "alpha": 16, "learning_rate": 0.05, "max_steps": 30, "batch_size": 8,
+                  "eval_every": 10, "save_every": 10, "bf16": False, "warmup_ratio": 0.0},
+        "eval": {"base_rows": 6, "few_shot": 2},
+        "publish": {"adapters_dir": str(tmp / "store")},
+        "output_dir": str(tmp / "run"),
+    }
+    for k, v in over.items():
+        raw[k] = {**raw[k], **v} if isinstance(v, dict) else v
+    return raw
+
+
+def test_tune_end_to_end_caches_and_publishes(tmp_path: Path, tiny_base: Path) -> None:
+    cfg = parse_config(_config(tmp_path, tiny_base))
+    res = Pipeline(cfg, quiet=True).run()
+    s = res.summary
+    train = s["stages"]["train"]
+    assert train["steps"] == 30 and train["tokens_per_s"] > 0
+    assert train["final_train_loss"] < 0.5 * train["first_train_loss"]  # it learns
+    assert {"tuned", "base_zero_shot", "base_few_shot"} <= set(s["metrics"])
+    tuned = s["metrics"]["tuned"]
+    assert 0.0 <= tuned["accuracy"] <= 1.0 and "macro_f1" in tuned
+    # run folder: summary, plots, log; published adapter with card and task file
+    for f in ("summary.json", "loss.png", "confusion.png", "tune.log", "config.json"):
+        assert (res.run_dir / f).is_file(), f
+    pub = tmp_path / "store" / "tiny-cls"
+    assert res.adapter_dir == pub
+    for f in ("adapter_config.json", "adapter_model.safetensors", "README.md", "fleetlm_task.json"):
+        assert (pub / f).is_file(), f
+    card = (pub / "README.md").read_text()
+    assert "## Training" in card and "## Evaluation" in card and "rank 8" in card
+    task = json.loads((pub / "fleetlm_task.json").read_text())
+    assert task["labels"] == sorted(LABELS) and task["system_prompt"] == "Sort it."
+
+    # the published adapter, served by the engine, scores what the run reported
+    from fleetlm.adapters import AdapterStore
+    from fleetlm.engine.engine import Engine, EngineConfig
+    from fleetlm.models.loader import load_model
+    from fleetlm.tune.evaluate import evaluate
+    from fleetlm.tune.records import read_jsonl
+
+    prep = res.run_dir / "stages" / f"prepare-{s['stages']['prepare']['key']}"
+    val = read_jsonl(prep / "val.jsonl")
+    lm = load_model(str(tiny_base), dtype="auto")
+    store = AdapterStore(tmp_path / "store", lm.config, dtype=lm.model.dtype, max_rank=16)
+    engine = Engine(lm, EngineConfig(max_running=8, max_len=256, max_hot_adapters=1), store=store)
+    again = evaluate(engine, val, cfg.task, sorted(LABELS), adapter="tiny-cls", name="served")
+    assert again.metrics["accuracy"] == pytest.approx(tuned["accuracy"])
+    assert again.rows == tuned["rows"]
+
+    # a second run reuses every stage; changing eval settings redoes only the evaluation
+    cfg2 = cfg.model_copy(update={"publish": cfg.publish.model_copy(update={"overwrite": True})})
+    s2 = Pipeline(cfg2, quiet=True).run().summary
+    assert all(st["cached"] for st in s2["stages"].values())
+    assert s2["metrics"] == s["metrics"]
+    cfg3 = cfg2.model_copy(update={"eval": cfg.eval.model_copy(update={"few_shot": 0})})
+    s3 = Pipeline(cfg3, quiet=True).run().summary
+    assert s3["stages"]["train"]["cached"] and not s3["stages"]["evaluate"]["cached"]
+    assert "base_few_shot" not in s3["metrics"]
+
+
+def test_publish_refuses_to_overwrite_without_the_flag(tmp_path: Path, tiny_base: Path) -> None:
+    from fleetlm.adapters import AdapterError
+
+    raw = _config(tmp_path, tiny_base, train={"max_steps": 2}, eval={"enabled": False})
+    Pipeline(parse_config(raw), quiet=True).run()
+    with pytest.raises(AdapterError, match="already"):
+        Pipeline(parse_config(raw), quiet=True).run()
+
+
+def test_training_resumes_exactly_after_a_crash(tmp_path: Path, tiny_base: Path) -> None:
+    from fleetlm.models.loader import load_tokenizer
+    from fleetlm.tune.format import encode
+    from fleetlm.tune.load import load_rows
+    from fleetlm.tune.train import build_model, train
+
+    cfg = parse_config(_config(tmp_path, tiny_base, train={"max_steps": 8, "save_every": 2}))
+    tok = load_tokenizer(tiny_base)
+    rows, _ = load_rows(cfg)
+    enc = [encode(tok, r, cfg.task) for r in rows]
+    pad = tok.eos_token_id
+
+    def fresh() -> Any:
+        torch.manual_seed(123)
+        return build_model(tiny_base, cfg.train)
+
+    whole = train(fresh(), enc[:60], enc[60:], cfg.train, tmp_path / "a", pad_id=pad)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_5(e: dict[str, Any]) -> None:
+        if e.get("step") == 5 and "loss" in e:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(fresh(), enc[:60], enc[60:], cfg.train, tmp_path / "b", pad_id=pad, on_step=crash_at_5)
+    assert (tmp_path / "b" / "checkpoint" / "state.pt").is_file()  # step 4's
+    torch.manual_seed(999)  # a different start: everything must come from the checkpoint
+    resumed = train(build_model(tiny_base, cfg.train), enc[:60], enc[60:], cfg.train,
+                    tmp_path / "b", pad_id=pad, resume=True)
+    assert resumed.steps == whole.steps == 8
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    losses = [h["loss"] for h in whole.history if "loss" in h]
+    assert [h["loss"] for h in resumed.history if "loss" in h] == pytest.approx(losses, abs=1e-5)
+
+
+def _tune_cli(tmp_path: Path, raw: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    assert FLEETLM
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return subprocess.run([FLEETLM, "tune", str(path)], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"train": {"rnak": 4}}, "train.rnak: unknown key"),
+    ({"data": {"text_column": "body"}}, "data.text_column"),
+    ({"data": {"label_column": "intent"}}, "data.label_column"),
+    ({"prepare": {"min_chars": 500}}, "prepare."),
+    ({"name": "bad name!"}, "name"),
+])
+def test_bad_configs_name_the_field(tmp_path: Path, tiny_base: Path, change, needle) -> None:
+    r = _tune_cli(tmp_path, _config(tmp_path, tiny_base, **change))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert needle in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_a_fleetlm_server_as_teacher(tmp_path: Path, tiny_base: Path) -> None:
+    """Synthesis against a real fleetlm server (the embedded model) on loopback; its rows
+    pass the filter into the training data."""
+    from tests.server.conftest import MODEL, live_server
+
+    with live_server(tmp_path / "teacher-store", with_demo=False) as live:
+        raw = _config(tmp_path, tiny_base, synthesize={
+            "enabled": True, "per_label": 4, "seed_examples": 3, "concurrency": 2,
+            "max_requests": 6, "teacher": {"base_url": live.url + "/v1", "model": MODEL,
+                                           "max_tokens": 96, "temperature": 0.8}},
+            filter={"confirm_labels": False, "min_chars": 8})
+        p = Pipeline(parse_config(raw), quiet=True)
+        p.run_dir.mkdir(parents=True)
+        data, train, val = p.prepare()
+        _, augmented = p.synthesize(data, train, val)
+        generated = live.engine.stats()["generated_tokens"]
+    synthetic = [r for r in augmented if r.source == "synthetic"]
+    assert generated > 0 and synthetic, p.summary["stages"]
+    assert len(augmented) == len(train) + len(synthetic)
+    assert all(r.label in LABELS and r.text and len(r.text) >= 8 for r in synthetic)
+    rep = p.summary["stages"]["synthesize"]
+    assert rep["requests"] >= 1
