@@ -356,3 +356,48 @@ def test_run_on_the_calling_thread_serves_requests_from_another_thread(lm):
         assert tokens(got[i]) == reference(lm, p, 5)[0]
         assert got[i][-1].finish_reason == "length"
     engine.shutdown()
+
+
+@pytest.mark.parametrize("chunk", [64, 8])
+def test_prompt_logprobs_match_transformers(lm, folder, chunk):
+    """Prompt scoring (echo): every prompt token's logprob given the ones before it, across
+    prefill chunk boundaries and next to a request that does not ask for them."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    engine = Engine(lm, EngineConfig(max_running=4, max_len=128, max_step_tokens=64,
+                                     prefill_chunk=chunk, max_hot_adapters=0))
+    p_echo, p_other = prompts(2, seed=3)[1], prompts(3, seed=4)[2]  # 40 and 17 tokens
+    scored = run(engine, [])  # nothing; then submit both together
+    got: dict[str, list[EngineEvent]] = defaultdict(list)
+    a = engine.submit(p_echo, SamplingParams(max_tokens=3, prompt_logprobs=2, **GREEDY),
+                      callback=lambda ev: got["a"].append(ev))
+    engine.submit(p_other, SamplingParams(max_tokens=3, **GREEDY), callback=lambda ev: got["b"].append(ev))
+    b = engine.submit(p_echo, SamplingParams(max_tokens=0, prompt_logprobs=0, temperature=0.0),
+                      callback=lambda ev: got["c"].append(ev))
+    while engine.step():
+        pass
+    assert scored == [] and a and b
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([p_echo])).logits[0].float(), -1)
+    want = [float(ref[j, p_echo[j + 1]]) for j in range(len(p_echo) - 1)]
+    first = got["a"][0]
+    assert first.token_id is not None and first.prompt_logprobs is not None
+    assert [lp for lp, _ in first.prompt_logprobs] == pytest.approx(want, abs=1e-4)
+    top = first.prompt_logprobs[5][1]
+    assert [t for t, _ in top] == ref[5].topk(2).indices.tolist()
+    assert all(ev.prompt_logprobs is None for ev in got["a"][1:] + got["b"])
+    assert tokens(got["a"]) == reference(lm, p_echo, 3)[0]  # generation unaffected
+    assert tokens(got["b"]) == reference(lm, p_other, 3)[0]
+    # max_tokens=0: scored, nothing generated, the row freed
+    (only,) = got["c"]
+    assert only.token_id is None and only.finish_reason == "length" and only.completion_tokens == 0
+    assert [lp for lp, _ in only.prompt_logprobs] == pytest.approx(want, abs=1e-4)
+    assert engine.stats()["running"] == 0
+
+
+def test_max_tokens_zero_needs_prompt_logprobs():
+    with pytest.raises(ConfigError, match="max_tokens=0"):
+        SamplingParams(max_tokens=0).validate()
+    with pytest.raises(ConfigError, match="prompt_logprobs=21"):
+        SamplingParams(prompt_logprobs=21).validate()

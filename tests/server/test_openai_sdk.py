@@ -168,3 +168,42 @@ def test_n_choices_are_submitted_together_and_a_refusal_cancels_them(server, cli
             break
         time.sleep(0.05)
     assert not engine.has_work() and engine.runner.rows.num_free == engine.num_rows
+
+
+def test_completions_echo_scores_the_prompt(server, client):
+    """echo + logprobs (lm-eval-harness style): the prompt's own token logprobs, compared
+    with transformers on the same weights; max_tokens=0 scores without generating."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _, _, lm = server
+    prompt = "The capital of France is Paris"
+    r = client.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=0, echo=True,
+                                  logprobs=1, temperature=0)
+    c = r.choices[0]
+    assert c.text == prompt and c.finish_reason == "length" and r.usage.completion_tokens == 0
+    ids = lm.tokenizer(prompt)["input_ids"]
+    lp = c.logprobs
+    assert "".join(lp.tokens) == prompt and len(lp.tokens) == len(ids)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(ids))]
+    hf = AutoModelForCausalLM.from_pretrained(lm.folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), -1)
+    want = [float(ref[j, ids[j + 1]]) for j in range(len(ids) - 1)]
+    assert lp.token_logprobs[1:] == pytest.approx(want, abs=2e-3)
+    assert all(len(t) == 1 for t in lp.top_logprobs[1:])
+    # echo with generation: prompt, then the answer; streaming gives the same text
+    r = client.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=4, echo=True,
+                                  temperature=0, logprobs=0)
+    full = r.choices[0].text
+    assert full.startswith(prompt) and len(r.choices[0].logprobs.tokens) == len(ids) + 4
+    chunks = list(client.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=4,
+                                            echo=True, temperature=0, stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == full
+    # max_tokens=0 without echo is refused, naming the field
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=0)
+    assert e.value.body["param"] == "max_tokens"

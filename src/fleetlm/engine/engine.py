@@ -92,6 +92,9 @@ class EngineEvent:
     error: Exception | None = None  # set when finish_reason == "error"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # with SamplingParams.prompt_logprobs, on the request's first event: for prompt tokens
+    # 1..P-1, (logprob given the tokens before it, top-k alternatives)
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
 
 @dataclass
@@ -109,6 +112,7 @@ class _Request:
     last_token: int = -1
     generated: int = 0
     done: bool = False
+    prompt_lp: list[tuple[float, list[tuple[int, float]]]] | None = None  # being scored
 
 
 class _Mailbox:
@@ -206,7 +210,8 @@ class Engine:
                 raise ConfigError(f"adapter {adapter!r}: this engine serves no adapters")
             self.store.validate(adapter)  # name, path and config checks; raises AdapterError
         rid = request_id or f"req-{next(self._ids)}"
-        max_new = min(params.max_tokens, self.config.max_len - len(prompt))
+        # max_tokens=0 (prompt scoring) still plans one token; the request ends after prefill
+        max_new = max(1, min(params.max_tokens, self.config.max_len - len(prompt)))
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids.update(self.lm.stop_token_ids)
@@ -216,7 +221,8 @@ class Engine:
                                    tokenizer=self.lm.tokenizer),
             detok=Detokenizer(self.lm.tokenizer, params.stop),
             stop_ids=stop_ids, seq=Sequence(rid, len(prompt), max_new, adapter),
-            submitted=time.perf_counter())
+            submitted=time.perf_counter(),
+            prompt_lp=[] if params.prompt_logprobs is not None else None)
         with self._lock:
             if rid in self._requests:
                 raise ConfigError(f"request_id {rid!r} is already in use")
@@ -377,12 +383,46 @@ class Engine:
         self.steps += 1
         if out.decode_logits is not None:
             self._sample_rows([self._requests[d.seq_id] for d in decode], out.decode_logits)
+        for p in prefill:
+            if p.seq_id in out.chunk_logits:
+                self._score_prompt(self._requests[p.seq_id], p.start, out.chunk_logits[p.seq_id])
         if out.prefill_logits is not None:
             last = [i for i, p in enumerate(prefill) if p.last]
+            for i in [i for i in last if self._requests[prefill[i].seq_id].params.max_tokens == 0]:
+                self._finish_scoring(self._requests[prefill[i].seq_id])
+            last = [i for i in last if prefill[i].seq_id in self._requests]
             if last:
                 self._sample_rows([self._requests[prefill[i].seq_id] for i in last],
                                   out.prefill_logits[last])
         return True
+
+    def _score_prompt(self, req: _Request, start: int, logits: torch.Tensor) -> None:
+        """Logprobs of the prompt tokens a chunk's logits [n, V] predict (start+1 ..)."""
+        assert req.prompt_lp is not None and req.params.prompt_logprobs is not None
+        v = self.lm.config.vocab_size
+        logp = torch.log_softmax(logits[:, :v].float(), dim=-1)
+        n = min(len(logits), len(req.prompt) - start - 1)  # the last predicts no prompt token
+        if n <= 0:
+            return
+        targets = torch.tensor(req.prompt[start + 1: start + 1 + n])
+        chosen = logp[torch.arange(n), targets].tolist()
+        k = req.params.prompt_logprobs
+        top_v, top_i = (logp[:n].topk(k, dim=-1) if k else (None, None))
+        for j in range(n):
+            alts = list(zip(top_i[j].tolist(), top_v[j].tolist(), strict=True)) \
+                if top_i is not None and top_v is not None else []
+            req.prompt_lp.append((chosen[j], alts))
+
+    def _finish_scoring(self, req: _Request) -> None:
+        """max_tokens=0: the prompt is scored; end the request without generating."""
+        with self._lock:
+            self.scheduler.finish(req.id)
+        self.runner.release(req.id)
+        req.done = True
+        del self._requests[req.id]
+        req.callback(EngineEvent(req.id, None, "", finish_reason="length",
+                                 prompt_tokens=len(req.prompt), completion_tokens=0,
+                                 prompt_logprobs=req.prompt_lp))
 
     def _sample_rows(self, reqs: list[_Request], logits: torch.Tensor) -> None:
         """Sample one token per row of logits [n, V]; plain greedy rows (no penalties, no
@@ -414,7 +454,9 @@ class Engine:
         decode.sort(key=lambda d: self.runner.rows.row_of[d.seq_id])  # the cache's row order
         prefill = [PrefillItem(c.seq.request_id,
                                self._requests[c.seq.request_id].prompt[c.start:c.end],
-                               c.start, slot(c.seq), c.last) for c in plan.prefill if live(c.seq)]
+                               c.start, slot(c.seq), c.last,
+                               self._requests[c.seq.request_id].prompt_lp is not None)
+                   for c in plan.prefill if live(c.seq)]
         return decode, prefill
 
     def _on_adapter_changed(self, name: str) -> None:
@@ -471,7 +513,8 @@ class Engine:
                 reason = "length"
                 text += req.detok.flush()
         ev = EngineEvent(req.id, s.token_id, text, s.logprob, s.top_logprobs, reason,
-                         prompt_tokens=len(req.prompt), completion_tokens=req.generated)
+                         prompt_tokens=len(req.prompt), completion_tokens=req.generated,
+                         prompt_logprobs=req.prompt_lp if req.generated == 1 else None)
         if reason is not None:
             with self._lock:
                 self.scheduler.finish(req.id)

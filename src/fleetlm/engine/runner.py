@@ -20,7 +20,7 @@ The runner knows nothing about queues, sampling or text.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -54,12 +54,15 @@ class PrefillItem:
     start: int
     adapter_slot: int = NO_ADAPTER
     last: bool = False  # the prompt's last chunk: its logits are wanted, then it decodes
+    all_logits: bool = False  # logits at every token of the chunk (prompt logprobs, echo)
 
 
 @dataclass
 class StepOutput:
     decode_logits: Tensor | None  # [len(decode), vocab] float32, in the decode items' order
     prefill_logits: Tensor | None  # [len(prefill), vocab] float32 at each chunk's last token
+    # seq_id -> [len(chunk), vocab] float32 at every token, for items with all_logits
+    chunk_logits: dict[str, Tensor] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -125,7 +128,7 @@ class ModelRunner:
     def execute(self, decode: Sequence[DecodeItem], prefill: Sequence[PrefillItem]) -> StepOutput:
         with torch.inference_mode():
             dl = self._decode(decode) if decode else None
-            pl = self._prefill(prefill) if prefill else None
+            pl, chunks = self._prefill(prefill) if prefill else (None, {})
         for item in decode:
             self.lengths[item.seq_id] = item.position + 1
         for p in prefill:
@@ -133,7 +136,7 @@ class ModelRunner:
         for p in prefill:  # after every length is known: a move may swap two prefill rows
             if p.last:
                 self._apply(self.rows.start_decoding(p.seq_id, self.lengths[p.seq_id], self.lengths))
-        return StepOutput(dl, pl)
+        return StepOutput(dl, pl, chunks)
 
     def _decode(self, items: Sequence[DecodeItem]) -> Tensor:
         order = self.rows.decoding()
@@ -151,7 +154,7 @@ class ModelRunner:
         index = {s: i for i, s in enumerate(order)}  # back to the caller's order
         return logits[torch.tensor([index[it.seq_id] for it in items])]
 
-    def _prefill(self, items: Sequence[PrefillItem]) -> Tensor:
+    def _prefill(self, items: Sequence[PrefillItem]) -> tuple[Tensor, dict[str, Tensor]]:
         m = len(items)
         width = max(len(p.tokens) for p in items)
         ids = torch.zeros(m, width, dtype=torch.long)
@@ -167,4 +170,27 @@ class ModelRunner:
         slots = torch.tensor([self.rows.row_of[p.seq_id] for p in items], dtype=torch.long)
         kv_len = bucket(max(p.start + len(p.tokens) for p in items), RUNNER_KV_BUCKET)
         last = torch.tensor([len(p.tokens) - 1 for p in items], dtype=torch.long)
-        return self.model(ids, pos, self.cache, slots, kv_len, last, self._lora(token_slots))
+        lora = self._lora(token_slots)
+        if not any(p.all_logits for p in items):
+            return self.model(ids, pos, self.cache, slots, kv_len, last, lora), {}
+        # the LM head on the last token of each chunk, and on every token of the chunks
+        # that want them -- not on the padding of the whole [m, width] block
+        rows: list[int] = []
+        cols: list[int] = []
+        spans: dict[str, tuple[int, int]] = {}
+        ends = []
+        for i, p in enumerate(items):
+            n = len(p.tokens)
+            if p.all_logits:
+                spans[p.seq_id] = (len(rows), n)
+                rows += [i] * n
+                cols += list(range(n))
+                ends.append(len(rows) - 1)
+            else:
+                rows.append(i)
+                cols.append(n - 1)
+                ends.append(len(rows) - 1)
+        index = (torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long))
+        flat = self.model(ids, pos, self.cache, slots, kv_len, index, lora)  # [N, vocab]
+        chunks = {sid: flat[a: a + n] for sid, (a, n) in spans.items()}
+        return flat[torch.tensor(ends, dtype=torch.long)], chunks

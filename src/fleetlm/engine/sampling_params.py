@@ -30,6 +30,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # added to the model's eos ids
     ignore_eos: bool = False
     logprobs: int | None = None  # None -> off; k -> chosen token's logprob + top-k alternatives
+    # None -> off; k -> every prompt token's logprob (given the tokens before it) + top-k;
+    # with it, max_tokens may be 0: score the prompt, generate nothing
+    prompt_logprobs: int | None = None
     # OpenAI shape: {"type": "json_object"} or {"type": "json_schema", "json_schema":
     # {"name": ..., "schema": {...}, "strict": ...}}; None or {"type": "text"} -> free text
     response_format: dict[str, Any] | None = None
@@ -48,8 +51,11 @@ class SamplingParams:
         problems: list[str] = []
         if isinstance(self.stop, str):  # OpenAI allows a single string
             self.stop = [self.stop]
-        if self.max_tokens < 1:
-            problems.append(f"max_tokens={self.max_tokens}: must be >= 1")
+        if self.max_tokens < (0 if self.prompt_logprobs is not None else 1):
+            problems.append(f"max_tokens={self.max_tokens}: must be >= 1 (0 only when scoring "
+                            "the prompt, with prompt logprobs / echo)")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            problems.append(f"prompt_logprobs={self.prompt_logprobs}: must be in [0, 20]")
         if not 0.0 <= self.temperature <= 100.0:
             problems.append(f"temperature={self.temperature}: must be in [0, 100]")
         if self.top_k < 0:

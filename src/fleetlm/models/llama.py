@@ -246,7 +246,9 @@ class LlamaForCausalLM(nn.Module):
         cache: KVCache,
         slots: Tensor | None,  # [B] int64 cache slot of each row; None = slots 0..B-1
         kv_len: int,  # attend over cache positions [0, kv_len); >= max(positions) + 1
-        logits_index: Tensor | None = None,  # [B] index in S whose logits to return; None = all
+        # [B] index in S whose logits to return; or (rows [N], positions [N]): those tokens'
+        # logits [N, vocab]; None = all
+        logits_index: Tensor | tuple[Tensor, Tensor] | None = None,
         lora: LoraContext | None = None,  # per-token adapters of the B*S tokens (row-major)
     ) -> Tensor:
         """Logits [B, vocab] at ``logits_index`` (or [B, S, vocab] for all tokens), float32."""
@@ -256,6 +258,8 @@ class LlamaForCausalLM(nn.Module):
         mask = self.attention_mask(positions, kv_len)
         for layer in self.model.layers:
             x = layer(x, cos, sin, positions, mask, cache, slots, kv_len, lora)
-        if logits_index is not None:
+        if isinstance(logits_index, tuple):
+            x = x[logits_index[0], logits_index[1]]
+        elif logits_index is not None:
             x = x[torch.arange(x.shape[0], device=x.device), logits_index]
         return self.lm_head(self.model.norm(x)).float()

@@ -123,10 +123,11 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         store.validate(adapter)  # AdapterNotFound -> 404, AdapterError -> 422
         return adapter
 
-    def sampling(req: Any, max_tokens: int | None, logprobs: int | None, seed: int | None
-                 ) -> SamplingParams:
+    def sampling(req: Any, max_tokens: int | None, logprobs: int | None, seed: int | None,
+                 prompt_logprobs: int | None = None) -> SamplingParams:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        return SamplingParams(max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
+        return SamplingParams(max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
+                              prompt_logprobs=prompt_logprobs,
                               temperature=req.temperature, top_p=req.top_p, seed=seed,
                               stop=stop, presence_penalty=req.presence_penalty,
                               frequency_penalty=req.frequency_penalty,
@@ -170,6 +171,32 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
 
     def token_text(i: int) -> str:
         return str(tok.decode([i])) if tok is not None else ""
+
+    def token_text_of(ids: list[int]) -> str:
+        return str(tok.decode(ids)) if tok is not None else ""
+
+    def completion_logprobs(events: list[EngineEvent], prompt: list[int] | None) -> dict[str, Any]:
+        """Legacy completions logprobs; with ``prompt`` (echo) the prompt's tokens come first,
+        the first of them with no logprob (nothing precedes it)."""
+        toks: list[int] = []
+        lps: list[float | None] = []
+        tops: list[dict[str, float] | None] = []
+        if prompt is not None:
+            scored = next((e.prompt_logprobs for e in events if e.prompt_logprobs is not None), [])
+            toks += prompt
+            lps += [None] + [lp for lp, _ in scored]
+            tops += [None] + [{token_text(t): v for t, v in alts} for _, alts in scored]
+        for e in events:
+            if e.token_id is not None:
+                toks.append(e.token_id)
+                lps.append(e.logprob)
+                tops.append({token_text(t): v for t, v in e.top_logprobs})
+        texts = [token_text(t) for t in toks]
+        offsets, at = [], 0
+        for t in texts:
+            offsets.append(at)
+            at += len(t)
+        return {"tokens": texts, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
     def chat_logprobs(events: list[EngineEvent]) -> dict[str, Any]:
         content = []
@@ -217,7 +244,8 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         ids = list(out["input_ids"] if hasattr(out, "keys") else out)
         k = (req.top_logprobs or 0) if req.logprobs else None
         track = metrics.request(req.model, len(ids))
-        params = [sampling(req, req.max_completion_tokens or req.max_tokens, k, s) for s in seeds(req)]
+        params = [sampling(req, req.max_completion_tokens or req.max_tokens or None, k, s)
+                  for s in seeds(req)]
         streams = [track.wrap(st) for st in await start_all(ids, params, adapter)]
         request.state.tracked = True  # from here on, the request metric counts it
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -239,8 +267,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
     async def completions(req: CompletionRequest, request: Request) -> Any:
         request.state.model = req.model
         adapter = resolve(req.model)
-        if req.echo:
-            raise APIError(400, "echo: prompt logprobs are not supported yet", "invalid_request_error", "echo")
+        prompt_text = None
         if isinstance(req.prompt, list) and req.prompt and all(isinstance(t, int) for t in req.prompt):
             ids = [int(t) for t in req.prompt]  # token ids, as OpenAI allows
         else:
@@ -251,26 +278,34 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
             if tok is None:
                 raise APIError(400, "this model has no tokenizer", "invalid_request_error", "prompt")
             ids = list(tok(prompts[0])["input_ids"])
+            prompt_text = prompts[0]
+        if req.max_tokens == 0 and not req.echo:
+            raise APIError(400, "max_tokens: must be >= 1 (0 only with echo, to score the "
+                                "prompt)", "invalid_request_error", "max_tokens")
+        if prompt_text is None:
+            prompt_text = token_text_of(ids)
+        # echo: the prompt comes back with the answer; with logprobs, every prompt token's
+        # logprob (the engine scores the prompt in its prefill)
+        plp = (req.logprobs if req.logprobs is not None else 0) if req.echo else None
         track = metrics.request(req.model, len(ids))
-        params = [sampling(req, req.max_tokens or 16, req.logprobs, s) for s in seeds(req)]
+        params = [sampling(req, 16 if req.max_tokens is None else req.max_tokens, req.logprobs,
+                           s, plp) for s in seeds(req)]
         streams = [track.wrap(st) for st in await start_all(ids, params, adapter)]
         request.state.tracked = True  # from here on, the request metric counts it
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        echo = prompt_text if req.echo else None
         if req.stream:
-            return _sse(_completion_chunks(streams, rid, created, req))
+            return _sse(_completion_chunks(streams, rid, created, req, ids, echo,
+                                           completion_logprobs))
         results = await asyncio.gather(*(collect(s) for s in streams))
         choices, completion = [], 0
         for i, evs in enumerate(results):
             check_end(evs[-1])
             completion += evs[-1].completion_tokens
-            lp = None
-            if req.logprobs is not None:
-                toks = [e for e in evs if e.token_id is not None]
-                lp = {"tokens": [token_text(e.token_id) for e in toks if e.token_id is not None],
-                      "token_logprobs": [e.logprob for e in toks],
-                      "top_logprobs": [{token_text(i): v for i, v in e.top_logprobs} for e in toks],
-                      "text_offset": []}
-            choices.append({"index": i, "text": "".join(e.text for e in evs), "logprobs": lp,
+            text = (echo or "") + "".join(e.text for e in evs)
+            lp = completion_logprobs(evs, ids if req.echo else None) \
+                if req.logprobs is not None else None
+            choices.append({"index": i, "text": text, "logprobs": lp,
                             "finish_reason": evs[-1].finish_reason})
         return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
                 "choices": choices, "usage": _usage(len(ids), completion)}
@@ -361,13 +396,20 @@ async def _chat_chunks(streams: list[AsyncIterator[EngineEvent]], rid: str, crea
 
 
 async def _completion_chunks(streams: list[AsyncIterator[EngineEvent]], rid: str, created: int,
-                             req: CompletionRequest) -> AsyncIterator[dict[str, Any]]:
+                             req: CompletionRequest, prompt: list[int], echo: str | None,
+                             logprobs: Callable[[list[EngineEvent], list[int] | None], Any],
+                             ) -> AsyncIterator[dict[str, Any]]:
     base = {"id": rid, "object": "text_completion", "created": created, "model": req.model}
+    echoed: set[int] = set()
 
     def choice(i: int, ev: EngineEvent) -> dict[str, Any] | None:
         if ev.token_id is None and not ev.finish_reason:
             return None
-        return {"index": i, "text": ev.text, "logprobs": None, "finish_reason": ev.finish_reason}
+        first = echo is not None and i not in echoed  # the prompt rides on the first chunk
+        echoed.add(i)
+        lp = logprobs([ev], prompt if first else None) if req.logprobs is not None else None
+        text = ((echo or "") if first else "") + ev.text
+        return {"index": i, "text": text, "logprobs": lp, "finish_reason": ev.finish_reason}
 
     usage = bool(req.stream_options and req.stream_options.include_usage)
     async for chunk in _chunks(streams, base, usage, choice):
