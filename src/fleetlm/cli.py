@@ -253,8 +253,10 @@ def bench_serve(
     prompt_tokens: Annotated[int, typer.Option(help="Tokens per prompt.")] = 64,
     max_new_tokens: Annotated[int, typer.Option(help="Greedy tokens per request.")] = 64,
     time_budget_s: Annotated[float, typer.Option(help="Seconds per configuration.")] = 300.0,
+    skip_llama_cpp: Annotated[bool, typer.Option("--skip-llama-cpp", help="No llama-cpp-python server baseline.")] = False,
 ) -> None:
-    """The HTTP server's overhead: the same workload in-process and over loopback HTTP."""
+    """The HTTP server's overhead: the same workload in-process and over loopback HTTP, and
+    llama-cpp-python's OpenAI server on the same GGUF (when installed: EXTRAS=dev,bench)."""
     from fleetlm.bench.serve import ServeBenchConfig, run
 
     try:
@@ -264,7 +266,8 @@ def bench_serve(
             raise typer.BadParameter(f"--concurrency {concurrency!r}: comma-separated integers") from None
         run(ServeBenchConfig(model=model, dtype=dtype.value, num_requests=num_requests,
                              concurrency=levels, prompt_tokens=prompt_tokens,
-                             max_new_tokens=max_new_tokens, time_budget_s=time_budget_s), out)
+                             max_new_tokens=max_new_tokens, time_budget_s=time_budget_s,
+                             llama_cpp=not skip_llama_cpp), out)
     except (FleetLMError, ValueError) as e:
         _fail(e)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -42,6 +43,8 @@ class ServeBenchConfig:
     prompt_tokens: int = 64
     max_new_tokens: int = 64
     time_budget_s: float = 300.0  # per configuration; a run stops submitting after it
+    llama_cpp: bool = True  # also llama-cpp-python's server on the same GGUF, if installed
+    llama_cpp_threads: int = 2
 
     def validate(self) -> None:
         from fleetlm.errors import ConfigError
@@ -70,8 +73,11 @@ def _summary(name: str, stamps: dict[int, list[float]], starts: dict[int, float]
             "itl_p50_ms": percentile(itl, 50), "itl_p99_ms": percentile(itl, 99)}
 
 
-async def _http_run(url: str, model: str, prompts: list[list[int]], concurrency: int,
-                    max_new_tokens: int, budget_s: float) -> dict[str, Any]:
+async def _http_run(url: str, model: str, prompts: list[Any], concurrency: int,
+                    max_new_tokens: int, budget_s: float, name: str = "server",
+                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A closed loop of ``concurrency`` streaming /v1/completions clients; ``extra`` joins
+    every request body (how each server is told to ignore end-of-sequence)."""
     import httpx
 
     stamps: dict[int, list[float]] = {}
@@ -85,7 +91,7 @@ async def _http_run(url: str, model: str, prompts: list[list[int]], concurrency:
             i = next_i
             next_i += 1
             body = {"model": model, "prompt": prompts[i], "max_tokens": max_new_tokens,
-                    "temperature": 0, "stream": True, "ignore_eos": True}
+                    "temperature": 0, "stream": True, **(extra or {"ignore_eos": True})}
             starts[i] = time.perf_counter()
             stamps[i] = []
             async with http.stream("POST", f"{url}/completions", json=body) as r:
@@ -108,22 +114,40 @@ async def _http_run(url: str, model: str, prompts: list[list[int]], concurrency:
     for i in stamps:
         if stamps[i]:
             stamps[i] = stamps[i][:max_new_tokens]
-    return _summary(f"server-{concurrency}", stamps, starts, wall)
+    return _summary(f"{name}-{concurrency}", stamps, starts, wall)
 
 
-@contextlib.contextmanager
-def serve_process(cfg: ServeBenchConfig, max_batch: int) -> Iterator[str]:
-    """``fleetlm serve`` in its own process, as a user runs it; yields its ``/v1`` URL and
-    stops it with SIGTERM (graceful shutdown) afterwards."""
-    import httpx
-
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    home = tempfile.mkdtemp(prefix="fleetlm-bench-serve-")
+        return int(s.getsockname()[1])
+
+
+def serve_process(cfg: ServeBenchConfig, max_batch: int) -> contextlib.AbstractContextManager[str]:
+    """``fleetlm serve`` in its own process, as a user runs it; yields its ``/v1`` URL and
+    stops it with SIGTERM (graceful shutdown) afterwards."""
+    port = _free_port()
     cmd = [sys.executable, "-m", "fleetlm", "serve", "--model", cfg.model, "--dtype", cfg.dtype,
            "--port", str(port), "--max-batch", str(max_batch),
            "--max-len", str(cfg.prompt_tokens + cfg.max_new_tokens + 1)]
+    return _process(cmd, port, "/health")
+
+
+def llama_cpp_process(gguf: Path, ctx: int, threads: int) -> contextlib.AbstractContextManager[str]:
+    """llama-cpp-python's OpenAI-compatible server (``python -m llama_cpp.server``) on the
+    same GGUF file; it answers one request at a time."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
+           "--port", str(port), "--n_ctx", str(ctx), "--n_threads", str(threads),
+           "--n_threads_batch", str(threads), "--verbose", "False"]
+    return _process(cmd, port, "/v1/models")
+
+
+@contextlib.contextmanager
+def _process(cmd: list[str], port: int, ready_path: str) -> Iterator[str]:
+    import httpx
+
+    home = tempfile.mkdtemp(prefix="fleetlm-bench-serve-")
     log = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "FLEETLM_HOME": home})
@@ -132,14 +156,14 @@ def serve_process(cfg: ServeBenchConfig, max_batch: int) -> Iterator[str]:
         while True:
             if proc.poll() is not None:
                 log.seek(0)
-                raise RuntimeError(f"fleetlm serve exited with {proc.returncode}:\n{log.read()[-2000:]}")
+                raise RuntimeError(f"{cmd[2]} exited with {proc.returncode}:\n{log.read()[-2000:]}")
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                if httpx.get(f"http://127.0.0.1:{port}{ready_path}", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError("fleetlm serve did not answer /health within 300 s")
+                raise RuntimeError(f"{cmd[2]} did not answer {ready_path} within 300 s")
             time.sleep(0.2)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
@@ -152,6 +176,16 @@ def serve_process(cfg: ServeBenchConfig, max_batch: int) -> Iterator[str]:
                 proc.wait()
         log.close()
         shutil.rmtree(home, ignore_errors=True)
+
+
+def _gguf_of(model: str) -> Path | None:
+    """The GGUF file a model is loaded from (embedded models ship one), if any."""
+    from fleetlm.models.registry import EMBEDDED_MODELS, resolve_embedded
+
+    if model in EMBEDDED_MODELS:
+        return resolve_embedded(model)
+    path = Path(model).expanduser()
+    return path if path.suffix == ".gguf" and path.is_file() else None
 
 
 def run(cfg: ServeBenchConfig, out: Path | None) -> dict[str, Any]:
@@ -181,6 +215,7 @@ def run(cfg: ServeBenchConfig, out: Path | None) -> dict[str, Any]:
         r.update(concurrency=c, system="engine")
         results["runs"].append(r)
         console.print(f"  engine, {c:>3} concurrent: {r['tokens_per_s']:7.1f} tok/s")
+    tok, stop_ids = lm.tokenizer, lm.stop_token_ids
     del engine, lm  # the server process loads its own copy
     gc.collect()
 
@@ -194,11 +229,39 @@ def run(cfg: ServeBenchConfig, out: Path | None) -> dict[str, Any]:
             results["runs"].append(r)
             console.print(f"  server, {c:>3} concurrent: {r['tokens_per_s']:7.1f} tok/s")
 
+    if cfg.llama_cpp:
+        gguf = _gguf_of(cfg.model)
+        if gguf is None or any(importlib.util.find_spec(m) is None
+                               for m in ("llama_cpp", "sse_starlette", "starlette_context")):
+            results["llama_cpp_skipped"] = ("llama-cpp-python[server] is not installed (make "
+                                            "install EXTRAS=dev,bench)" if gguf else
+                                            f"{cfg.model} has no GGUF file")
+            console.print(f"  llama.cpp server skipped: {results['llama_cpp_skipped']}")
+        else:
+            texts = [tok.decode(p) for p in prompts]
+            ban_eos = {"logit_bias": {str(i): -100.0 for i in stop_ids}}
+            ctx = 4 * (cfg.prompt_tokens + cfg.max_new_tokens)
+            with llama_cpp_process(gguf, ctx, cfg.llama_cpp_threads) as url:
+                for c in cfg.concurrency:
+                    n = min(cfg.num_requests, max(c * 4, 8))
+                    asyncio.run(_http_run(url, cfg.model, texts[:1], 1, 4, cfg.time_budget_s,
+                                          "llama.cpp", ban_eos))  # warm
+                    r = asyncio.run(_http_run(url, cfg.model, texts[:n], c, cfg.max_new_tokens,
+                                              cfg.time_budget_s, "llama.cpp", ban_eos))
+                    r.update(concurrency=c, system="llama.cpp server")
+                    results["runs"].append(r)
+                    console.print(f"  llama.cpp server, {c:>3} concurrent: "
+                                  f"{r['tokens_per_s']:7.1f} tok/s")
+
     by = {(r["system"], r["concurrency"]): r for r in results["runs"]}
     results["ratios"] = {
         f"server / engine throughput, {c} concurrent (target >= 0.90 at 32)":
             by[("server", c)]["tokens_per_s"] / by[("engine", c)]["tokens_per_s"]
         for c in cfg.concurrency}
+    results["ratios"].update({
+        f"server / llama.cpp server throughput, {c} concurrent":
+            by[("server", c)]["tokens_per_s"] / by[("llama.cpp server", c)]["tokens_per_s"]
+        for c in cfg.concurrency if ("llama.cpp server", c) in by})
     t = Table(title="fleetlm bench serve")
     for col in ("system", "concurrent", "requests", "tok/s", "TTFT p50 ms", "TTFT p99 ms",
                 "ITL p50 ms", "ITL p99 ms"):
