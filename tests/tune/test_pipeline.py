@@ -224,3 +224,127 @@ def test_a_fleetlm_server_as_teacher(tmp_path: Path, tiny_base: Path) -> None:
     assert all(r.label in LABELS and r.text and len(r.text) >= 8 for r in synthetic)
     rep = p.summary["stages"]["synthesize"]
     assert rep["requests"] >= 1
+
+
+def test_full_fine_tune_publishes_a_servable_model(tmp_path: Path, tiny_base: Path) -> None:
+    raw = _config(tmp_path, tiny_base, train={"method": "full", "max_steps": 4,
+                                              "learning_rate": 0.001, "eval_every": 2},
+                  eval={"base_rows": 0})
+    res = Pipeline(parse_config(raw), quiet=True).run()
+    model_dir = res.adapter_dir
+    assert model_dir == tmp_path / "run" / "model"
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "README.md"):
+        assert (model_dir / f).is_file(), f
+    assert "library_name: transformers" in (model_dir / "README.md").read_text()
+    from fleetlm.models.loader import load_model
+
+    lm = load_model(str(model_dir), dtype="float32")  # what `fleetlm serve --model` loads
+    assert lm.config.vocab_size > 1000 and "tuned" in res.summary["metrics"]
+
+
+def test_completion_task_reports_exact_match_and_rouge(tmp_path: Path, tiny_base: Path) -> None:
+    data = tmp_path / "pairs.jsonl"
+    with data.open("w") as f:
+        for i in range(40):
+            f.write(json.dumps({"prompt": f"Repeat the number {i}", "completion": f"{i} {i}"}) + "\n")
+    raw = _config(tmp_path, tiny_base, task={"type": "completion", "system_prompt": None},
+                  data={"path": str(data), "label_column": "label"},
+                  train={"max_steps": 3}, eval={"base_rows": 4, "few_shot": 1, "max_new_tokens": 4})
+    raw["task"].pop("instruction")
+    s = Pipeline(parse_config(raw), quiet=True).run().summary
+    tuned = s["metrics"]["tuned"]
+    assert set(tuned) == {"rows", "exact_match", "rouge_l"} and 0 <= tuned["rouge_l"] <= 1
+    assert "base_few_shot" in s["metrics"]
+    assert not (tmp_path / "run" / "confusion.png").exists()
+
+
+def test_rouge_l_against_hand_computed_values() -> None:
+    from fleetlm.tune.evaluate import rouge_l
+
+    assert rouge_l("the cat sat", "the cat sat") == 1.0
+    assert rouge_l("", "x") == 0.0 and rouge_l("", "") == 1.0
+    # LCS("a b c d", "a c d e") = 3 -> P = 3/4, R = 3/4
+    assert rouge_l("a b c d", "a c d e") == pytest.approx(0.75)
+    assert rouge_l("x y", "a b") == 0.0
+
+
+def test_publish_with_serve_url_loads_into_a_running_server(tmp_path: Path, tiny_base: Path) -> None:
+    """--serve-url: the new adapter is uploaded to a running fleetlm server over its API and
+    answers at once, no restart."""
+    import socket
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    from fleetlm.adapters import AdapterStore
+    from fleetlm.engine.engine import Engine, EngineConfig
+    from fleetlm.models.loader import load_model
+    from fleetlm.server.app import create_app
+
+    lm = load_model(str(tiny_base), dtype="float32")
+    server_root = tmp_path / "server-store"
+    server_root.mkdir()
+    store = AdapterStore(server_root, lm.config, dtype=torch.float32, max_rank=16)
+    engine = Engine(lm, EngineConfig(max_running=2, max_len=256, max_hot_adapters=2), store=store)
+    engine.start()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(create_app(engine, "tiny"), host="127.0.0.1", port=port,
+                                        log_level="warning"))
+    t = threading.Thread(target=srv.run, daemon=True)
+    t.start()
+    while not srv.started:
+        time.sleep(0.05)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        raw = _config(tmp_path, tiny_base, train={"max_steps": 2}, eval={"enabled": False})
+        Pipeline(parse_config(raw), quiet=True, serve_url=url + "/v1").run()
+        assert (server_root / "tiny-cls" / "adapter_model.safetensors").is_file()
+        models = {m["id"] for m in httpx.get(url + "/v1/models").json()["data"]}
+        assert "tiny-cls" in models
+        r = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+            "model": "tiny-cls", "max_tokens": 4, "temperature": 0,
+            "messages": [{"role": "user", "content": "a mango"}],
+            "response_format": {"type": "choice", "choices": sorted(LABELS)}})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] in LABELS
+        # a server that is not there: a clear error naming the setting, adapter kept locally
+        from fleetlm.errors import FleetLMError
+
+        raw["publish"]["overwrite"] = True
+        with pytest.raises(FleetLMError, match="publish.serve_url"):
+            Pipeline(parse_config(raw), quiet=True, serve_url="http://127.0.0.1:9/v1").run()
+    finally:
+        srv.should_exit = True
+        t.join(10)
+        engine.shutdown(10)
+
+
+def test_anonymize_removes_the_pii_of_a_fixture(tmp_path: Path, tiny_base: Path) -> None:
+    """prepare.anonymize with the real Presidio redactor (the router's): names, e-mails and
+    phone numbers in the rows become placeholders before anything is trained on them."""
+    data = tmp_path / "pii.csv"
+    secrets = ["John Smith", "jane.doe@example.com", "212-555-0199", "Maria Garcia"]
+    with data.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "category"])
+        w.writerow(["John Smith asked to close his account", "close"])
+        w.writerow(["Please email jane.doe@example.com about the refund", "refund"])
+        w.writerow(["Call me back at 212-555-0199 about my refund", "refund"])
+        w.writerow(["Maria Garcia wants to close the joint account", "close"])
+        for i in range(8):
+            w.writerow([f"generic close request number {i} today", "close"])
+            w.writerow([f"generic refund request number {i} today", "refund"])
+    raw = _config(tmp_path, tiny_base, data={"path": str(data), "validation_fraction": 0.2},
+                  prepare={"anonymize": True, "dedup": "exact"})
+    p = Pipeline(parse_config(raw), quiet=True)
+    p.run_dir.mkdir(parents=True)
+    stage, train, val = p.prepare()
+    stored = (stage.folder / "train.jsonl").read_text() + (stage.folder / "val.jsonl").read_text()
+    for s in secrets:
+        assert s not in stored
+    assert "<PERSON_1>" in stored and "<EMAIL_ADDRESS_1>" in stored
+    assert p.summary["stages"]["prepare"]["anonymized_rows"] >= 3

@@ -159,8 +159,9 @@ class EvalConfig(_Strict):
     enabled: bool = True
     # Validation rows evaluated (seeded sample); None = all.
     max_rows: int | None = Field(None, gt=0)
-    # The untuned base is also scored, on this many rows (zero- and few-shot prompts are long).
-    base_rows: int | None = Field(200, gt=0)
+    # The untuned base is also scored, on this many rows (zero- and few-shot prompts are
+    # long); None = every evaluated row, 0 = do not score the base.
+    base_rows: int | None = Field(200, ge=0)
     few_shot: int = Field(5, ge=0)
     max_new_tokens: int = Field(64, gt=0)  # generation tasks
 
