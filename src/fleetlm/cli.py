@@ -243,6 +243,28 @@ def bench_tune(
         _fail(e)
 
 
+@bench_app.command("route")
+def bench_route(
+    data: Annotated[str, typer.Option(help="routellm-mmlu or routellm-gsm8k (../shared/data/routellm).")] = "routellm-mmlu",
+    out: Annotated[Path | None, typer.Option(help="Write the results as JSON here (and a PNG beside it).")] = None,
+    folds: Annotated[int, typer.Option(help="Cross-validation folds.")] = 5,
+    limit: Annotated[int | None, typer.Option(help="Use only the first N prompts (a quick look).")] = None,
+) -> None:
+    """Cross-validated classifier router against random on RouteLLM's recorded outcomes:
+    APGR and CPT(50/80/95%), and the router's overhead per request."""
+    from fleetlm.bench.route import run_routellm
+
+    sets = {"routellm-mmlu": "mmlu", "routellm-gsm8k": "gsm8k"}
+    if data not in sets:
+        _fail(FleetLMError(f"--data {data!r}: one of {', '.join(sets)} (clinc150 comes with the "
+                           "router's confidence policy)"))
+    try:
+        run_routellm(sets[data], folds=folds, out=out, limit=limit,
+                     log=lambda m: typer.echo(m, err=True))
+    except FleetLMError as e:
+        _fail(e)
+
+
 @bench_app.command("serve")
 def bench_serve(
     model: ModelOpt = "smollm2-135m",

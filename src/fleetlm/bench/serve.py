@@ -139,7 +139,8 @@ def llama_cpp_process(gguf: Path, ctx: int, threads: int) -> contextlib.Abstract
     port = _free_port()
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
            "--port", str(port), "--n_ctx", str(ctx), "--n_threads", str(threads),
-           "--n_threads_batch", str(threads), "--verbose", "False"]
+           "--n_threads_batch", str(threads), "--verbose", "False",
+           "--interrupt_requests", "False"]  # queue concurrent requests, do not cut streams
     return _process(cmd, port, "/v1/models")
 
 
