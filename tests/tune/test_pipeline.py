@@ -348,3 +348,23 @@ def test_anonymize_removes_the_pii_of_a_fixture(tmp_path: Path, tiny_base: Path)
         assert s not in stored
     assert "<PERSON_1>" in stored and "<EMAIL_ADDRESS_1>" in stored
     assert p.summary["stages"]["prepare"]["anonymized_rows"] >= 3
+
+
+def test_bench_tune_compares_with_trainer_and_writes_json(tmp_path: Path, tiny_base: Path) -> None:
+    raw = _config(tmp_path, tiny_base, train={"max_steps": 2}, eval={"enabled": False})
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "tune.json"
+    assert FLEETLM
+    r = subprocess.run([FLEETLM, "bench", "tune", "--config", str(cfg_path), "--steps", "4",
+                        "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads(out.read_text())
+    systems = [x["system"] for x in d["throughput"]]
+    assert systems == ["fleetlm loop", "transformers Trainer + peft"]
+    ours, theirs = d["throughput"]
+    assert ours["steps"] == theirs["steps"] == 4
+    assert ours["tokens"] == theirs["tokens"] > 0  # the same rows, each seen once
+    assert all(x["tokens_per_s"] > 0 for x in d["throughput"])
+    assert list(d["ratio"].values())[0] == pytest.approx(ours["tokens_per_s"] / theirs["tokens_per_s"])
+    assert d["pipeline"]["train_steps"] == 2 and (tmp_path / "store" / "tiny-cls").is_dir()

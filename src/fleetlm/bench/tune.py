@@ -130,6 +130,8 @@ def run(cfg: TuneBenchConfig, out: Path | None) -> dict[str, Any]:
     results: dict[str, Any] = {"config": {**asdict(cfg), "config": str(cfg.config)},
                                "tune_config": json.loads(tcfg.model_dump_json()),
                                "environment": environment()}
+    # a benchmark re-run replaces the adapter its previous run published
+    tcfg = tcfg.model_copy(update={"publish": tcfg.publish.model_copy(update={"overwrite": True})})
     pipe = Pipeline(tcfg)
     if not cfg.skip_pipeline:
         t0 = time.perf_counter()

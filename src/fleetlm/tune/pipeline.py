@@ -190,22 +190,24 @@ class Pipeline:
             if c.synthesize.teacher else None
         st = self.stage("synthesize", prev.key, c.synthesize.model_dump(exclude={"teacher"}),
                         teacher, c.task, c.seed)
-        if not st.done:
+        cached = st.done
+        if not cached:
             bar = self.rep.bar("synthesize")
             res = asyncio.run(synthesize(train, c, progress=lambda _s, d, t: bar(d, t)))
             write_jsonl(st.folder / "synthetic.jsonl", res.rows)
             st.finish(res.report)
         synthetic = read_jsonl(st.folder / "synthetic.jsonl")
-        self._record(st, st.report(), False)
+        self._record(st, st.report(), cached)
         ft = self.stage("filter", st.key, c.filter, c.prepare.anonymize, prev.key)
-        if not ft.done:
+        cached = ft.done
+        if not cached:
             bar = self.rep.bar("filter")
             fres = asyncio.run(filter_synthetic(synthetic, train + val, c,
                                                 progress=lambda _s, d, t: bar(d, t)))
             write_jsonl(ft.folder / "train.jsonl", train + fres.kept)
             ft.finish({**fres.report, "kept": len(fres.kept), "synthetic_in": len(synthetic)})
         rep = ft.report()
-        self._record(ft, rep, False)
+        self._record(ft, rep, cached)
         self.rep.say(f"synthesize: {len(synthetic)} teacher rows, {rep['kept']} kept by the filter")
         return ft, read_jsonl(ft.folder / "train.jsonl")
 
