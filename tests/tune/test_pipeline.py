@@ -76,7 +76,7 @@ def _config(tmp: Path, base: Path, **over: Any) -> dict[str, Any]:
         "output_dir": str(tmp / "run"),
     }
     for k, v in over.items():
-        raw[k] = {**raw[k], **v} if isinstance(v, dict) else v
+        raw[k] = {**raw.get(k, {}), **v} if isinstance(v, dict) else v
     return raw
 
 

@@ -52,8 +52,8 @@ class SamplingParams:
         if isinstance(self.stop, str):  # OpenAI allows a single string
             self.stop = [self.stop]
         if self.max_tokens < (0 if self.prompt_logprobs is not None else 1):
-            problems.append(f"max_tokens={self.max_tokens}: must be >= 1 (0 only when scoring "
-                            "the prompt, with prompt logprobs / echo)")
+            problems.append(f"max_tokens={self.max_tokens}: must be >= 1 (0 only to score a "
+                            "prompt without generating, as echo does)")
         if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
             problems.append(f"prompt_logprobs={self.prompt_logprobs}: must be in [0, 20]")
         if not 0.0 <= self.temperature <= 100.0:
