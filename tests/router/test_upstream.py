@@ -5,14 +5,10 @@ their first content chunk. Every test is bounded by short timeouts (0.3 s)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -27,130 +23,15 @@ from fleetlm.router.upstream import (
     UpstreamStream,
     UpstreamUnavailable,
 )
+from tests.openai_stub import USAGE, Reply, Stub, stub_starter
 
-USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
 BODY: dict[str, Any] = {"model": "support", "messages": [{"role": "user", "content": "hi there"}],
                         "max_tokens": 16}
 
 
-@dataclass
-class Reply:
-    """What the stub answers to one request."""
-
-    status: int = 200
-    delay_s: float = 0.0  # before the status line
-    headers: dict[str, str] = field(default_factory=dict)
-    pieces: tuple[str, ...] = ("Hello", " world")  # the answer (one chunk each when streaming)
-    usage: dict[str, int] | None = field(default_factory=lambda: dict(USAGE))
-    role_chunk: bool = True  # streaming: a role-only delta first
-    die_after: int | None = None  # streaming: close the connection after this many pieces
-    gap_s: float = 0.0  # streaming: pause before each piece after the first
-
-
-class Stub:
-    def __init__(self, reply: Callable[[dict[str, Any], int], Reply]):
-        self.reply = reply
-        self.bodies: list[dict[str, Any]] = []
-        self.headers: list[dict[str, str]] = []
-        self.times: list[float] = []
-        self.stop = threading.Event()
-        stub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                index = len(stub.bodies)
-                stub.bodies.append(body)
-                stub.headers.append(dict(self.headers))
-                stub.times.append(time.monotonic())
-                r = stub.reply(body, index)
-                if r.delay_s and stub.stop.wait(r.delay_s):
-                    return
-                if r.status != 200:
-                    self._send(r.status, {"error": {"message": "stub error"}}, r.headers)
-                elif body.get("stream"):
-                    self._stream(body, r)
-                else:
-                    out: dict[str, Any] = {
-                        "id": f"c{index}", "object": "chat.completion", "model": body["model"],
-                        "choices": [{"index": 0, "finish_reason": "stop", "message": {
-                            "role": "assistant", "content": "".join(r.pieces)}}]}
-                    if r.usage is not None:
-                        out["usage"] = r.usage
-                    self._send(200, out, r.headers)
-
-            def _send(self, status: int, obj: Any, headers: dict[str, str]) -> None:
-                data = json.dumps(obj).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _stream(self, body: dict[str, Any], r: Reply) -> None:
-                # HTTP/1.0 without Content-Length: the body ends when the connection closes
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.end_headers()
-
-                def event(delta: dict[str, Any], finish: str | None = None) -> None:
-                    chunk = {"id": "s", "object": "chat.completion.chunk", "model": body["model"],
-                             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-                    self.wfile.flush()
-
-                if r.role_chunk:
-                    event({"role": "assistant"})
-                for i, piece in enumerate(r.pieces):
-                    if r.die_after is not None and i >= r.die_after:
-                        return  # connection closes: no finish_reason, no [DONE]
-                    if i and r.gap_s and stub.stop.wait(r.gap_s):
-                        return
-                    event({"content": piece})
-                event({}, "stop")
-                if r.usage is not None and (body.get("stream_options") or {}).get("include_usage"):
-                    self.wfile.write(f"data: {json.dumps({'id': 's', 'choices': [], 'usage': r.usage})}\n\n".encode())
-                self.wfile.write(b"data: [DONE]\n\n")
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-            block_on_close = False
-
-            def handle_error(self, request: Any, client_address: Any) -> None:
-                pass  # a client that gave up (timeout tests) closes its socket mid-reply
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever,
-                                       kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def close(self) -> None:
-        self.stop.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
 def stub() -> Iterator[Callable[..., Stub]]:
-    stubs: list[Stub] = []
-
-    def start(reply: Callable[[dict[str, Any], int], Reply] | Reply | None = None) -> Stub:
-        r = reply if reply is not None else Reply()
-        stubs.append(Stub(r if callable(r) else (lambda body, i: r)))
-        return stubs[-1]
-
-    yield start
-    for s in stubs:
-        s.close()
+    yield from stub_starter()
 
 
 def dead_url() -> str:

@@ -18,11 +18,10 @@ from fleetlm.tune.config import TuneConfig
 from fleetlm.tune.filter import filter_synthetic, normalize_label
 from fleetlm.tune.records import Example, classification_example
 from fleetlm.tune.synthesize import parse_lines, parse_pairs, synthesize
-
-from .conftest import Reply, StubTeacher
+from tests.openai_stub import USAGE, Reply, Stub
 
 MakeCfg = Callable[..., TuneConfig]
-StartStub = Callable[[Callable[[dict[str, Any], int], Reply | str]], StubTeacher]
+StartStub = Callable[..., Stub]
 
 SEEDS = [classification_example(t, label) for t, label in [
     ("Where is my card?", "card_arrival"), ("My card has not arrived yet", "card_arrival"),
@@ -85,7 +84,7 @@ def test_classification_synthesis(make_cfg: MakeCfg, teacher_stub: StartStub,
     assert [r.label for r in res.rows] == ["card_arrival"] * 13 + ["fee"] * 13
     assert res.rows[0].text == "new card_arrival text 0" and res.rows[0].answer == "card_arrival"
     assert all(r.source == "synthetic" and r.meta == {"teacher": "tch"} for r in res.rows)
-    assert res.report["tokens"] == 4 * 15 and res.report["failures"] == 0
+    assert res.report["tokens"] == 4 * USAGE["total_tokens"] and res.report["failures"] == 0
     body = stub.bodies[0]
     assert body["model"] == "tch" and "Banking support intents" in body["messages"][-1]["content"]
     assert stub.headers[0]["Authorization"] == "Bearer sekret"
