@@ -415,11 +415,7 @@ class Engine:
 
     def _finish_scoring(self, req: _Request) -> None:
         """max_tokens=0: the prompt is scored; end the request without generating."""
-        with self._lock:
-            self.scheduler.finish(req.id)
-        self.runner.release(req.id)
-        req.done = True
-        del self._requests[req.id]
+        self._retire(req)
         req.callback(EngineEvent(req.id, None, "", finish_reason="length",
                                  prompt_tokens=len(req.prompt), completion_tokens=0,
                                  prompt_logprobs=req.prompt_lp))
@@ -516,12 +512,16 @@ class Engine:
                          prompt_tokens=len(req.prompt), completion_tokens=req.generated,
                          prompt_logprobs=req.prompt_lp if req.generated == 1 else None)
         if reason is not None:
-            with self._lock:
-                self.scheduler.finish(req.id)
-            self.runner.release(req.id)
-            req.done = True
-            del self._requests[req.id]
+            self._retire(req)
         req.callback(ev)
+
+    def _retire(self, req: _Request) -> None:
+        """A request that ran to its end: out of the scheduler, its KV row freed."""
+        with self._lock:
+            self.scheduler.finish(req.id)
+        self.runner.release(req.id)
+        req.done = True
+        del self._requests[req.id]
 
     def _end(self, req: _Request, reason: str, error: Exception | None = None) -> None:
         if req.done:

@@ -145,6 +145,11 @@ class Pipeline:
         folder.mkdir(parents=True, exist_ok=True)
         return Stage(name, key, folder)
 
+    def _surface(self, stage: Stage, name: str) -> None:
+        """Copy a stage's file (a plot) to the top of the run folder, if the stage made one."""
+        if (stage.folder / name).is_file():
+            shutil.copyfile(stage.folder / name, self.run_dir / name)
+
     def _record(self, stage: Stage, report: dict[str, Any], cached: bool) -> None:
         self.summary["stages"][stage.name] = {"key": stage.key, "cached": cached, **report}
 
@@ -280,7 +285,7 @@ class Pipeline:
         return st, res.output_dir
 
     def evaluate(self, trained: Stage, output: Path, train: list[Example], val: list[Example],
-                 labels: list[str] | None) -> dict[str, Any]:
+                 labels: list[str] | None) -> tuple[Stage, dict[str, Any]]:
         import random
 
         from fleetlm.tune.evaluate import confusion_png, evaluate, pick_shots
@@ -291,7 +296,7 @@ class Pipeline:
             self.rep.say(f"evaluate: cached ({st.folder.name})")
             rep = st.report()
             self._record(st, rep, True)
-            return rep
+            return st, rep
         rng = random.Random(c.seed)
         rows = list(val)
         if c.eval.max_rows is not None and len(rows) > c.eval.max_rows:
@@ -328,7 +333,7 @@ class Pipeline:
             confusion_png(tuned, labels, st.folder / "confusion.png")
         st.finish(report)
         self._record(st, report, False)
-        return report
+        return st, report
 
     @contextmanager
     def _engine(self, output: Path) -> Iterator[tuple[Any, str | None]]:
@@ -425,16 +430,11 @@ class Pipeline:
                     data, train = self.synthesize(data, train, val)
                 labels = self.labels(train)
                 trained, output = self.train(data, train, val)
-                for png in ("loss.png",):
-                    if (trained.folder / png).is_file():
-                        shutil.copyfile(trained.folder / png, self.run_dir / png)
+                self._surface(trained, "loss.png")
                 metrics: dict[str, Any] = {}
                 if c.eval.enabled:
-                    metrics = self.evaluate(trained, output, train, val, labels)
-                    ev = self.summary["stages"]["evaluate"]["key"]
-                    conf = self.run_dir / "stages" / f"evaluate-{ev}" / "confusion.png"
-                    if conf.is_file():
-                        shutil.copyfile(conf, self.run_dir / "confusion.png")
+                    evaluated, metrics = self.evaluate(trained, output, train, val, labels)
+                    self._surface(evaluated, "confusion.png")
                 published = self.publish(output, labels, metrics)
         finally:
             log.removeHandler(handler)

@@ -169,6 +169,14 @@ def _trainable_state(model: Any) -> dict[str, Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _load_trainable(model: Any, state: dict[str, Tensor]) -> None:
+    """Copy a :func:`_trainable_state` back into ``model``."""
+    with torch.no_grad():
+        named = dict(model.named_parameters())
+        for n, t in state.items():
+            named[n].copy_(t)
+
+
 def evaluate_loss(model: Any, encoded: Sequence[Encoded], cfg: TrainConfig, pad_id: int,
                   device: torch.device) -> float:
     """Mean cross-entropy per answer token over ``encoded``."""
@@ -229,10 +237,7 @@ def train(model: Any, train_rows: Sequence[Encoded], val_rows: Sequence[Encoded]
             raise ConfigError(f"--resume: the checkpoint in {ckpt} is for another run "
                               f"({saved['num_rows']} rows, {saved['total']} steps; now "
                               f"{len(train_rows)} rows, {total} steps); run without --resume")
-        with torch.no_grad():
-            named = dict(model.named_parameters())
-            for n, t in saved["trainable"].items():
-                named[n].copy_(t)
+        _load_trainable(model, saved["trainable"])
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["rng"])
@@ -318,10 +323,7 @@ def train(model: Any, train_rows: Sequence[Encoded], val_rows: Sequence[Encoded]
                 break
 
     if best_state is not None:  # hand on the best adapter by validation loss
-        with torch.no_grad():
-            named = dict(model.named_parameters())
-            for n, t in best_state["trainable"].items():
-                named[n].copy_(t)
+        _load_trainable(model, best_state["trainable"])
     final = out_dir / FINAL
     _save_output(model, final, tokenizer)
     (out_dir / "history.json").write_text(json.dumps(state["history"], indent=1))
