@@ -8,6 +8,7 @@ real default model and check that its output parses and matches the schema.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import pytest
@@ -164,6 +165,56 @@ def test_choice_mask_after_a_shared_prefix(byte_tokenizer):
         c.advance(byte_tokenizer.convert_tokens_to_ids(ch))
     allowed = {byte_tokenizer.decode([i]) for i in c.allowed_mask().nonzero().flatten().tolist()}
     assert allowed == {"a", "l"}  # card_arrival or card_linking, nothing else
+
+
+def _prefix_logits(prefix: list[int], v: int) -> torch.Tensor:
+    """Logits that depend only on the tokens so far: a stand-in for a model."""
+    seed = hash(tuple(prefix)) % (2**31)
+    return torch.randn(v, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def test_constrained_logprobs_give_a_distribution_over_the_choices(byte_tokenizer):
+    """Summed over an answer, constrained_logprob is the log-probability of the chosen
+    label under constrained decoding: summed over every label the probabilities make 1,
+    and the sampler reports the same number for the label it picked."""
+    tok, v = byte_tokenizer, len(byte_tokenizer)
+    rf = {"type": "choice", "choices": CHOICES}
+
+    def label_prob(label: str) -> float:
+        c = TokenConstraint(rf, tok, v)
+        logp, prefix = 0.0, []
+        for t in tok(label)["input_ids"]:
+            masked = c.apply(_prefix_logits(prefix, v))
+            logp += float(torch.log_softmax(masked, dim=-1)[t])
+            c.advance(t)
+            prefix.append(t)
+        assert c.is_finished
+        return math.exp(logp)
+
+    probs = {label: label_prob(label) for label in CHOICES}
+    assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
+    for seed in range(3):
+        params = SamplingParams(temperature=1.0, seed=seed, logprobs=0,
+                                response_format=rf).validate(v)
+        sampler = RequestSampler(params, v, [1], tokenizer=tok)
+        out: list[int] = []
+        total, raw = 0.0, 0.0
+        while not sampler.finished:
+            s = sampler.sample(_prefix_logits(out, v))
+            assert s.constrained_logprob is not None and s.logprob is not None
+            assert s.constrained_logprob >= s.logprob - 1e-6  # renormalised over fewer tokens
+            total += s.constrained_logprob
+            raw += s.logprob
+            out.append(s.token_id)
+        label = tok.decode(out)
+        assert math.exp(total) == pytest.approx(probs[label], rel=1e-4)
+        assert raw <= total
+
+
+def test_unconstrained_sampler_reports_no_constrained_logprob(byte_tokenizer):
+    v = len(byte_tokenizer)
+    sampler = RequestSampler(SamplingParams(logprobs=2).validate(v), v, [1])
+    assert sampler.sample(torch.randn(v)).constrained_logprob is None
 
 
 def test_no_tokenizer_is_a_config_error():

@@ -95,6 +95,9 @@ class EngineEvent:
     # with SamplingParams.prompt_logprobs, on the request's first event: for prompt tokens
     # 1..P-1, (logprob given the tokens before it, top-k alternatives)
     prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    # with logprobs and response_format: the token's logprob among the tokens the grammar
+    # allowed (see SampleResult.constrained_logprob)
+    constrained_logprob: float | None = None
 
 
 @dataclass
@@ -510,7 +513,8 @@ class Engine:
                 text += req.detok.flush()
         ev = EngineEvent(req.id, s.token_id, text, s.logprob, s.top_logprobs, reason,
                          prompt_tokens=len(req.prompt), completion_tokens=req.generated,
-                         prompt_logprobs=req.prompt_lp if req.generated == 1 else None)
+                         prompt_logprobs=req.prompt_lp if req.generated == 1 else None,
+                         constrained_logprob=s.constrained_logprob)
         if reason is not None:
             self._retire(req)
         req.callback(ev)

@@ -73,6 +73,11 @@ class SampleResult:
     token_id: int
     logprob: float | None  # log-probability of the chosen token under the model
     top_logprobs: list[tuple[int, float]]  # (token id, logprob), most likely first
+    # with a structured-output constraint: the chosen token's log-probability among the
+    # tokens the constraint allowed (the model's distribution renormalised over them). Summed
+    # over an answer constrained to a list of labels, it is the log-probability of the chosen
+    # label among the labels -- what the router's confidence policy scores.
+    constrained_logprob: float | None = None
 
 
 class RequestSampler:
@@ -146,8 +151,8 @@ class RequestSampler:
     def sample(self, logits: Tensor) -> SampleResult:
         """Choose the next token from one row of logits [V]."""
         logits = logits[: self.vocab_size].float()
-        x = logits if self.constraint is None else self.constraint.apply(logits)
-        x = self.process(x)
+        masked = logits if self.constraint is None else self.constraint.apply(logits)
+        x = self.process(masked)
         if self.params.greedy:
             token = int(torch.argmax(x))
         else:
@@ -161,4 +166,7 @@ class RequestSampler:
         if self.params.logprobs > 0:
             vals, idx = torch.topk(logp, self.params.logprobs)
             top = list(zip(idx.tolist(), vals.tolist(), strict=True))
-        return SampleResult(token, float(logp[token]), top)
+        constrained = None
+        if self.constraint is not None:
+            constrained = float(torch.log_softmax(masked, dim=-1)[token])
+        return SampleResult(token, float(logp[token]), top, constrained)

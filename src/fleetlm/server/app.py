@@ -14,11 +14,13 @@ This module knows HTTP and OpenAI shapes; tokens, batching and adapters are the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -30,6 +32,9 @@ from fleetlm.engine.sampling_params import SamplingParams
 from fleetlm.errors import ConfigError, EngineBusy, FleetLMError
 from fleetlm.server.metrics import ServerMetrics
 from fleetlm.server.schemas import ChatCompletionRequest, CompletionRequest
+
+if TYPE_CHECKING:
+    from fleetlm.server.routing import Router
 
 DEFAULT_MAX_TOKENS = 256
 _GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
@@ -71,8 +76,31 @@ def _api_error(e: Exception) -> APIError:
     return APIError(500, f"internal error: {type(e).__name__}", "server_error")
 
 
-def create_app(engine: Engine, model_name: str) -> FastAPI:
-    app = FastAPI(title="fleetlm", docs_url=None, redoc_url=None)
+@dataclass(frozen=True)
+class LocalChat:
+    """The local chat path, as the router calls it: ``open(req)`` submits (prompt ids, one
+    event stream per choice), ``body`` builds the JSON of finished choices, ``chunks`` the
+    SSE payloads of running ones, ``collect`` drains one stream."""
+
+    open: Callable[[ChatCompletionRequest], Awaitable[tuple[list[int], list[AsyncIterator[EngineEvent]]]]]
+    body: Callable[[ChatCompletionRequest, list[int], list[list[EngineEvent]]], dict[str, Any]]
+    chunks: Callable[[ChatCompletionRequest, list[AsyncIterator[EngineEvent]]], AsyncIterator[dict[str, Any]]]
+    collect: Callable[[AsyncIterator[EngineEvent]], Awaitable[list[EngineEvent]]]
+
+
+def create_app(engine: Engine, model_name: str, routes: Router | None = None) -> FastAPI:
+    """The API over ``engine``; with ``routes`` (``fleetlm serve --config``) the route names
+    are models too, answered by :class:`fleetlm.server.routing.Router`."""
+    lifespan = None
+    if routes is not None:
+        router = routes
+
+        @contextlib.asynccontextmanager
+        async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+            yield
+            await router.aclose()  # the upstream connections; the ledger is closed by its owner
+
+    app = FastAPI(title="fleetlm", docs_url=None, redoc_url=None, lifespan=lifespan)
     tok = engine.lm.tokenizer
     store = engine.store
     metrics = ServerMetrics()
@@ -226,15 +254,17 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         if store is not None:
             data += [{"id": a.name, "object": "model", "created": now, "owned_by": "fleetlm",
                       "parent": model_name, "root": f"{model_name}:{a.name}"} for a in store.list()]
+        if routes is not None:
+            data += routes.models(now)
         return {"object": "list", "data": data}
 
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(metrics.render(engine), media_type="text/plain; version=0.0.4")
 
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat(req: ChatCompletionRequest, request: Request) -> Any:
-        request.state.model = req.model
+    async def open_chat(req: ChatCompletionRequest) -> tuple[list[int], list[AsyncIterator[EngineEvent]]]:
+        """Submit a chat request for ``req.model`` (base or adapter): its prompt ids and one
+        event stream per choice. Refusals raise before anything is generated."""
         adapter = resolve(req.model)
         if tok is None or not getattr(tok, "chat_template", None):
             raise APIError(400, f"model {model_name!r} has no chat template; use /v1/completions",
@@ -246,12 +276,11 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         track = metrics.request(req.model, len(ids))
         params = [sampling(req, req.max_completion_tokens or req.max_tokens or None, k, s)
                   for s in seeds(req)]
-        streams = [track.wrap(st) for st in await start_all(ids, params, adapter)]
-        request.state.tracked = True  # from here on, the request metric counts it
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if req.stream:
-            return _sse(_chat_chunks(streams, rid, created, req, chat_logprobs))
-        results = await asyncio.gather(*(collect(s) for s in streams))
+        return ids, [track.wrap(st) for st in await start_all(ids, params, adapter)]
+
+    def chat_body(req: ChatCompletionRequest, ids: list[int],
+                  results: list[list[EngineEvent]]) -> dict[str, Any]:
+        """The chat.completion JSON of finished choices."""
         choices, completion = [], 0
         for i, evs in enumerate(results):
             check_end(evs[-1])
@@ -260,12 +289,38 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
                                                     "content": "".join(e.text for e in evs)},
                             "logprobs": chat_logprobs(evs) if req.logprobs else None,
                             "finish_reason": evs[-1].finish_reason})
-        return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
-                "choices": choices, "usage": _usage(len(ids), completion)}
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
+                "created": int(time.time()), "model": req.model, "choices": choices,
+                "usage": _usage(len(ids), completion)}
+
+    def chat_chunks(req: ChatCompletionRequest, streams: list[AsyncIterator[EngineEvent]]
+                    ) -> AsyncIterator[dict[str, Any]]:
+        """The chat.completion.chunk payloads of running choices."""
+        return _chat_chunks(streams, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), req,
+                            chat_logprobs)
+
+    local = LocalChat(open=open_chat, body=chat_body, chunks=chat_chunks, collect=collect)
+    if routes is not None:
+        routes.attach(metrics)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(req: ChatCompletionRequest, request: Request) -> Any:
+        request.state.model = req.model
+        if routes is not None and req.model in routes.routes:
+            return await routes.chat(req, request, local)
+        ids, streams = await open_chat(req)
+        request.state.tracked = True  # from here on, the request metric counts it
+        if req.stream:
+            return _sse(chat_chunks(req, streams))
+        return chat_body(req, ids, list(await asyncio.gather(*(collect(s) for s in streams))))
 
     @app.post("/v1/completions", response_model=None)
     async def completions(req: CompletionRequest, request: Request) -> Any:
         request.state.model = req.model
+        if routes is not None and req.model in routes.routes:
+            raise APIError(400, f"model {req.model!r} is a route; routes answer "
+                                "/v1/chat/completions only", "invalid_request_error", "model",
+                           "route_chat_only")
         adapter = resolve(req.model)
         prompt_text = None
         if isinstance(req.prompt, list) and req.prompt and all(isinstance(t, int) for t in req.prompt):
@@ -318,12 +373,13 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
             "total_tokens": prompt + completion}
 
 
-def _sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+def _sse(chunks: AsyncIterator[dict[str, Any]], headers: dict[str, str] | None = None
+         ) -> StreamingResponse:
     async def body() -> AsyncIterator[bytes]:
         async for c in chunks:
             yield f"data: {json.dumps(c)}\n\n".encode()
         yield b"data: [DONE]\n\n"
-    return StreamingResponse(body(), media_type="text/event-stream")
+    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
 
 
 async def _merged(streams: list[AsyncIterator[EngineEvent]]) -> AsyncIterator[tuple[int, EngineEvent]]:

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 # seconds; a 135M model on a laptop CPU is ~10-50 ms per token, prefill up to seconds
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                     0.25, 1.0)
 
 # worst first: a request's status is the worst of its choices'
 _STATUSES = ("error", "cancelled", "length", "stop")
@@ -52,6 +54,17 @@ class ServerMetrics:
                          registry=r)
         self.warm = Gauge("fleetlm_warm_adapters", "Adapters loaded in the store's RAM tier",
                           registry=r)
+        # the router (fleetlm serve --config)
+        self.route_requests = Counter("fleetlm_route_requests", "Routed requests by route and "
+                                      "decision (small, large, fallback, blocked)",
+                                      ["route", "decision"], registry=r)
+        self.router_overhead = Histogram("fleetlm_router_overhead_seconds", "The router's own "
+                                         "time per request: scoring, PII redaction and "
+                                         "restoring (no model or upstream time)", ["route"],
+                                         buckets=_OVERHEAD_BUCKETS, registry=r)
+        self.upstream_failures = Counter("fleetlm_upstream_failures", "Large upstreams that "
+                                         "failed a routed request (after their retries)",
+                                         ["route", "upstream"], registry=r)
         self.generated = Gauge("fleetlm_generated_tokens", "Tokens generated since start",
                                registry=r)
 

@@ -1,0 +1,580 @@
+"""Routes over HTTP: the hybrid router behind ``fleetlm serve --config FILE``.
+
+A chat request whose ``model`` names a route goes through :meth:`Router.chat`:
+
+1. the route's policy scores it. Policies that decide before generating (classifier,
+   rules, random, always-*) score the prompt; ``confidence`` runs the small model first
+   (with log-probabilities) and scores its answer: the probability of the chosen label when
+   the answer is constrained to labels (the route's ``labels`` or the client's own
+   ``{"type": "choice"}``), else the answer's token probabilities. A streaming request is
+   held back only for what the policy reads: ``buffer_tokens`` tokens, or the whole answer
+   when it scores a label or sets no buffer;
+2. ``decide(score, threshold)``: small answers locally; large goes up the route's chain of
+   upstreams. Before anything leaves, with ``pii: redact`` the messages' personal data
+   becomes ``<TYPE_N>`` placeholders (one mapping per request, held only in this request's
+   memory) and the answer, streamed or not, gets the values back; with ``pii: block`` a
+   request with personal data is refused. Detection failing never lets a text out: ``block``
+   answers 503, ``redact`` answers with the small model, flagged;
+3. when every upstream fails (down, timing out, 5xx after retries), the small model's answer
+   is sent, flagged as a fallback (or an error with ``on_large_failure: error``): never a hang;
+4. every request is one ledger row: route, policy, score, decision, model, tokens, latency,
+   cost, and the PII entity types and counts (never values).
+
+The response says who answered: the ``model`` field (the small model's name, or the
+upstream's) and the ``x-fleetlm-route`` header (``route=..; policy=..; score=..;
+decision=..; model=..; overhead_ms=..``). A fallback also carries ``x-fleetlm-fallback``.
+Non-streaming bodies repeat it under ``"fleetlm"``.
+
+This module knows routes and HTTP; generating is the local path's (:class:`LocalChat`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from fleetlm.engine.engine import EngineEvent
+from fleetlm.router.config import RouteConfig, RoutesConfig, UpstreamConfig
+from fleetlm.router.ledger import Ledger, LedgerEntry, local_cost, upstream_cost
+from fleetlm.router.policies import (
+    AlwaysLarge,
+    AlwaysSmall,
+    ClassifierPolicy,
+    ConfidencePolicy,
+    Policy,
+    RandomPolicy,
+    RouteContext,
+    Rule,
+    RulesPolicy,
+    decide,
+)
+from fleetlm.router.upstream import (
+    StreamInterrupted,
+    UpstreamClient,
+    UpstreamResponse,
+    UpstreamStream,
+    UpstreamUnavailable,
+)
+from fleetlm.server.app import APIError, LocalChat, _api_error, _error_body, _failure, _sse
+from fleetlm.server.schemas import ChatCompletionRequest
+
+if TYPE_CHECKING:
+    from fleetlm.privacy.mapping import PiiMapping
+    from fleetlm.privacy.pii import PiiRedactor
+    from fleetlm.server.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+ROUTE_HEADER = "x-fleetlm-route"
+FALLBACK_HEADER = "x-fleetlm-fallback"
+# request fields that only fleetlm understands: never sent to an upstream
+_LOCAL_ONLY = ("ignore_eos",)
+
+
+def build_policy(cfg: RouteConfig) -> Policy:
+    """The policy object a route's config describes (a classifier file is loaded now)."""
+    if cfg.policy == "confidence":
+        return ConfidencePolicy(cfg.aggregate, cfg.buffer_tokens)
+    if cfg.policy == "classifier":
+        from fleetlm.router.classifier import TrainedRouter
+
+        assert cfg.classifier is not None  # the config requires it
+        folder = cfg.classifier if cfg.classifier.is_dir() else cfg.classifier.parent
+        return ClassifierPolicy(TrainedRouter.load(folder))
+    if cfg.policy == "rules":
+        return RulesPolicy([Rule(route=r.route, regex=r.regex, keywords=tuple(r.keywords),
+                                 min_chars=r.min_chars, max_chars=r.max_chars)
+                            for r in cfg.rules or ()], cfg.rules_default)
+    if cfg.policy == "random":
+        return RandomPolicy(cfg.seed)
+    return AlwaysSmall() if cfg.policy == "always-small" else AlwaysLarge()
+
+
+@dataclass
+class Route:
+    name: str
+    cfg: RouteConfig
+    policy: Policy
+    redactor: PiiRedactor | None  # None: pii off
+    baseline: UpstreamConfig | None  # the first large upstream: the all-large baseline's prices
+
+
+@dataclass
+class _Request:
+    """What one routed request has gathered so far; becomes its ledger row."""
+
+    route: Route
+    request_id: str
+    tenant: str
+    started: float = field(default_factory=time.perf_counter)
+    overhead_s: float = 0.0  # the router's own time: scoring, PII, restoring (no model time)
+    local_s: float = 0.0  # time the small model worked on this request
+    score: float | None = None
+    decision: str = "small"
+    model: str = ""
+    upstream: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    upstream_cost: float = 0.0
+    pii: dict[str, int] = field(default_factory=dict)
+    flags: list[str] = field(default_factory=list)
+    recorded: bool = False  # its ledger row is written
+
+    def header(self) -> str:
+        score = "none" if self.score is None else f"{self.score:.4f}"
+        return (f"route={self.route.name}; policy={self.route.cfg.policy}; score={score}; "
+                f"decision={self.decision}; model={self.model}; "
+                f"overhead_ms={1000 * self.overhead_s:.2f}")
+
+    def headers(self) -> dict[str, str]:
+        h = {ROUTE_HEADER: self.header()}
+        if self.decision == "fallback":
+            h[FALLBACK_HEADER] = ",".join(f for f in self.flags if f != "fallback") or "fallback"
+        return h
+
+    def info(self) -> dict[str, Any]:
+        return {"route": self.route.name, "policy": self.route.cfg.policy, "score": self.score,
+                "decision": self.decision, "model": self.model, "flags": list(self.flags)}
+
+
+class Router:
+    """The routes of one server: policies, PII redactors, the upstream client, the ledger."""
+
+    def __init__(self, config: RoutesConfig, routes: dict[str, Route], upstreams: UpstreamClient,
+                 ledger: Ledger) -> None:
+        self.config, self.routes, self.upstreams, self.ledger = config, routes, upstreams, ledger
+        self.metrics: ServerMetrics | None = None
+
+    @classmethod
+    def build(cls, config: RoutesConfig, *, served: Iterable[str],
+              check_small: Callable[[str], None], upstreams: UpstreamClient | None = None,
+              ledger: Ledger | None = None) -> Router:
+        """Check the routes against what the server serves and load what they need (classifier
+        files, the PII analyzer) now, so a bad config fails at start-up, not on a request.
+        ``check_small(model)`` raises when the server cannot answer ``model``."""
+        from fleetlm.errors import ConfigError
+
+        config.check_model_names(served)
+        routes: dict[str, Route] = {}
+        problems: list[str] = []
+        for name, cfg in config.routes.items():
+            try:
+                check_small(cfg.small)
+            except Exception as e:  # noqa: BLE001 -- reported with the route's field
+                problems.append(f"routes.{name}.small: {e}")
+                continue
+            redactor = None
+            pii = cfg.pii_config()
+            if pii is not None:
+                from fleetlm.privacy.pii import PiiRedactor
+
+                redactor = PiiRedactor(pii).load()  # spaCy + presidio, once per process
+            routes[name] = Route(name, cfg, build_policy(cfg), redactor, config.first_large(name))
+        if problems:
+            raise ConfigError("the routes config does not match this server:\n  "
+                              + "\n  ".join(problems))
+        return cls(config, routes, upstreams or UpstreamClient(config.upstreams),
+                   ledger or Ledger(config.ledger_path))
+
+    @classmethod
+    def for_server(cls, config: RoutesConfig, model_name: str, store: Any) -> Router:
+        """The router of a server running ``model_name`` with the adapter ``store``."""
+        from fleetlm.errors import ConfigError
+
+        def check_small(model: str) -> None:
+            base, _, adapter = model.rpartition(":")
+            if model == model_name:
+                return
+            if base and base != model_name:
+                raise ConfigError(f"{model!r}: this server runs {model_name!r}, not {base!r}")
+            if store is None:
+                raise ConfigError(f"{model!r}: this server has no adapter store")
+            store.validate(adapter)
+
+        served = [model_name] + ([a.name for a in store.list()] if store is not None else [])
+        return cls.build(config, served=served, check_small=check_small)
+
+    def attach(self, metrics: ServerMetrics) -> None:
+        self.metrics = metrics
+
+    def models(self, now: int) -> list[dict[str, Any]]:
+        """The routes as /v1/models entries."""
+        return [{"id": r.name, "object": "model", "created": now, "owned_by": "fleetlm-router",
+                 "root": r.cfg.small, "route": {"small": r.cfg.small, "large": list(r.cfg.large),
+                                                "policy": r.cfg.policy, "pii": r.cfg.pii}}
+                for r in self.routes.values()]
+
+    async def aclose(self) -> None:
+        await self.upstreams.aclose()
+
+    # -- one request -------------------------------------------------------------------
+
+    async def chat(self, req: ChatCompletionRequest, request: Request, local: LocalChat) -> Any:
+        route = self.routes[req.model]
+        rr = _Request(route, request_id=f"route-{uuid.uuid4().hex[:16]}", tenant=_tenant(request))
+        small_req = req.model_copy(update={"model": route.cfg.small})
+        if route.cfg.labels and req.response_format is None:
+            small_req = small_req.model_copy(update={"response_format": {
+                "type": "choice", "choices": list(route.cfg.labels)}})
+        request.state.tracked = True  # the local path and the ledger count it from here
+        try:
+            if route.policy.needs_answer:
+                return await self._confidence(rr, req, small_req, request, local)
+            t = time.perf_counter()
+            ctx = RouteContext.from_messages([m.model_dump() for m in req.messages])
+            if isinstance(route.policy, ClassifierPolicy):
+                rr.score = await asyncio.to_thread(route.policy.score, ctx)
+            else:
+                rr.score = route.policy.score(ctx)
+            decision = decide(rr.score, route.cfg.threshold_value)
+            rr.overhead_s += time.perf_counter() - t
+            if decision == "small":
+                return await self._small(rr, small_req, local, None)
+            return await self._escalate(rr, req, small_req, request, local, None)
+        except Exception as e:
+            self._record(rr, error=_api_error(e))  # refused or failed: still one ledger row
+            raise
+
+    async def _confidence(self, rr: _Request, req: ChatCompletionRequest,
+                          small_req: ChatCompletionRequest, request: Request,
+                          local: LocalChat) -> Any:
+        route = rr.route
+        if req.n > 1:
+            raise APIError(400, f"n={req.n}: route {route.name!r} scores one answer of the "
+                                "small model (policy confidence); send n=1", "invalid_request_error",
+                           "n")
+        labelled = (small_req.response_format or {}).get("type") == "choice"
+        probe = small_req.model_copy(update={"logprobs": True,
+                                             "top_logprobs": req.top_logprobs if req.logprobs else 0})
+        t = time.perf_counter()
+        ids, (stream,) = await local.open(probe)
+        need = None if (labelled or not req.stream) else route.cfg.buffer_tokens
+        held: list[EngineEvent] = []
+        tokens = 0
+        async for ev in stream:
+            held.append(ev)
+            tokens += ev.token_id is not None
+            if ev.finish_reason is not None or (need is not None and tokens >= need):
+                break
+        rr.local_s += time.perf_counter() - t
+        last = held[-1] if held else None
+        if last is not None and last.finish_reason == "error":
+            raise _failure(last)
+        done = last is not None and last.finish_reason is not None
+        t = time.perf_counter()
+        if labelled and done:
+            lps = [ev.constrained_logprob for ev in held if ev.constrained_logprob is not None]
+            ctx = RouteContext(prompt="", label_prob=math.exp(sum(lps)) if lps else 0.0)
+        else:
+            ctx = RouteContext(prompt="", token_logprobs=[ev.logprob for ev in held
+                                                          if ev.logprob is not None])
+        rr.score = route.policy.score(ctx)
+        decision = decide(rr.score, route.cfg.threshold_value)
+        rr.overhead_s += time.perf_counter() - t
+        if decision == "small":
+            return await self._small(rr, small_req, local, (ids, held, None if done else stream))
+        if not done:
+            await stream.aclose()  # type: ignore[attr-defined]  # cancels the small request
+        answer = (ids, held, None) if done else None
+        return await self._escalate(rr, req, small_req, request, local, answer)
+
+    # -- the small model ---------------------------------------------------------------
+
+    async def _small(self, rr: _Request, small_req: ChatCompletionRequest, local: LocalChat,
+                     answer: tuple[list[int], list[EngineEvent], AsyncIterator[EngineEvent] | None]
+                     | None) -> Any:
+        """Answer with the small model: the held answer (``(ids, events so far, the rest of
+        the stream or None)``) or a new request."""
+        rr.model = small_req.model
+        if rr.decision != "fallback":
+            rr.decision = "small"
+        t = time.perf_counter()
+        if answer is None:
+            ids, streams = await local.open(small_req)
+        else:
+            ids, held, rest = answer
+            streams = [_chain(held, rest)]
+        rr.prompt_tokens = len(ids)
+        if small_req.stream:
+            observed = [_observe(s, rr) for s in streams]
+
+            async def chunks() -> AsyncIterator[dict[str, Any]]:
+                try:
+                    async for c in local.chunks(small_req, observed):
+                        yield c
+                finally:
+                    rr.local_s += time.perf_counter() - t
+                    self._record(rr)
+            return _sse(chunks(), rr.headers())
+        results = list(await asyncio.gather(*(local.collect(s) for s in streams)))
+        rr.local_s += time.perf_counter() - t
+        body = local.body(small_req, ids, results)
+        rr.completion_tokens = body["usage"]["completion_tokens"]
+        self._record(rr)
+        body["fleetlm"] = rr.info()
+        return JSONResponse(body, headers=rr.headers())
+
+    async def _fallback(self, rr: _Request, small_req: ChatCompletionRequest, local: LocalChat,
+                        answer: tuple[list[int], list[EngineEvent], None] | None,
+                        reason: str) -> Any:
+        rr.decision = "fallback"
+        rr.upstream = None
+        rr.flags += ["fallback", reason]  # the reason also names the x-fleetlm-fallback header
+        return await self._small(rr, small_req, local, answer)
+
+    # -- the large model ---------------------------------------------------------------
+
+    async def _escalate(self, rr: _Request, req: ChatCompletionRequest,
+                        small_req: ChatCompletionRequest, request: Request, local: LocalChat,
+                        answer: tuple[list[int], list[EngineEvent], None] | None) -> Any:
+        route = rr.route
+        rr.decision = "large"
+        body = await _client_body(request)
+        mapping: PiiMapping | None = None
+        if route.redactor is not None:
+            t = time.perf_counter()
+            try:
+                body["messages"], redacted = await asyncio.to_thread(
+                    _redact_messages, route.redactor, body.get("messages") or [])
+            except Exception as e:  # noqa: BLE001 -- fail closed: nothing leaves
+                rr.overhead_s += time.perf_counter() - t
+                log.error("route %s: personal-data detection failed (%s: %s); nothing escalated",
+                          route.name, type(e).__name__, e)
+                if route.cfg.pii == "block":
+                    rr.decision = "blocked"
+                    rr.flags.append("pii_detection_failed")
+                    raise APIError(503, f"route {route.name!r}: personal-data detection failed, "
+                                        "so the request was not sent to the large model "
+                                        "(pii: block); retry later or contact the operator",
+                                   "server_error", None, "pii_detection_failed") from None
+                return await self._fallback(rr, small_req, local, answer, "pii_detection_failed")
+            rr.overhead_s += time.perf_counter() - t
+            mapping, rr.pii = redacted, redacted.counts()
+            if route.cfg.pii == "block" and rr.pii:
+                rr.decision = "blocked"
+                found = ", ".join(f"{k} x{v}" for k, v in sorted(rr.pii.items()))
+                raise APIError(400, f"messages: route {route.name!r} escalates this request, "
+                                    f"and it contains personal data ({found}); with pii: block "
+                                    "it is not sent. Remove the personal data, or use a route "
+                                    "with pii: redact", "invalid_request_error", "messages",
+                               "pii_blocked")
+        try:
+            result = await self.upstreams.first_available(
+                route.cfg.large, body, stream=req.stream,  # type: ignore[call-overload]
+                deadline_s=route.cfg.deadline_s)
+        except UpstreamUnavailable as e:
+            log.warning("route %s: %s", route.name, e)
+            self._count_failures(route, e.failures)
+            if route.cfg.on_large_failure == "error":
+                rr.decision = "blocked"
+                rr.flags.append("upstream_unavailable")
+                raise APIError(502, f"route {route.name!r}: {e}", "upstream_error", None,
+                               "upstream_unavailable") from None
+            return await self._fallback(rr, small_req, local, answer, "upstream_unavailable")
+        self._count_failures(route, result.failures)
+        rr.upstream = result.upstream
+        if isinstance(result, UpstreamResponse):
+            return self._large_body(rr, result, mapping)
+        rr.model = f"{result.upstream}/{self.upstreams.upstreams[result.upstream].model}"
+        return _sse(self._large_chunks(rr, result, mapping), rr.headers())
+
+    def _large_body(self, rr: _Request, result: UpstreamResponse, mapping: PiiMapping | None
+                    ) -> JSONResponse:
+        data = result.response
+        rr.model = f"{result.upstream}/{data.get('model') or self.upstreams.upstreams[result.upstream].model}"
+        if mapping is not None:
+            from fleetlm.privacy.restore import restore
+
+            t = time.perf_counter()
+            for choice in data.get("choices") or []:
+                msg = choice.get("message") if isinstance(choice, dict) else None
+                if isinstance(msg, dict):
+                    if isinstance(msg.get("content"), str):
+                        msg["content"] = restore(msg["content"], mapping)
+                    for call in msg.get("tool_calls") or []:
+                        fn = call.get("function") if isinstance(call, dict) else None
+                        if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                            fn["arguments"] = restore(fn["arguments"], mapping)
+            rr.overhead_s += time.perf_counter() - t
+        self._usage(rr, result)
+        self._record(rr)
+        data["fleetlm"] = rr.info()
+        return JSONResponse(data, headers=rr.headers())
+
+    async def _large_chunks(self, rr: _Request, stream: UpstreamStream,
+                            mapping: PiiMapping | None) -> AsyncIterator[dict[str, Any]]:
+        from fleetlm.privacy.restore import StreamRestorer
+
+        restorers: dict[int, StreamRestorer] = {}
+        try:
+            async for chunk in stream:
+                if mapping is not None:
+                    t = time.perf_counter()
+                    for c in chunk.get("choices") or []:
+                        _restore_delta(c, restorers, mapping)
+                    rr.overhead_s += time.perf_counter() - t
+                yield chunk
+            tails = {i: r.flush() for i, r in restorers.items()}
+            tails = {i: s for i, s in tails.items() if s}
+            if tails:  # an unfinished placeholder at the very end: sent as it came
+                yield {"object": "chat.completion.chunk", "choices": [
+                    {"index": i, "delta": {"content": s}, "finish_reason": None}
+                    for i, s in sorted(tails.items())]}
+        except StreamInterrupted as e:
+            log.warning("route %s: %s", rr.route.name, e)
+            rr.flags.append("stream_interrupted")
+            yield _error_body(APIError(502, f"route {rr.route.name!r}: {e}", "upstream_error",
+                                       None, "stream_interrupted"))
+        finally:
+            await stream.aclose()
+            self._usage(rr, stream)
+            self._record(rr)
+
+    def _usage(self, rr: _Request, result: UpstreamResponse | UpstreamStream) -> None:
+        u = result.usage
+        rr.prompt_tokens, rr.completion_tokens = u.prompt_tokens, u.completion_tokens
+        if u.estimated:
+            rr.flags.append("usage_estimated")
+        assert rr.upstream is not None
+        rr.upstream_cost = upstream_cost(self.upstreams.upstreams[rr.upstream],
+                                         u.prompt_tokens, u.completion_tokens)
+
+    def _count_failures(self, route: Route, failures: Iterable[Any]) -> None:
+        if self.metrics is not None:
+            for f in failures:
+                self.metrics.upstream_failures.labels(route=route.name, upstream=f.upstream).inc()
+
+    # -- the ledger --------------------------------------------------------------------
+
+    def _record(self, rr: _Request, error: APIError | None = None) -> None:
+        """One ledger row (and the route metrics) for a finished request."""
+        if rr.recorded:
+            return
+        rr.recorded = True
+        decision = rr.decision if rr.decision in ("small", "large", "fallback") else "blocked"
+        if error is not None and decision != "blocked":
+            decision = "blocked"
+            rr.flags.append(f"error_{error.status}")
+        latency_ms = 1000 * (time.perf_counter() - rr.started)
+        cost = local_cost(self.config.local_cost_per_hour, 1000 * rr.local_s) + rr.upstream_cost
+        baseline = None
+        if rr.route.baseline is not None:
+            baseline = upstream_cost(rr.route.baseline, rr.prompt_tokens, rr.completion_tokens)
+        entry = LedgerEntry(route=rr.route.name, decision=decision,  # type: ignore[arg-type]
+                            model=rr.model, request_id=rr.request_id, tenant=rr.tenant,
+                            policy=rr.route.cfg.policy, score=rr.score, upstream=rr.upstream,
+                            prompt_tokens=rr.prompt_tokens,
+                            completion_tokens=rr.completion_tokens, latency_ms=latency_ms,
+                            cost_usd=cost, baseline_cost_usd=baseline, pii=dict(rr.pii),
+                            flags=list(dict.fromkeys(rr.flags)))
+        try:
+            self.ledger.record(entry)
+        except Exception as e:  # noqa: BLE001 -- the answer must not fail for the ledger
+            log.error("route %s: ledger row not recorded: %s", rr.route.name, e)
+        if self.metrics is not None:
+            self.metrics.route_requests.labels(route=rr.route.name, decision=decision).inc()
+            self.metrics.router_overhead.labels(route=rr.route.name).observe(rr.overhead_s)
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _tenant(request: Request) -> str:
+    """Who sent the request: the x-fleetlm-tenant header, else a hash of the API key (never
+    the key), else ""."""
+    tenant = request.headers.get("x-fleetlm-tenant")
+    if tenant:
+        return tenant[:64]
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer ") and auth[7:].strip():
+        return "key-" + hashlib.sha256(auth[7:].strip().encode()).hexdigest()[:12]
+    return ""
+
+
+async def _client_body(request: Request) -> dict[str, Any]:
+    """The client's JSON as sent (OpenAI fields fleetlm does not read are passed on), less
+    what only fleetlm understands; the upstream client sets ``model``."""
+    body = dict(await request.json())
+    for k in _LOCAL_ONLY:
+        body.pop(k, None)
+    rf = body.get("response_format")
+    if isinstance(rf, dict) and rf.get("type") == "choice":
+        body.pop("response_format")  # fleetlm's own; the messages say what to answer
+    return body
+
+
+def _redact_messages(redactor: PiiRedactor, messages: list[Any]) -> tuple[list[Any], PiiMapping]:
+    """The messages with every text part redacted under one mapping (runs in a thread)."""
+    from fleetlm.privacy.mapping import PiiMapping
+
+    mapping = PiiMapping()
+    out = []
+    for m in messages:
+        if not isinstance(m, dict):
+            out.append(m)
+            continue
+        m = dict(m)
+        content = m.get("content")
+        if isinstance(content, str):
+            m["content"] = redactor.redact(content, mapping)[0]
+        elif isinstance(content, list):
+            parts = []
+            for p in content:
+                if isinstance(p, dict) and isinstance(p.get("text"), str):
+                    p = {**p, "text": redactor.redact(p["text"], mapping)[0]}
+                parts.append(p)
+            m["content"] = parts
+        out.append(m)
+    return out, mapping
+
+
+def _restore_delta(choice: Any, restorers: dict[int, Any], mapping: PiiMapping) -> None:
+    from fleetlm.privacy.restore import StreamRestorer
+
+    if not isinstance(choice, dict):
+        return
+    i = choice.get("index", 0)
+    r = restorers.setdefault(i, StreamRestorer(mapping))
+    delta = choice.get("delta")
+    if isinstance(delta, dict) and isinstance(delta.get("content"), str):
+        delta["content"] = r.feed(delta["content"])
+    if choice.get("finish_reason") is not None:
+        tail = r.flush()
+        if tail:
+            if not isinstance(delta, dict):
+                delta = choice["delta"] = {}
+            delta["content"] = (delta.get("content") or "") + tail
+
+
+async def _chain(held: list[EngineEvent], rest: AsyncIterator[EngineEvent] | None
+                 ) -> AsyncIterator[EngineEvent]:
+    """The events already read, then the rest of the stream (closing it closes the rest)."""
+    try:
+        for ev in held:
+            yield ev
+        if rest is not None:
+            async for ev in rest:
+                yield ev
+    finally:
+        if rest is not None:
+            await rest.aclose()  # type: ignore[attr-defined]
+
+
+async def _observe(stream: AsyncIterator[EngineEvent], rr: _Request) -> AsyncIterator[EngineEvent]:
+    """``stream``, adding its completion tokens to the request's count as it ends."""
+    async for ev in stream:
+        if ev.finish_reason is not None:
+            rr.completion_tokens += ev.completion_tokens
+        yield ev
+
+

@@ -1,0 +1,431 @@
+"""Routes end to end over real HTTP: ``create_app(..., Router)`` on loopback, with a second
+fleetlm server (the real default model, recording every body it receives) as the large
+upstream, and loopback OpenAI stubs where an upstream must echo, stall or fail.
+
+Checked: escalation below the threshold and not above it (with the small model's real
+score), label confidence, streaming both ways, personal data never reaching an upstream
+and restored in the answer (streamed and not), pii block and fail-closed detection,
+upstreams down / slow / failing ending in a fallback or the configured error within their
+time limits, the failover chain, and one ledger row per request with entity counts only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from fleetlm.router.config import Threshold, parse_routes
+from fleetlm.router.ledger import Ledger
+from fleetlm.router.policies import decide
+from fleetlm.server.routing import FALLBACK_HEADER, ROUTE_HEADER, Router
+from tests.openai_stub import Reply, stub_starter
+from tests.server.conftest import MODEL
+
+pytestmark = pytest.mark.slow
+
+NAME, EMAIL, PHONE = "John Smith", "john.smith@example.com", "(415) 555-2671"
+PII_TEXT = f"Please escalate: my name is {NAME}, my email is {EMAIL} and my phone is {PHONE}."
+
+
+class Recorder:
+    """ASGI middleware keeping the JSON body of every request (the upstream's view)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app, self.bodies = app, []  # type: ignore[var-annotated]
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        parts: list[bytes] = []
+
+        async def recording() -> Any:
+            msg = await receive()
+            if msg["type"] == "http.request":
+                parts.append(msg.get("body", b""))
+                if not msg.get("more_body"):
+                    self.bodies.append(json.loads(b"".join(parts) or b"null"))
+            return msg
+        await self.app(scope, recording, send)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def _serve(app: Any) -> Iterator[str]:
+    import uvicorn
+
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=srv.run, daemon=True)
+    t.start()
+    while not srv.started:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        t.join(10)
+
+
+def _echo(body: dict[str, Any], _i: int) -> Reply:
+    """The last user message back, in 3-character pieces (placeholders cut across chunks)."""
+    text = next(m["content"] for m in reversed(body["messages"]) if m["role"] == "user")
+    return Reply(pieces=tuple(text[i:i + 3] for i in range(0, len(text), 3)))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    from fleetlm.engine.engine import Engine, EngineConfig
+    from fleetlm.models.loader import load_model
+    from fleetlm.server.app import create_app
+
+    tmp = tmp_path_factory.mktemp("routes")
+    lm = load_model(MODEL, dtype="float32")
+    engine = Engine(lm, EngineConfig(max_running=8, max_len=512))
+    engine.start()
+    stubs = stub_starter()
+    start = next(stubs)
+    echo, slow, broken = start(_echo), start(Reply("late", delay_s=5.0)), start(Reply(status=500))
+    upstream = Recorder(create_app(engine, MODEL))
+    with _serve(upstream) as up_url:
+        common = {"small": MODEL, "policy": "always-large"}
+        raw = {
+            "upstreams": {
+                "big": {"base_url": f"{up_url}/v1", "model": MODEL, "price_per_1m_input": 2.5,
+                        "price_per_1m_output": 10.0, "timeout_s": 120},
+                "echo": {"base_url": echo.base_url, "model": "echo-large",
+                         "price_per_1m_input": 1.0, "price_per_1m_output": 2.0},
+                "dead": {"base_url": f"http://127.0.0.1:{_free_port()}/v1", "model": "x",
+                         "timeout_s": 2, "max_attempts": 2, "backoff_s": 0.01},
+                "slow": {"base_url": slow.base_url, "model": "x", "timeout_s": 0.5,
+                         "max_attempts": 1},
+                "broken": {"base_url": broken.base_url, "model": "x", "max_attempts": 2,
+                           "backoff_s": 0.01},
+            },
+            "routes": {
+                "probe": {"small": MODEL, "large": ["big"], "policy": "confidence",
+                          "threshold": 0.5},
+                "probe-stream": {"small": MODEL, "large": ["big"], "policy": "confidence",
+                                 "threshold": 0.0, "buffer_tokens": 3},
+                "keyword": {"small": MODEL, "large": ["big"], "policy": "rules",
+                            "rules": [{"route": "large", "keywords": ["escalate"]}]},
+                "labels": {"small": MODEL, "large": ["echo"], "policy": "confidence",
+                           "threshold": 0.5, "labels": ["positive", "negative"], "pii": "off"},
+                "echo": {**common, "large": ["echo"]},
+                "blocky": {**common, "large": ["echo"], "pii": "block"},
+                "down": {**common, "large": ["dead"], "pii": "off"},
+                "slow": {**common, "large": ["slow"], "pii": "off"},
+                "failover": {**common, "large": ["broken", "echo"], "pii": "off"},
+                "broken": {**common, "large": ["broken"], "pii": "off",
+                           "on_large_failure": "error"},
+            },
+            "local_cost_per_hour": 0.40,
+            "ledger_path": "ledger.sqlite3",
+        }
+        cfg = parse_routes(raw, base_dir=tmp)
+        router = Router.for_server(cfg, MODEL, None)
+        with _serve(create_app(engine, MODEL, router)) as url:
+            yield {"url": url, "router": router, "upstream": upstream, "echo": echo,
+                   "slow": slow, "broken": broken, "ledger_path": tmp / "ledger.sqlite3"}
+        router.ledger.close()
+    for _ in stubs:
+        pass
+    engine.shutdown(10)
+
+
+def chat(env: dict[str, Any], model: str, text: str, **kw: Any) -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": text}],
+            "max_tokens": 8, "temperature": 0, **kw}
+    return httpx.post(f"{env['url']}/v1/chat/completions", json=body, timeout=120)
+
+
+def stream_chat(env: dict[str, Any], model: str, text: str, **kw: Any
+                ) -> tuple[httpx.Response, str, list[dict[str, Any]]]:
+    body = {"model": model, "messages": [{"role": "user", "content": text}],
+            "max_tokens": 8, "temperature": 0, "stream": True, **kw}
+    chunks: list[dict[str, Any]] = []
+    with httpx.stream("POST", f"{env['url']}/v1/chat/completions", json=body, timeout=120) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunks.append(json.loads(line[6:]))
+    text = "".join((c.get("delta") or {}).get("content") or ""
+                   for ch in chunks for c in ch.get("choices", []))
+    return r, text, chunks
+
+
+def route_info(r: httpx.Response) -> dict[str, str]:
+    return dict(part.split("=", 1) for part in r.headers[ROUTE_HEADER].split("; "))
+
+
+def with_threshold(env: dict[str, Any], route: str, value: float) -> None:
+    r = env["router"].routes[route]
+    r.cfg = r.cfg.model_copy(update={"threshold": Threshold(value=value)})
+
+
+def ledger_rows(env: dict[str, Any]) -> list[Any]:
+    env["router"].ledger.flush()
+    with Ledger(env["ledger_path"], readonly=True) as led:
+        return led.query()
+
+
+# -- models and refusals -----------------------------------------------------------------
+
+
+def test_routes_are_listed_as_models(env):
+    data = httpx.get(f"{env['url']}/v1/models").json()["data"]
+    ids = [m["id"] for m in data]
+    assert ids[0] == MODEL and set(env["router"].routes) <= set(ids)
+    probe = next(m for m in data if m["id"] == "probe")
+    assert probe["route"] == {"small": MODEL, "large": ["big"], "policy": "confidence",
+                              "pii": "redact"}
+
+
+def test_a_route_on_the_completions_endpoint_is_refused(env):
+    r = httpx.post(f"{env['url']}/v1/completions", json={"model": "probe", "prompt": "hi"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "route_chat_only"
+
+
+# -- the confidence policy around its threshold -------------------------------------------
+
+
+def test_escalates_below_the_threshold_and_not_above(env):
+    question = "Name one primary colour."
+    direct = httpx.post(f"{env['url']}/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": question}], "max_tokens": 8,
+        "temperature": 0, "logprobs": True}, timeout=120).json()
+    lps = [t["logprob"] for t in direct["choices"][0]["logprobs"]["content"]]
+    score = math.exp(sum(lps) / len(lps))  # the geometric-mean token probability
+    assert 0.0 < score < 1.0
+    try:
+        with_threshold(env, "probe", max(0.0, score - 0.01))  # score above the threshold
+        before = len(env["upstream"].bodies)
+        kept = chat(env, "probe", question)
+        info = route_info(kept)
+        assert kept.status_code == 200 and info["decision"] == "small"
+        assert float(info["score"]) == pytest.approx(score, abs=2e-3)
+        assert kept.json()["model"] == MODEL and info["model"] == MODEL
+        assert kept.json()["choices"][0]["message"]["content"] == \
+            direct["choices"][0]["message"]["content"]
+        assert kept.json()["choices"][0]["logprobs"] is None  # scored, not shown
+        assert len(env["upstream"].bodies) == before  # nothing went upstream
+
+        with_threshold(env, "probe", min(1.0, score + 0.01))  # score below the threshold
+        sent = chat(env, "probe", question)
+        info = route_info(sent)
+        assert sent.status_code == 200 and info["decision"] == "large"
+        assert float(info["score"]) == pytest.approx(score, abs=2e-3)
+        assert info["model"] == f"big/{MODEL}"
+        assert sent.json()["fleetlm"]["decision"] == "large"
+        assert len(env["upstream"].bodies) == before + 1
+        assert env["upstream"].bodies[-1]["messages"][-1]["content"] == question
+        assert env["upstream"].bodies[-1]["model"] == MODEL  # the upstream's model name
+    finally:
+        with_threshold(env, "probe", 0.5)
+    assert decide(score, score - 0.01) == "small" and decide(score, score + 0.01) == "large"
+
+
+def test_streaming_keeps_the_small_answer_after_its_buffer(env):
+    question = "Name three colours."
+    whole = chat(env, "probe-stream", question).json()["choices"][0]["message"]["content"]
+    r, text, chunks = stream_chat(env, "probe-stream", question)
+    assert r.status_code == 200 and route_info(r)["decision"] == "small"
+    assert text == whole and len(chunks) > 3  # the buffer was flushed, then streamed on
+    assert chunks[0]["model"] == MODEL
+
+
+def test_streaming_escalation_streams_the_upstream_answer(env):
+    try:
+        with_threshold(env, "probe", 1.0)
+        question = "Say hello."
+        r, text, chunks = stream_chat(env, "probe", question)
+        assert r.status_code == 200 and route_info(r)["decision"] == "large"
+        direct = httpx.post(f"{env['url']}/v1/chat/completions", json={
+            "model": MODEL, "messages": [{"role": "user", "content": question}],
+            "max_tokens": 8, "temperature": 0}, timeout=120).json()
+        assert text == direct["choices"][0]["message"]["content"]  # the same model upstream
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    finally:
+        with_threshold(env, "probe", 0.5)
+
+
+def test_label_confidence_is_the_chosen_labels_probability(env):
+    r = chat(env, "labels", "Review: I loved this film, wonderful acting. Sentiment?")
+    info = route_info(r)
+    score = float(info["score"])
+    assert 0.0 < score <= 1.0
+    assert info["decision"] == decide(score, 0.5)
+    if info["decision"] == "small":
+        assert r.json()["choices"][0]["message"]["content"] in ("positive", "negative")
+
+
+# -- personal data ---------------------------------------------------------------------
+
+
+def test_no_personal_data_reaches_the_fleetlm_upstream(env):
+    before = len(env["upstream"].bodies)
+    r = chat(env, "keyword", PII_TEXT)
+    assert r.status_code == 200 and route_info(r)["decision"] == "large"
+    sent = json.dumps(env["upstream"].bodies[before:])
+    assert len(env["upstream"].bodies) == before + 1
+    for value in (NAME, EMAIL, PHONE, "Smith", "555-2671"):
+        assert value not in sent
+    assert "<PERSON_1>" in sent and "<EMAIL_ADDRESS_1>" in sent and "<PHONE_NUMBER_1>" in sent
+    kept = chat(env, "keyword", "No personal data, just a question about the weather.")
+    assert route_info(kept)["decision"] == "small" and len(env["upstream"].bodies) == before + 1
+
+
+def test_the_answer_gets_the_values_back(env):
+    before = len(env["echo"].bodies)
+    r = chat(env, "echo", PII_TEXT)
+    assert r.status_code == 200
+    assert r.json()["choices"][0]["message"]["content"] == PII_TEXT  # echoed, restored
+    assert route_info(r)["model"] == "echo/echo-large"
+    upstream_saw = env["echo"].bodies[before]["messages"][0]["content"]
+    assert EMAIL not in upstream_saw and "<EMAIL_ADDRESS_1>" in upstream_saw
+
+
+def test_the_streamed_answer_gets_the_values_back(env):
+    before = len(env["echo"].bodies)
+    r, text, chunks = stream_chat(env, "echo", PII_TEXT)
+    assert r.status_code == 200 and route_info(r)["decision"] == "large"
+    assert text == PII_TEXT
+    assert len(chunks) > 10  # it came in pieces, placeholders cut across them
+    upstream_saw = env["echo"].bodies[before]["messages"][0]["content"]
+    assert "<PERSON_1>" in upstream_saw and NAME not in upstream_saw
+    # the echo came back in 3-character pieces: every placeholder was cut across chunks
+
+
+def test_pii_block_refuses_personal_data_and_passes_the_rest(env):
+    before = len(env["echo"].bodies)
+    r = chat(env, "blocky", PII_TEXT)
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["code"] == "pii_blocked" and err["param"] == "messages"
+    assert "EMAIL_ADDRESS" in err["message"] and EMAIL not in err["message"]
+    assert len(env["echo"].bodies) == before
+    ok = chat(env, "blocky", "What is two plus two?")
+    assert ok.status_code == 200 and route_info(ok)["decision"] == "large"
+
+
+def test_detection_failure_fails_closed(env, monkeypatch):
+    def broken(*_a: Any, **_k: Any) -> Any:
+        raise RuntimeError("spaCy model missing")
+
+    for name in ("echo", "blocky"):
+        monkeypatch.setattr(env["router"].routes[name].redactor, "redact", broken)
+    before = len(env["echo"].bodies)
+    r = chat(env, "echo", PII_TEXT)  # pii: redact -> the small model answers, flagged
+    assert r.status_code == 200
+    assert route_info(r)["decision"] == "fallback" and r.json()["model"] == MODEL
+    assert r.headers[FALLBACK_HEADER] == "pii_detection_failed"
+    b = chat(env, "blocky", PII_TEXT)  # pii: block -> 503
+    assert b.status_code == 503 and b.json()["error"]["code"] == "pii_detection_failed"
+    assert len(env["echo"].bodies) == before  # nothing left the machine
+
+
+# -- failing upstreams ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("route, limit_s", [("down", 10.0), ("slow", 4.0)])
+def test_an_unavailable_upstream_falls_back_to_the_small_model(env, route, limit_s):
+    t = time.monotonic()
+    r = chat(env, route, "Hello there")
+    elapsed = time.monotonic() - t
+    assert r.status_code == 200 and elapsed < limit_s
+    info = route_info(r)
+    assert info["decision"] == "fallback" and info["model"] == MODEL
+    assert r.headers[FALLBACK_HEADER] == "upstream_unavailable"
+    assert r.json()["model"] == MODEL and r.json()["choices"][0]["message"]["content"]
+    assert r.json()["fleetlm"]["flags"] == ["fallback", "upstream_unavailable"]
+
+
+def test_a_slow_upstream_stream_falls_back_too(env):
+    t = time.monotonic()
+    r, text, _ = stream_chat(env, "slow", "Hello there")
+    assert r.status_code == 200 and time.monotonic() - t < 4.0
+    assert route_info(r)["decision"] == "fallback" and text
+
+
+def test_a_failing_upstream_moves_down_the_chain(env):
+    before = len(env["broken"].bodies)
+    r = chat(env, "failover", "Hello there")
+    assert r.status_code == 200 and route_info(r)["decision"] == "large"
+    assert route_info(r)["model"] == "echo/echo-large"
+    assert r.json()["choices"][0]["message"]["content"] == "Hello there"
+    assert len(env["broken"].bodies) == before + 2  # its two attempts, then the next upstream
+
+
+def test_on_large_failure_error_answers_502(env):
+    r = chat(env, "broken", "Hello there")
+    assert r.status_code == 502
+    err = r.json()["error"]
+    assert err["code"] == "upstream_unavailable" and "500" in err["message"]
+
+
+# -- the ledger -------------------------------------------------------------------------
+
+
+def test_every_request_is_one_ledger_row_without_values(env):
+    n = len(ledger_rows(env))
+    r = httpx.post(
+        f"{env['url']}/v1/chat/completions",
+        json={"model": "echo", "messages": [{"role": "user", "content": PII_TEXT}],
+              "max_tokens": 8, "temperature": 0},
+        headers={"Authorization": "Bearer sk-test-secret"}, timeout=120)
+    assert r.status_code == 200
+    rows = ledger_rows(env)
+    assert len(rows) == n + 1
+    row = rows[-1]
+    assert row.decision == "large" and row.model == "echo/echo-large" and row.upstream == "echo"
+    assert row.policy == "always-large" and row.score == 0.0
+    assert row.pii == {"EMAIL_ADDRESS": 1, "PERSON": 1, "PHONE_NUMBER": 1}
+    usage = r.json()["usage"]
+    assert (row.prompt_tokens, row.completion_tokens) == (usage["prompt_tokens"],
+                                                          usage["completion_tokens"])
+    assert row.cost_usd == pytest.approx(
+        (usage["prompt_tokens"] * 1.0 + usage["completion_tokens"] * 2.0) / 1e6, rel=1e-6)
+    assert row.tenant.startswith("key-") and "secret" not in row.tenant
+    env["router"].ledger.flush()
+    raw = b"".join(p.read_bytes() for p in env["ledger_path"].parent.glob("ledger.sqlite3*"))
+    for value in (NAME, EMAIL, PHONE, "sk-test-secret"):
+        assert value.encode() not in raw
+
+
+def test_ledger_decisions_match_the_headers(env):
+    n = len(ledger_rows(env))
+    small = chat(env, "keyword", "What is the weather like?")
+    fallback = chat(env, "down", "Hi")
+    blocked = chat(env, "blocky", PII_TEXT)
+    assert (small.status_code, fallback.status_code, blocked.status_code) == (200, 200, 400)
+    rows = ledger_rows(env)[n:]
+    by_route = {r.route: r for r in rows}
+    assert len(rows) == 3
+    assert by_route["keyword"].decision == "small" and by_route["keyword"].model == MODEL
+    assert by_route["keyword"].cost_usd > 0  # local compute at local_cost_per_hour
+    assert by_route["keyword"].baseline_cost_usd == pytest.approx(
+        (by_route["keyword"].prompt_tokens * 2.5 + by_route["keyword"].completion_tokens * 10)
+        / 1e6)
+    assert by_route["down"].decision == "fallback"
+    assert "upstream_unavailable" in by_route["down"].flags
+    assert by_route["blocky"].decision == "blocked"
+    assert by_route["blocky"].pii == {"EMAIL_ADDRESS": 1, "PERSON": 1, "PHONE_NUMBER": 1}
+
+
+def test_route_metrics(env):
+    text = httpx.get(f"{env['url']}/metrics").text
+    assert 'fleetlm_route_requests_total{decision="large",route="echo"}' in text
+    assert 'fleetlm_router_overhead_seconds_count{route="echo"}' in text
+    assert 'fleetlm_upstream_failures_total{route="down",upstream="dead"}' in text
