@@ -237,3 +237,23 @@ def test_route_names_must_not_shadow_served_models(tmp_path: Path) -> None:
     cfg.check_model_names(["smollm2-135m", "banking77"])
     with pytest.raises(ConfigError, match="support also name a served model"):
         cfg.check_model_names(["smollm2-135m", "support"])
+
+
+def test_a_bare_yaml_off_turns_pii_off(tmp_path):
+    from fleetlm.router.config import load_routes
+
+    p = tmp_path / "routes.yaml"
+    p.write_text("routes:\n  r:\n    small: base\n    policy: always-small\n    pii: off\n")
+    assert load_routes(p).routes["r"].pii == "off"
+
+
+def test_the_example_routes_file_is_valid():
+    from pathlib import Path
+
+    from fleetlm.router.config import load_routes
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "routes.yaml"
+    cfg = load_routes(example)
+    assert set(cfg.routes) == {"assistant", "intents"}
+    assert cfg.routes["assistant"].threshold_value == 0.60
+    assert cfg.upstreams["openai"].api_key_env == "OPENAI_API_KEY"

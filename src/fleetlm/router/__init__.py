@@ -7,6 +7,7 @@ one is unsure, personal data stripped on the way out, every request written to a
     classifier.py   the trained router behind the ``classifier`` policy
     upstream.py     async client of the large upstreams: retries, timeouts, fallback chain
     ledger.py       SQLite (WAL) ledger of every request: decision, tokens, cost, PII counts
+    report.py       the savings report's --since parsing and cost-over-time plot
 
 Importing this package imports none of its modules (no httpx, no sqlite, no YAML).
 """

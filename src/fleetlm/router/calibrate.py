@@ -17,7 +17,8 @@ so the share reached can differ from the target when many scores tie; the result
 was reached.
 
 Also the outcomes file reader (JSON lines ``{"prompt", "small_correct", "large_correct"}``,
-or RouteLLM's ``weak_correct``/``strong_correct``) and the threshold file writer.
+or RouteLLM's ``weak_correct``/``strong_correct``), the reader of scores recorded in the same
+file (a ``score`` per row), and the threshold file writer.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -52,14 +53,9 @@ class Outcome:
 _KEY_PAIRS = (("small_correct", "large_correct"), ("weak_correct", "strong_correct"))
 
 
-def load_outcomes(path: str | Path) -> list[Outcome]:
-    """Read a JSON-lines outcomes file. Every problem is collected, then raised together."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"--data {p}: no such file (JSON lines with "
-                                f'"prompt", "small_correct", "large_correct")')
-    rows: list[Outcome] = []
-    problems: list[str] = []
+def _json_objects(p: Path, problems: list[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a JSON-lines file; a line that is not
+    a JSON object is added to ``problems`` and skipped."""
     with p.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -72,23 +68,59 @@ def load_outcomes(path: str | Path) -> list[Outcome]:
             if not isinstance(obj, dict):
                 problems.append(f"line {lineno}: expected an object")
                 continue
-            keys = next((k for k in _KEY_PAIRS if k[0] in obj and k[1] in obj), None)
-            if not isinstance(obj.get("prompt"), str) or keys is None:
-                problems.append(f'line {lineno}: needs "prompt" (string) and "small_correct"/'
-                                f'"large_correct" (or "weak_correct"/"strong_correct")')
-                continue
-            vals = [obj[k] for k in keys]
-            if not all(isinstance(v, bool) or v in (0, 1) for v in vals):
-                problems.append(f"line {lineno}: {keys[0]}/{keys[1]} must be true/false")
-                continue
-            rows.append(Outcome(obj["prompt"], bool(vals[0]), bool(vals[1]), obj.get("domain")))
-            if len(problems) >= 20:
-                break
+            yield lineno, obj
+
+
+def load_outcomes(path: str | Path) -> list[Outcome]:
+    """Read a JSON-lines outcomes file. Every problem is collected, then raised together."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--data {p}: no such file (JSON lines with "
+                                f'"prompt", "small_correct", "large_correct")')
+    rows: list[Outcome] = []
+    problems: list[str] = []
+    for lineno, obj in _json_objects(p, problems):
+        keys = next((k for k in _KEY_PAIRS if k[0] in obj and k[1] in obj), None)
+        if not isinstance(obj.get("prompt"), str) or keys is None:
+            problems.append(f'line {lineno}: needs "prompt" (string) and "small_correct"/'
+                            f'"large_correct" (or "weak_correct"/"strong_correct")')
+            continue
+        vals = [obj[k] for k in keys]
+        if not all(isinstance(v, bool) or v in (0, 1) for v in vals):
+            problems.append(f"line {lineno}: {keys[0]}/{keys[1]} must be true/false")
+            continue
+        rows.append(Outcome(obj["prompt"], bool(vals[0]), bool(vals[1]), obj.get("domain")))
+        if len(problems) >= 20:
+            break
     if problems:
         raise ValueError(f"--data {p}: " + "; ".join(problems[:20]))
     if not rows:
         raise ValueError(f"--data {p}: no rows")
     return rows
+
+
+def load_scores(path: str | Path, key: str = "score") -> np.ndarray:
+    """The ``key`` number in [0, 1] of every row of a JSON-lines file, in file order (the
+    order of :func:`load_outcomes`): scores a policy recorded for each prompt, e.g. the
+    small model's confidence. Every problem is collected, then raised together."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--data {p}: no such file")
+    out: list[float] = []
+    problems: list[str] = []
+    for lineno, obj in _json_objects(p, problems):
+        v = obj.get(key)
+        if isinstance(v, bool) or not isinstance(v, int | float) or math.isnan(v) \
+                or not 0.0 <= v <= 1.0:
+            problems.append(f"line {lineno}: " + (f'no "{key}"' if v is None else
+                                                  f'"{key}" is {v!r}, not a number in [0, 1]'))
+            if len(problems) >= 20:
+                break
+            continue
+        out.append(float(v))
+    if problems:
+        raise ValueError(f"--data {p}: " + "; ".join(problems[:20]))
+    return np.asarray(out, dtype=np.float64)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,10 @@ Embeddings:
 - ``all-MiniLM-L6-v2:static``: the same model's input token embeddings, mean-pooled, no
   transformer layers: well under a millisecond per prompt, and on RouteLLM's MMLU/GSM8K sets
   it routes as well as the full embedding (see ``fleetlm bench route``).
-- ``base:NAME``: mean-pooled last hidden states of a fleetlm model (e.g. ``base:smollm2-135m``).
+- ``base:NAME``: mean-pooled last hidden states of a fleetlm model (e.g. ``base:smollm2-135m``),
+  run by transformers.
+- ``NAME:mean`` (e.g. ``smollm2-135m:mean``): the same pooling over fleetlm's own forward of the
+  model (see hidden_states.py): no transformers model, the weights the server serves.
 - a path to any local Hugging Face encoder folder.
 
 Serving needs only numpy for the classifier: the saved router is JSON (coefficients, intercept,
@@ -38,12 +41,15 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from fleetlm.router.policies import score_from_strong_win_rate
+
+if TYPE_CHECKING:
+    from fleetlm.router.hidden_states import HiddenStateEmbedder
 
 MINILM_ID = "all-MiniLM-L6-v2"
 MINILM_STATIC_ID = "all-MiniLM-L6-v2:static"
@@ -154,22 +160,28 @@ class StaticEmbedder:
         return out
 
 
-def load_embedder(model_id: str = MINILM_ID, **kw: Any) -> HFEmbedder | StaticEmbedder:
+def load_embedder(model_id: str = MINILM_ID, **kw: Any
+                  ) -> HFEmbedder | StaticEmbedder | HiddenStateEmbedder:
     """``all-MiniLM-L6-v2`` (the sentence embedding) | ``all-MiniLM-L6-v2:static`` (its token
-    embeddings, mean-pooled) | ``base:NAME`` (a fleetlm model's hidden states) | a local HF
-    folder."""
+    embeddings, mean-pooled) | ``base:NAME`` (a fleetlm model's hidden states, by transformers)
+    | ``NAME:mean`` (the same, by fleetlm's own forward) | a local HF folder."""
+    from fleetlm.router.hidden_states import HiddenStateEmbedder, hidden_state_spec
+
     if model_id == MINILM_ID:
         return HFEmbedder(minilm_folder(), MINILM_ID, **kw)
     if model_id == MINILM_STATIC_ID:
         return StaticEmbedder(minilm_folder(), MINILM_STATIC_ID, **kw)
+    spec = hidden_state_spec(model_id)
+    if spec is not None:
+        return HiddenStateEmbedder.load(spec, **kw)
     if model_id.startswith("base:"):
         from fleetlm.models.loader import resolve_source
 
         return HFEmbedder(resolve_source(model_id[5:]), model_id, **kw)
     folder = Path(model_id).expanduser()
     if not (folder / "config.json").is_file():
-        raise ValueError(f"embedding model {model_id!r} is neither {MINILM_ID!r}, 'base:NAME' "
-                         f"nor a Hugging Face folder with config.json")
+        raise ValueError(f"embedding model {model_id!r} is neither {MINILM_ID!r}, 'base:NAME', "
+                         f"'NAME:mean' nor a Hugging Face folder with config.json")
     return HFEmbedder(folder, str(folder.resolve()), **kw)
 
 
@@ -309,8 +321,10 @@ class TrainedRouter:
 
     @classmethod
     def load(cls, folder: str | Path, embedder: Embedder | None = None) -> TrainedRouter:
-        """Read ``folder/router.json``; the embedding model loads on first use (or pass one)."""
-        path = Path(folder) / ROUTER_FILE
+        """Read ``folder/router.json`` (``folder`` may also be that file itself: a route's
+        ``classifier:`` key takes either); the embedding model loads on first use (or pass
+        one)."""
+        path = router_file(folder)
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found; train a router with "
                                     f"`fleetlm route train --data FILE`")
@@ -324,6 +338,13 @@ class TrainedRouter:
                    coef=np.asarray(doc["coef"], dtype=np.float64),
                    intercept=float(doc["intercept"]), meta=dict(doc.get("meta", {})),
                    embedder=embedder)
+
+
+def router_file(path: str | Path) -> Path:
+    """The ``router.json`` of a router folder written by :meth:`TrainedRouter.save`, or
+    ``path`` itself when it names that file."""
+    p = Path(path)
+    return p if p.name == ROUTER_FILE and not p.is_dir() else p / ROUTER_FILE
 
 
 def fit_router(embeddings: ArrayLike, small_correct: ArrayLike, large_correct: ArrayLike,

@@ -234,7 +234,8 @@ class RouteConfig(_Strict):
     # -- per-policy options (each allowed only with its policy) --
     rules: list[RuleConfig] | None = None  # rules: ordered, first match decides
     rules_default: Decision = "small"  # rules: when no rule matches
-    classifier: Path | None = None  # classifier: a file trained by `fleetlm route train`
+    # classifier: the folder `fleetlm route train --out` wrote (or its router.json)
+    classifier: Path | None = None
     seed: int = 0  # random
     labels: list[str] | None = None  # confidence: the answer is one of these labels
     aggregate: Literal["mean", "min"] = "mean"  # confidence: over token probabilities
@@ -272,6 +273,11 @@ class RouteConfig(_Strict):
         path = _resolve(_base_dir(info), str(v))
         return Threshold(value=read_threshold_file(path, info.data.get("policy")), source=path)
 
+    @field_validator("pii", mode="before")
+    @classmethod
+    def _pii_off(cls, v: Any) -> Any:
+        return "off" if v is False else v  # YAML reads a bare `off` as false
+
     @field_validator("pii_entities")
     @classmethod
     def _entities(cls, v: list[str] | None) -> list[str] | None:
@@ -290,9 +296,15 @@ class RouteConfig(_Strict):
     @classmethod
     def _classifier_path(cls, v: Any, info: ValidationInfo) -> Any:
         if isinstance(v, str | Path):
+            from fleetlm.router.classifier import router_file
+
             path = _resolve(_base_dir(info), v)
             if not path.exists():
-                raise ValueError(f"{path} does not exist; train one with `fleetlm route train`")
+                raise ValueError(f"{path} does not exist; train one with `fleetlm route train "
+                                 "--data FILE --out FOLDER` and give the FOLDER")
+            if not router_file(path).is_file():
+                raise ValueError(f"{path} holds no {router_file(path).name}; give the folder "
+                                 "`fleetlm route train --out` wrote")
             return path
         return v
 
@@ -424,7 +436,7 @@ def _format_errors(e: ValidationError) -> list[str]:
             continue
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see docs/routing.md for every key)"
+            msg = "unknown key (check the spelling; see docs/router.md for every key)"
         elif err["type"] == "missing":
             msg = "required key is missing"
         lines.append(f"{loc or '(top level)'}: {msg}")
@@ -445,7 +457,7 @@ def parse_routes(raw: Any, *, base_dir: Path = Path("."), source: str | None = N
         lines = _format_errors(e)
     # The cross-section checks only run once every field is valid; run them on the raw
     # mapping too so one pass reports every problem.
-    ups, routes = raw.get("upstreams"), raw.get("routes")
+    ups, routes = raw.get("upstreams", {}), raw.get("routes")
     if isinstance(ups, dict) and isinstance(routes, dict):
         larges = {n: (r.get("large") if isinstance(r, dict) else None) for n, r in routes.items()}
         for p, m in _cross_problems(ups, larges):

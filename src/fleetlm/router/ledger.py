@@ -360,16 +360,20 @@ class Ledger:
         return int(self._select("SELECT count(*) FROM requests", ())[0][0])
 
     def savings(self, since: float | datetime | None = None, *,
-                until: float | datetime | None = None) -> dict[str, Any]:
-        """Actual cost against the all-large baseline, overall and per route.
+                until: float | datetime | None = None, route: str | None = None
+                ) -> dict[str, Any]:
+        """Actual cost against the all-large baseline, overall and per route (``route``
+        keeps that route's rows only).
 
         baseline: each row's ``baseline_cost_usd`` (its tokens at the route's first large
         upstream); a row without one (a route with no upstream) counts its actual cost.
+        actual = local (rows answered here: ``upstream`` NULL) + upstream cost.
         share_escalated: (large + fallback) / requests, i.e. the policy chose the large model.
         """
-        where, params = self._where(since, until, None)
+        where, params = self._where(since, until, route)
         rows = self._select(
             "SELECT route, decision, count(*) AS n, sum(cost_usd) AS cost, "
+            "sum(CASE WHEN upstream IS NULL THEN cost_usd ELSE 0 END) AS local_cost, "
             "sum(coalesce(baseline_cost_usd, cost_usd)) AS baseline, "
             "sum(baseline_cost_usd IS NULL) AS no_baseline, "
             "sum(prompt_tokens) AS pt, sum(completion_tokens) AS ct, "
@@ -379,19 +383,22 @@ class Ledger:
 
         def empty() -> dict[str, Any]:
             return {"requests": 0, "decisions": dict.fromkeys(DECISIONS, 0),
-                    "actual_cost_usd": 0.0, "baseline_cost_usd": 0.0}
+                    "actual_cost_usd": 0.0, "local_cost_usd": 0.0, "upstream_cost_usd": 0.0,
+                    "baseline_cost_usd": 0.0, "prompt_tokens": 0, "completion_tokens": 0}
 
-        total = empty() | {"prompt_tokens": 0, "completion_tokens": 0, "usage_estimated": 0,
-                           "rows_without_baseline": 0, "first_ts": None, "last_ts": None}
+        total = empty() | {"usage_estimated": 0, "rows_without_baseline": 0,
+                           "first_ts": None, "last_ts": None}
         by_route: dict[str, dict[str, Any]] = {}
         for r in rows:
             for agg in (total, by_route.setdefault(r["route"], empty())):
                 agg["requests"] += r["n"]
                 agg["decisions"][r["decision"]] += r["n"]
                 agg["actual_cost_usd"] += r["cost"] or 0.0
+                agg["local_cost_usd"] += r["local_cost"] or 0.0
+                agg["upstream_cost_usd"] += (r["cost"] or 0.0) - (r["local_cost"] or 0.0)
                 agg["baseline_cost_usd"] += r["baseline"] or 0.0
-            total["prompt_tokens"] += r["pt"] or 0
-            total["completion_tokens"] += r["ct"] or 0
+                agg["prompt_tokens"] += r["pt"] or 0
+                agg["completion_tokens"] += r["ct"] or 0
             total["usage_estimated"] += r["estimated"] or 0
             total["rows_without_baseline"] += r["no_baseline"] or 0
             for k, pick in (("first_ts", min), ("last_ts", max)):
@@ -405,6 +412,25 @@ class Ledger:
         total["since"] = _as_ts(since)
         total["by_route"] = by_route
         return total
+
+    def cost_over_time(self, since: float | datetime | None = None, *,
+                       until: float | datetime | None = None, route: str | None = None,
+                       points: int = 200) -> list[tuple[float, float, float]]:
+        """Actual and all-large baseline cost per time bucket, oldest first: at most
+        ``points`` rows ``(last ts in the bucket, actual USD, baseline USD)``, the buckets
+        evenly spaced between the first and the last row (what a plot over time needs,
+        without reading every row)."""
+        where, params = self._where(since, until, route)
+        first, last = self._select(f"SELECT min(ts), max(ts) FROM requests{where}", params)[0]
+        if first is None:
+            return []
+        width = max((last - first) / max(points, 1), 1e-9)
+        rows = self._select(
+            "SELECT CAST((ts - ?) / ? AS INTEGER) AS bucket, max(ts) AS ts, "
+            "sum(cost_usd) AS cost, sum(coalesce(baseline_cost_usd, cost_usd)) AS baseline "
+            f"FROM requests{where} GROUP BY bucket ORDER BY bucket", [first, width, *params])
+        return [(float(r["ts"]), float(r["cost"] or 0.0), float(r["baseline"] or 0.0))
+                for r in rows]
 
 
 def _stop_writer(q: queue.Queue[Any], writer: threading.Thread, timeout: float = 10.0) -> None:
