@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -57,6 +58,22 @@ class Recorder:
         await self.app(scope, recording, send)
 
 
+BILLING = ["invoice", "refund", "chargeback", "billing dispute"]
+
+
+def _train_classifier(folder: Path) -> None:
+    """A router on the static MiniLM embedding: billing questions need the large model."""
+    from fleetlm.router.classifier import MINILM_STATIC_ID, load_embedder, train_router
+
+    topics = ["the weather", "a poem", "my password", "opening hours", "a recipe"]
+    prompts = [f"Question about {t}, please help {i}" for t in topics for i in range(8)]
+    prompts += [f"I have a {w} problem with order {i}" for w in BILLING for i in range(10)]
+    small = [not any(w in p for w in BILLING) for p in prompts]
+    router = train_router(prompts, small, [True] * len(prompts),
+                          embedder=load_embedder(MINILM_STATIC_ID))
+    router.save(folder)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -93,6 +110,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     from fleetlm.server.app import create_app
 
     tmp = tmp_path_factory.mktemp("routes")
+    _train_classifier(tmp / "clf")
     lm = load_model(MODEL, dtype="float32")
     engine = Engine(lm, EngineConfig(max_running=8, max_len=512))
     engine.start()
@@ -122,6 +140,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                                  "threshold": 0.0, "buffer_tokens": 3},
                 "keyword": {"small": MODEL, "large": ["big"], "policy": "rules",
                             "rules": [{"route": "large", "keywords": ["escalate"]}]},
+                "clf": {"small": MODEL, "large": ["echo"], "policy": "classifier",
+                        "classifier": "clf", "threshold": 0.5, "pii": "off"},
                 "labels": {"small": MODEL, "large": ["echo"], "policy": "confidence",
                            "threshold": 0.5, "labels": ["positive", "negative"], "pii": "off"},
                 "echo": {**common, "large": ["echo"]},
@@ -269,6 +289,29 @@ def test_label_confidence_is_the_chosen_labels_probability(env):
     assert info["decision"] == decide(score, 0.5)
     if info["decision"] == "small":
         assert r.json()["choices"][0]["message"]["content"] in ("positive", "negative")
+
+
+def test_classifier_route_decides_before_generating(env):
+    from fleetlm.router.policies import flatten_messages
+
+    policy = env["router"].routes["clf"].policy
+    before = len(env["echo"].bodies)
+    billing = "I have a chargeback problem with order 77"
+    r = chat(env, "clf", billing)
+    info = route_info(r)
+    expected = policy.score(_ctx(flatten_messages([{"role": "user", "content": billing}])))
+    assert float(info["score"]) == pytest.approx(expected, abs=1e-4) and expected < 0.5
+    assert info["decision"] == "large" and r.json()["choices"][0]["message"]["content"] == billing
+    kept = chat(env, "clf", "Question about a recipe, please help")
+    assert route_info(kept)["decision"] == "small" and float(route_info(kept)["score"]) >= 0.5
+    assert len(env["echo"].bodies) == before + 1
+    assert float(info["overhead_ms"]) < 1000  # measured, not a target: a sanity bound
+
+
+def _ctx(prompt: str) -> Any:
+    from fleetlm.router.policies import RouteContext
+
+    return RouteContext(prompt=prompt)
 
 
 # -- personal data ---------------------------------------------------------------------
