@@ -264,6 +264,7 @@ def bench_route(
     folds: Annotated[int, typer.Option(help="Cross-validation folds.")] = 5,
     limit: Annotated[int | None, typer.Option(help="Use only N prompts (a quick look): the first N for routellm-*, N stratified over the labels for clinc150.")] = None,
     adapter: Annotated[str, typer.Option(help="clinc150: the published adapter that is the small model.")] = "clinc150",
+    embedding: Annotated[list[str] | None, typer.Option(help="routellm-*: the classifier's prompt embedding, repeatable: all-MiniLM-L6-v2, all-MiniLM-L6-v2:static, base:smollm2-135m (the base model's hidden states) or a local Hugging Face folder. (default: both MiniLM variants)")] = None,
 ) -> None:
     """Routers (classifier, random; confidence on clinc150) on recorded RouteLLM outcomes or
     on the CLINC150 adapter: APGR, CPT(50/80/95%), and the router's overhead per request."""
@@ -277,7 +278,10 @@ def bench_route(
             run_clinc150(adapter, folds=folds, out=out, limit=limit,
                          log=lambda m: typer.echo(m, err=True))
         else:
+            from fleetlm.router.classifier import MINILM_ID, MINILM_STATIC_ID
+
             run_routellm(sets[data], folds=folds, out=out, limit=limit,
+                         embedding_models=embedding or (MINILM_ID, MINILM_STATIC_ID),
                          log=lambda m: typer.echo(m, err=True))
     except FleetLMError as e:
         _fail(e)

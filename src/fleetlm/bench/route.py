@@ -300,24 +300,17 @@ def _card_base_model(folder: Path) -> str | None:
 
 class _LogprobTap:
     """An Engine as :func:`fleetlm.tune.evaluate.evaluate` drives it, so the bench sends
-    the tuning evaluation's requests (prompts, greedy, output constrained to the labels) with
-    two changes that leave greedy choices alone:
-
-    - ``logprobs=0``: every token event then carries ``constrained_logprob``, kept here per
-      request in submission order (``generate_all`` submits rows in order);
-    - ``max_tokens`` at least ``min_max_tokens``: the evaluation allows the longest label's
-      canonical token count + 1, but the grammar also accepts other tokenizations of a label
-      (``we`` + ``ather``), which a poorly trained model may take and then be cut in the
-      middle of the label. Every token is at least one byte, so the longest label's bytes
-      + 1 (for EOS) always suffice; then every answer is a label and its probability a
-      probability over the labels.
+    the tuning evaluation's requests (prompts, greedy, output constrained to the labels, up
+    to the longest label's bytes + 1 tokens, so every answer is a whole label) with one
+    change that leaves greedy choices alone: ``logprobs=0``, so every token event carries
+    ``constrained_logprob``, kept here per request in submission order (``generate_all``
+    submits rows in order).
     """
 
-    def __init__(self, engine: Any, min_max_tokens: int) -> None:
+    def __init__(self, engine: Any) -> None:
         self.engine = engine
         self.lm = engine.lm
         self.config = engine.config
-        self.min_max_tokens = min_max_tokens
         self.logprobs: list[list[float]] = []
 
     def submit(self, prompt: list[int], params: Any, *, callback: Callable[[Any], object],
@@ -329,8 +322,7 @@ class _LogprobTap:
             if ev.constrained_logprob is not None:  # EOS after a label that prefixes another too
                 lps.append(ev.constrained_logprob)
             callback(ev)
-        params = dataclasses.replace(params, logprobs=0,
-                                     max_tokens=max(params.max_tokens, self.min_max_tokens))
+        params = dataclasses.replace(params, logprobs=0)
         return str(self.engine.submit(prompt, params, callback=on, adapter=adapter))
 
     def step(self) -> bool:
@@ -376,7 +368,7 @@ def small_pass(rows: Sequence[Example], task: TaskConfig, labels: Sequence[str],
     engine = Engine(lm, EngineConfig(max_running=32, max_len=max_len, max_hot_adapters=1,
                                      max_lora_rank=rank, max_step_tokens=2048,
                                      prefill_chunk=2048), store=store)
-    tap = _LogprobTap(engine, max(len(lb.encode()) for lb in labels) + 1)
+    tap = _LogprobTap(engine)
     try:
         with Progress(TextColumn(f"{adapter} (small model)"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),

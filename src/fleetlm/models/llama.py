@@ -250,8 +250,12 @@ class LlamaForCausalLM(nn.Module):
         # logits [N, vocab]; None = all
         logits_index: Tensor | tuple[Tensor, Tensor] | None = None,
         lora: LoraContext | None = None,  # per-token adapters of the B*S tokens (row-major)
+        return_hidden: bool = False,  # the final-norm hidden states instead of the logits
     ) -> Tensor:
-        """Logits [B, vocab] at ``logits_index`` (or [B, S, vocab] for all tokens), float32."""
+        """Logits [B, vocab] at ``logits_index`` (or [B, S, vocab] for all tokens), float32.
+
+        ``return_hidden``: the final RMSNorm's output at the same tokens ([B, hidden] or
+        [B, S, hidden]), in the model's dtype, without the LM head (prompt embeddings)."""
         x = self.model.embed_tokens(input_ids)
         cos = self.rope_cos[positions].to(x.dtype)[:, :, None, :]
         sin = self.rope_sin[positions].to(x.dtype)[:, :, None, :]
@@ -262,4 +266,5 @@ class LlamaForCausalLM(nn.Module):
             x = x[logits_index[0], logits_index[1]]
         elif logits_index is not None:
             x = x[torch.arange(x.shape[0], device=x.device), logits_index]
-        return self.lm_head(self.model.norm(x)).float()
+        x = self.model.norm(x)
+        return x if return_hidden else self.lm_head(x).float()

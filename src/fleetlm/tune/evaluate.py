@@ -126,7 +126,10 @@ def evaluate(engine: Any, rows: Sequence[Example], task: TaskConfig, labels: Seq
     prompts = [prompt_ids(tok, task_messages(ex, task, labels=shown, shots=shots)) for ex in rows]
     if task.type == "classification":
         assert labels is not None, "classification needs its label set"
-        longest = max(len(tok(lb, add_special_tokens=False)["input_ids"]) for lb in labels)
+        # the grammar also accepts a label split into other tokens than the tokenizer's own
+        # (a model may take that path); every token is at least one byte, so a label's bytes
+        # bound its tokens and no answer is cut off mid-label
+        longest = max(len(lb.encode()) for lb in labels)
         params = SamplingParams(max_tokens=longest + 1, temperature=0.0,
                                 response_format={"type": "choice", "choices": list(labels)})
     else:
