@@ -257,3 +257,16 @@ def test_the_example_routes_file_is_valid():
     assert set(cfg.routes) == {"assistant", "intents"}
     assert cfg.routes["assistant"].threshold_value == 0.60
     assert cfg.upstreams["openai"].api_key_env == "OPENAI_API_KEY"
+
+
+def test_task_adapter_takes_its_labels_from_the_adapter():
+    from fleetlm.errors import ConfigError
+    from fleetlm.router.config import parse_routes
+
+    raw = {"upstreams": {"big": {"base_url": "http://127.0.0.1:1/v1", "model": "m"}},
+           "routes": {"r": {"small": "base:sentiment", "large": ["big"], "task": "adapter",
+                            "threshold": 0.5, "labels": ["a", "b"]}}}
+    with pytest.raises(ConfigError, match=r"routes\.r\.labels: with task: adapter the labels"):
+        parse_routes(raw)
+    del raw["routes"]["r"]["labels"]
+    assert parse_routes(raw).routes["r"].task == "adapter"

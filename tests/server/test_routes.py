@@ -74,6 +74,21 @@ def _train_classifier(folder: Path) -> None:
     router.save(folder)
 
 
+SENTIMENT = ["positive", "negative"]
+
+
+def _tuned_adapter(folder: Path, config: Any) -> None:
+    """A random adapter published as `fleetlm tune` would: with its task card."""
+    from fleetlm.adapters.random import make_random_adapter
+    from fleetlm.tune.config import TaskConfig
+    from fleetlm.tune.format import TASK_FILE, task_card
+
+    make_random_adapter(folder, config, rank=8, alpha=16, seed=0, std=0.02)
+    task = TaskConfig(type="classification", system_prompt="Classify the review's sentiment.",
+                      instruction="", labels=SENTIMENT)
+    (folder / TASK_FILE).write_text(json.dumps(task_card(task, SENTIMENT)))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -105,6 +120,9 @@ def _echo(body: dict[str, Any], _i: int) -> Reply:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    import torch
+
+    from fleetlm.adapters import AdapterStore
     from fleetlm.engine.engine import Engine, EngineConfig
     from fleetlm.models.loader import load_model
     from fleetlm.server.app import create_app
@@ -112,7 +130,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("routes")
     _train_classifier(tmp / "clf")
     lm = load_model(MODEL, dtype="float32")
-    engine = Engine(lm, EngineConfig(max_running=8, max_len=512))
+    _tuned_adapter(tmp / "adapters" / "sentiment", lm.config)
+    store = AdapterStore(tmp / "adapters", lm.config, dtype=torch.float32, max_rank=16)
+    engine = Engine(lm, EngineConfig(max_running=8, max_len=512), store=store)
     engine.start()
     stubs = stub_starter()
     start = next(stubs)
@@ -144,6 +164,10 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                         "classifier": "clf", "threshold": 0.5, "pii": "off"},
                 "labels": {"small": MODEL, "large": ["echo"], "policy": "confidence",
                            "threshold": 0.5, "labels": ["positive", "negative"], "pii": "off"},
+                "intents": {"small": "sentiment", "large": ["echo"], "policy": "confidence",
+                            "task": "adapter", "threshold": 0.0},
+                "intents-up": {"small": "sentiment", "large": ["echo"],
+                               "policy": "always-large", "task": "adapter"},
                 "echo": {**common, "large": ["echo"]},
                 "blocky": {**common, "large": ["echo"], "pii": "block"},
                 "down": {**common, "large": ["dead"], "pii": "off"},
@@ -156,7 +180,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             "ledger_path": "ledger.sqlite3",
         }
         cfg = parse_routes(raw, base_dir=tmp)
-        router = Router.for_server(cfg, MODEL, None)
+        router = Router.for_server(cfg, MODEL, store)
         with _serve(create_app(engine, MODEL, router)) as url:
             yield {"url": url, "router": router, "upstream": upstream, "echo": echo,
                    "slow": slow, "broken": broken, "ledger_path": tmp / "ledger.sqlite3"}
@@ -312,6 +336,31 @@ def _ctx(prompt: str) -> Any:
     from fleetlm.router.policies import RouteContext
 
     return RouteContext(prompt=prompt)
+
+
+def test_task_route_prompts_the_adapter_as_tuned(env):
+    review = "Dreadful food and a rude waiter."
+    r = chat(env, "intents", review)
+    info = route_info(r)
+    assert r.status_code == 200 and info["decision"] == "small"
+    assert info["model"] == "sentiment" and r.json()["model"] == "sentiment"
+    assert r.json()["choices"][0]["message"]["content"] in SENTIMENT
+    assert 0.0 < float(info["score"]) <= 1.0  # the chosen label's probability
+
+    before = len(env["echo"].bodies)
+    up = chat(env, "intents-up", review)
+    assert up.status_code == 200 and route_info(up)["decision"] == "large"
+    sent = env["echo"].bodies[before]["messages"]
+    assert sent[0] == {"role": "system", "content": "Classify the review's sentiment."}
+    assert sent[1] == {"role": "user",
+                       "content": f"Labels: positive, negative\n\nText: {review}"}
+    assert "response_format" not in env["echo"].bodies[before]
+
+
+def test_task_route_needs_a_user_message(env):
+    r = httpx.post(f"{env['url']}/v1/chat/completions", timeout=60, json={
+        "model": "intents", "messages": [{"role": "system", "content": "hi"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
 
 
 # -- personal data ---------------------------------------------------------------------

@@ -75,3 +75,15 @@ def test_serve_with_routes_answers_and_commits_the_ledger(tmp_path: Path):
     assert (row.route, row.decision, row.model, row.policy) == ("assistant", "small", MODEL,
                                                                "always-small")
     assert row.completion_tokens == r.json()["usage"]["completion_tokens"] and row.cost_usd > 0
+
+
+def test_a_task_route_needs_a_tuned_adapter(tmp_path: Path):
+    from fleetlm.errors import ConfigError
+    from fleetlm.router.config import parse_routes
+    from fleetlm.server.routing import Router
+
+    cfg = parse_routes({"routes": {"r": {"small": MODEL, "policy": "always-small", "pii": "off",
+                                         "task": "adapter"}}}, base_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"routes\.r\.task: task: adapter needs an adapter"):
+        Router.for_server(cfg, MODEL, None)
+    assert not (tmp_path / "ledger.sqlite3").exists()

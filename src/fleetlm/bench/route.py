@@ -70,6 +70,7 @@ from fleetlm.router.evaluate import (
     resample,
 )
 from fleetlm.router.policies import ConfidencePolicy, RandomPolicy, RouteContext, flatten_messages
+from fleetlm.tune.format import read_task_card
 
 if TYPE_CHECKING:
     from fleetlm.tune.config import TaskConfig
@@ -264,28 +265,6 @@ def stratified_head(labels: Sequence[str], n: int) -> list[int]:
         picked.extend(g[depth] for g in groups.values() if depth < len(g))
         depth += 1
     return sorted(picked[:n])
-
-
-def adapter_task(folder: Path) -> tuple[TaskConfig, list[str]]:
-    """The task an adapter was tuned for, rebuilt from its ``fleetlm_task.json``; rebuilding
-    its card must give the file back, else the prompts would not be those of training."""
-    from fleetlm.tune.config import TaskConfig
-    from fleetlm.tune.format import TASK_FILE, task_card
-
-    path = folder / TASK_FILE
-    card = json.loads(path.read_text(encoding="utf-8"))
-    labels = card.get("labels")
-    if card.get("type") != "classification" or not labels:
-        raise ConfigError(f"{path}: the route benchmark needs a classification adapter with "
-                          f"its labels, got type {card.get('type')!r}")
-    task = TaskConfig(type="classification", system_prompt=card.get("system_prompt"),
-                      instruction=card.get("instruction") or "", labels=list(labels))
-    rebuilt = task_card(task, labels)
-    differs = [k for k in ("system_prompt", "instruction", "user_turn") if rebuilt[k] != card.get(k)]
-    if differs:
-        raise ConfigError(f"{path}: {', '.join(differs)} cannot be rebuilt by this fleetlm's "
-                          f"prompt format; re-publish the adapter with `fleetlm tune`")
-    return task, list(labels)
 
 
 def _card_base_model(folder: Path) -> str | None:
@@ -517,7 +496,7 @@ def run_clinc150(adapter: str = "clinc150", folds: int = 5, out: Path | None = N
     if problems:
         raise ConfigError("invalid route benchmark settings: " + "; ".join(problems))
     folder = adapters_dir / adapter
-    task, labels = adapter_task(folder)
+    task, labels = read_task_card(folder)
     base = base_model or _card_base_model(folder) or "smollm2-135m"
     examples, domains = clinc_examples(data_dir)
     unknown = sorted({ex.answer for ex in examples} - set(labels))

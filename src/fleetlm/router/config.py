@@ -231,6 +231,12 @@ class RouteConfig(_Strict):
     # the whole large chain's time limit, retries included; None = the upstreams' own limits
     deadline_s: float | None = Field(None, gt=0)
 
+    # "adapter": prompt the small adapter as it was tuned (its fleetlm_task.json, a
+    # classification task): the client's last user message is the text, the answer one of
+    # the task's labels; an escalated request asks the large model the same task with the
+    # labels listed
+    task: Literal["adapter"] | None = None
+
     # -- per-policy options (each allowed only with its policy) --
     rules: list[RuleConfig] | None = None  # rules: ordered, first match decides
     rules_default: Decision = "small"  # rules: when no rule matches
@@ -343,6 +349,9 @@ class RouteConfig(_Strict):
         if not self.large and self.policy != "always-small":
             problems.append(("large", f"policy {self.policy} can escalate, so name at least one "
                                       "upstream (or use policy always-small)"))
+        if self.task is not None and self.labels is not None:
+            problems.append(("labels", "with task: adapter the labels are the adapter's own "
+                                       "(its fleetlm_task.json); remove labels"))
         if self.pii_entities is not None and self.pii == "off":
             problems.append(("pii_entities", "pii is off, so pii_entities is unused; remove it "
                                              "or set pii: redact|block"))

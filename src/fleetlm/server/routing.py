@@ -66,12 +66,13 @@ from fleetlm.router.upstream import (
     UpstreamUnavailable,
 )
 from fleetlm.server.app import APIError, LocalChat, _api_error, _error_body, _failure, _sse
-from fleetlm.server.schemas import ChatCompletionRequest
+from fleetlm.server.schemas import ChatCompletionRequest, ChatMessage
 
 if TYPE_CHECKING:
     from fleetlm.privacy.mapping import PiiMapping
     from fleetlm.privacy.pii import PiiRedactor
     from fleetlm.server.metrics import ServerMetrics
+    from fleetlm.tune.config import TaskConfig
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ class Route:
     policy: Policy
     redactor: PiiRedactor | None  # None: pii off
     baseline: UpstreamConfig | None  # the first large upstream: the all-large baseline's prices
+    task: tuple[TaskConfig, list[str]] | None = None  # task: adapter -- the task and its labels
 
 
 @dataclass
@@ -129,6 +131,7 @@ class _Request:
     pii: dict[str, int] = field(default_factory=dict)
     flags: list[str] = field(default_factory=list)
     recorded: bool = False  # its ledger row is written
+    upstream_messages: list[dict[str, Any]] | None = None  # task: adapter -- what goes upstream
 
     def header(self) -> str:
         score = "none" if self.score is None else f"{self.score:.4f}"
@@ -158,10 +161,12 @@ class Router:
     @classmethod
     def build(cls, config: RoutesConfig, *, served: Iterable[str],
               check_small: Callable[[str], None], upstreams: UpstreamClient | None = None,
-              ledger: Ledger | None = None) -> Router:
+              ledger: Ledger | None = None,
+              task_card: Callable[[str], tuple[TaskConfig, list[str]]] | None = None) -> Router:
         """Check the routes against what the server serves and load what they need (classifier
         files, the PII analyzer) now, so a bad config fails at start-up, not on a request.
-        ``check_small(model)`` raises when the server cannot answer ``model``."""
+        ``check_small(model)`` raises when the server cannot answer ``model``;
+        ``task_card(model)`` reads the tuned task of a ``task: adapter`` route's small model."""
         from fleetlm.errors import ConfigError
 
         config.check_model_names(served)
@@ -173,13 +178,23 @@ class Router:
             except Exception as e:  # noqa: BLE001 -- reported with the route's field
                 problems.append(f"routes.{name}.small: {e}")
                 continue
+            task = None
+            if cfg.task == "adapter":
+                try:
+                    if task_card is None:
+                        raise ConfigError("this server has no adapter store")
+                    task = task_card(cfg.small)
+                except Exception as e:  # noqa: BLE001 -- reported with the route's field
+                    problems.append(f"routes.{name}.task: {e}")
+                    continue
             redactor = None
             pii = cfg.pii_config()
             if pii is not None:
                 from fleetlm.privacy.pii import PiiRedactor
 
                 redactor = PiiRedactor(pii).load()  # spaCy + presidio, once per process
-            routes[name] = Route(name, cfg, build_policy(cfg), redactor, config.first_large(name))
+            routes[name] = Route(name, cfg, build_policy(cfg), redactor, config.first_large(name),
+                                 task)
         if problems:
             raise ConfigError("the routes config does not match this server:\n  "
                               + "\n  ".join(problems))
@@ -201,8 +216,17 @@ class Router:
                 raise ConfigError(f"{model!r}: this server has no adapter store")
             store.validate(adapter)
 
+        def task_card(model: str) -> tuple[TaskConfig, list[str]]:
+            from fleetlm.tune.format import read_task_card
+
+            base, _, adapter = model.rpartition(":")
+            if model == model_name or store is None:
+                raise ConfigError(f"task: adapter needs an adapter as small model, not the "
+                                  f"base {model!r}")
+            return read_task_card(store.resolve(adapter))
+
         served = [model_name] + ([a.name for a in store.list()] if store is not None else [])
-        return cls.build(config, served=served, check_small=check_small)
+        return cls.build(config, served=served, check_small=check_small, task_card=task_card)
 
     def attach(self, metrics: ServerMetrics) -> None:
         self.metrics = metrics
@@ -226,12 +250,16 @@ class Router:
         if route.cfg.labels and req.response_format is None:
             small_req = small_req.model_copy(update={"response_format": {
                 "type": "choice", "choices": list(route.cfg.labels)}})
+        prompt: str | None = None
+        if route.task is not None:
+            small_req, prompt = self._task_request(rr, req, small_req)
         request.state.tracked = True  # the local path and the ledger count it from here
         try:
             if route.policy.needs_answer:
                 return await self._confidence(rr, req, small_req, request, local)
             t = time.perf_counter()
-            ctx = RouteContext.from_messages([m.model_dump() for m in req.messages])
+            ctx = RouteContext(prompt=prompt) if prompt is not None else \
+                RouteContext.from_messages([m.model_dump() for m in req.messages])
             if _slow(route.policy):  # a transformer forward: off the event loop
                 rr.score = await asyncio.to_thread(route.policy.score, ctx)
             else:
@@ -244,6 +272,28 @@ class Router:
         except Exception as e:
             self._record(rr, error=_api_error(e))  # refused or failed: still one ledger row
             raise
+
+    @staticmethod
+    def _task_request(rr: _Request, req: ChatCompletionRequest,
+                      small_req: ChatCompletionRequest) -> tuple[ChatCompletionRequest, str]:
+        """``task: adapter``: the small model's request as in tuning (system prompt, the text,
+        the labels as a constraint), the large model's messages (the labels listed), and the
+        text the policies score."""
+        from fleetlm.tune.format import task_messages
+        from fleetlm.tune.records import Example
+
+        assert rr.route.task is not None
+        task, labels = rr.route.task
+        text = next((m.text() for m in reversed(req.messages) if m.role == "user"), "")
+        if not text.strip():
+            raise APIError(400, f"messages: route {rr.route.name!r} classifies the last user "
+                                "message's text; send one", "invalid_request_error", "messages")
+        ex = Example(prompt=(), answer="", text=text)
+        rr.upstream_messages = task_messages(ex, task, labels=labels)
+        small = small_req.model_copy(update={
+            "messages": [ChatMessage(**m) for m in task_messages(ex, task)],
+            "response_format": {"type": "choice", "choices": labels}})
+        return small, text
 
     async def _confidence(self, rr: _Request, req: ChatCompletionRequest,
                           small_req: ChatCompletionRequest, request: Request,
@@ -340,6 +390,8 @@ class Router:
         route = rr.route
         rr.decision = "large"
         body = await _client_body(request)
+        if rr.upstream_messages is not None:  # task: adapter -- the task, labels listed
+            body["messages"] = rr.upstream_messages
         mapping: PiiMapping | None = None
         if route.redactor is not None:
             t = time.perf_counter()

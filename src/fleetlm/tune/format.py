@@ -9,8 +9,10 @@ This module knows the chat template (through the tokenizer) and nothing of train
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fleetlm.errors import ConfigError
@@ -93,3 +95,31 @@ def task_card(task: TaskConfig, labels: Sequence[str] | None) -> dict[str, Any]:
             "labels": list(labels) if labels is not None else None,
             "user_turn": ("{instruction}\n\nText: {text}" if task.instruction else "{text}")
             if task.type == "classification" else None}
+
+
+def read_task_card(folder: Path) -> tuple[TaskConfig, list[str]]:
+    """The classification task an adapter was tuned for, rebuilt from its
+    ``fleetlm_task.json``, and its labels. Rebuilding the card must give the file back, else
+    the prompts would not be those of training."""
+    path = Path(folder) / TASK_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist: the adapter was not published by "
+                          "`fleetlm tune`, so how it was prompted is unknown")
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ConfigError(f"{path} is not JSON ({e}); re-publish the adapter with "
+                          "`fleetlm tune`") from None
+    labels = card.get("labels") if isinstance(card, dict) else None
+    if not isinstance(card, dict) or card.get("type") != "classification" or not labels:
+        kind = card.get("type") if isinstance(card, dict) else None
+        raise ConfigError(f"{path}: a classification adapter with its labels is needed, got "
+                          f"type {kind!r}")
+    task = TaskConfig(type="classification", system_prompt=card.get("system_prompt"),
+                      instruction=card.get("instruction") or "", labels=list(labels))
+    rebuilt = task_card(task, labels)
+    differs = [k for k in ("system_prompt", "instruction", "user_turn") if rebuilt[k] != card.get(k)]
+    if differs:
+        raise ConfigError(f"{path}: {', '.join(differs)} cannot be rebuilt by this fleetlm's "
+                          f"prompt format; re-publish the adapter with `fleetlm tune`")
+    return task, list(labels)
