@@ -70,7 +70,9 @@ def test_bench_pii_writes_per_type_json(dataset, tmp_path):
     assert data["per_gold_type"]["AGE"]["why_not"] == "no presidio recognizer"
     assert data["overall_with_undetectable"]["gold"] == data["overall"]["gold"] + 4
     assert data["detect_s"] > 0 and "environment" in data
-    assert "PERSON" in r.output and "F2" in r.output
+    lat = data["per_request_ms"]
+    assert lat["n"] == 20 and 0 < lat["p50"] <= lat["p99"]
+    assert "PERSON" in r.output and "F2" in r.output and "per request" in r.output
 
 
 def test_bench_pii_limit_and_missing_data(dataset, tmp_path):

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fleetlm.bench.common import environment, write_json
+from fleetlm.bench.common import environment, percentile, write_json
 from fleetlm.errors import ConfigError
 
 # dataset type -> presidio type; None: presidio has no recognizer for it
@@ -69,6 +69,7 @@ def default_data_path() -> Path:
 class PiiBenchConfig:
     data: Path | None = None  # None = default_data_path()
     limit: int | None = None  # first N sentences
+    latency_samples: int = 200  # sentences redacted one at a time for the per-request cost
 
     def validate(self) -> Path:
         problems = []
@@ -201,6 +202,17 @@ def run(cfg: PiiBenchConfig, out: Path | None) -> dict[str, Any]:
             progress.advance(task)
     detect_s = time.perf_counter() - t0
 
+    # the router's cost: one request's text redacted alone (no batching across requests),
+    # then its answer restored, as an escalation with pii: redact does
+    from fleetlm.privacy.restore import restore
+
+    per_request: list[float] = []
+    for text, _ in rows[:cfg.latency_samples]:
+        t = time.perf_counter()
+        redacted, mapping = redactor.redact(text)
+        restore(redacted, mapping)
+        per_request.append(1000 * (time.perf_counter() - t))
+
     results = score(rows, predictions, redactor.config.entities)
     data: dict[str, Any] = {
         "benchmark": "pii",
@@ -214,6 +226,10 @@ def run(cfg: PiiBenchConfig, out: Path | None) -> dict[str, Any]:
         "load_s": load_s,
         "detect_s": detect_s,
         "sentences_per_s": len(rows) / detect_s if detect_s > 0 else None,
+        "per_request_ms": {"n": len(per_request), "p50": percentile(per_request, 50),
+                           "p99": percentile(per_request, 99),
+                           "what": "redact one text alone + restore it (an escalation's "
+                                   "router overhead with pii: redact)"},
         **results,
         "environment": environment(),
     }
@@ -254,3 +270,7 @@ def _print(console: Any, data: dict[str, Any]) -> None:
     console.print(gold)
     console.print(f"detection {data['detect_s']:.1f} s ({data['sentences_per_s']:.0f} sentences/s), "
                   f"load {data['load_s']:.1f} s")
+    lat = data["per_request_ms"]
+    if lat["n"]:
+        console.print(f"per request (one text redacted alone, then restored; {lat['n']} texts): "
+                      f"p50 {lat['p50']:.2f} ms, p99 {lat['p99']:.2f} ms")
