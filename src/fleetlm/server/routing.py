@@ -272,6 +272,10 @@ class Router:
         except Exception as e:
             self._record(rr, error=_api_error(e))  # refused or failed: still one ledger row
             raise
+        except asyncio.CancelledError:  # the client went away before the answer
+            rr.flags.append("cancelled")
+            self._record(rr)
+            raise
 
     @staticmethod
     def _task_request(rr: _Request, req: ChatCompletionRequest,
