@@ -2,7 +2,8 @@
 
 Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions``,
 ``POST /v1/completions``, ``GET /metrics``. ``model`` is the base model's name, an
-adapter in the store, or ``base:adapter``. Errors are OpenAI-shaped
+adapter in the store, ``base:adapter``, or a route of ``--config`` (chat only; answered by
+:mod:`fleetlm.server.routing`). Errors are OpenAI-shaped
 (``{"error": {"message", "type", "param", "code"}}``): unknown model 404, bad parameter
 400 naming the field, adapter that fails validation 422, queue full 429 with
 ``Retry-After``; never a traceback. A client that disconnects mid-stream cancels its
