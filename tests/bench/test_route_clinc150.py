@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from fleetlm.bench.route import run_clinc150, stratified_head
@@ -35,27 +34,6 @@ TEXTS = {
             "a show on broadway", "what is the capital of peru",
             "how many onions do i have on hand", "tell me about the roman empire"],
 }
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer random Llama with the embedded model's tokenizer and chat template."""
-    import transformers
-
-    from fleetlm.models.loader import resolve_source
-
-    src = resolve_source("smollm2-135m")
-    folder = tmp_path_factory.mktemp("tiny-base")
-    tok = transformers.AutoTokenizer.from_pretrained(src)
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=512,
-                                   tie_word_embeddings=True, initializer_range=0.3,
-                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -27,28 +27,6 @@ LABELS = {"fruit": ["apple", "banana", "cherry", "mango"],
 FLEETLM = shutil.which("fleetlm", path=str(Path(sys.executable).parent))
 
 
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer random Llama with the embedded model's tokenizer and chat template
-    (embeddings drawn wide enough that a tied head can express a confident answer)."""
-    import transformers
-
-    from fleetlm.models.loader import resolve_source
-
-    src = resolve_source("smollm2-135m")
-    folder = tmp_path_factory.mktemp("tiny-base")
-    tok = transformers.AutoTokenizer.from_pretrained(src)
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=512,
-                                   tie_word_embeddings=True, initializer_range=0.3,
-                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
 def _write_data(path: Path, n_per_label: int = 24, seed: int = 0) -> None:
     rng = random.Random(seed)
     with path.open("w", newline="") as f:
