@@ -222,16 +222,12 @@ def plot_curves(curves: Mapping[str, Curve], path: str | Path, title: str = "Rou
                 large_label: str = "always large") -> Path:
     """PNG of accuracy against share escalated: one line per router, the always-small and
     always-large levels, the random router's expected line, and the oracle when given."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from fleetlm.plots import png
 
     if not curves:
         raise ValueError("plot_curves needs at least one curve")
     first = next(iter(curves.values()))
-    fig, ax = plt.subplots(figsize=(8, 5))
-    try:
+    with png(path, (8, 5)) as (_, ax):
         for name, c in curves.items():
             ax.plot(c.share * 100, c.accuracy * 100, label=name, linewidth=1.6)
         ax.plot([0, 100], [first.acc_small * 100, first.acc_large * 100], color="grey",
@@ -247,10 +243,4 @@ def plot_curves(curves: Mapping[str, Curve], path: str | Path, title: str = "Rou
         ax.set_xlim(0, 100)
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.tight_layout()
-        fig.savefig(out, dpi=110)
-    finally:
-        plt.close(fig)
-    return out
+    return Path(path)

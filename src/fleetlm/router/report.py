@@ -36,12 +36,10 @@ def plot_cost_over_time(series: Sequence[tuple[float, float, float]], path: str 
     """PNG of cumulative USD against time: the actual cost and the all-large baseline.
     ``series``: ``(ts, actual, baseline)`` per time bucket, oldest first (as
     ``Ledger.cost_over_time`` returns)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.dates as mdates
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from fleetlm.plots import png
 
     if not series:
         raise ValueError("plot_cost_over_time needs at least one point")
@@ -49,8 +47,7 @@ def plot_cost_over_time(series: Sequence[tuple[float, float, float]], path: str 
     ts = np.array([datetime.fromtimestamp(t) for t, _, _ in series], dtype="datetime64[ms]")
     actual = np.cumsum([a for _, a, _ in series])
     baseline = np.cumsum([b for _, _, b in series])
-    fig, ax = plt.subplots(figsize=(8, 5))
-    try:
+    with png(path, (8, 5)) as (_, ax):
         ax.plot(ts, baseline, color="red", linestyle="--", label="all-large baseline")
         ax.plot(ts, actual, color="tab:blue", linewidth=1.8, label="actual (local + upstream)")
         ax.fill_between(ts, actual, baseline, color="tab:green", alpha=0.15, label="saved")
@@ -59,10 +56,4 @@ def plot_cost_over_time(series: Sequence[tuple[float, float, float]], path: str 
         ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(ax.xaxis.get_major_locator()))
         ax.grid(alpha=0.3)
         ax.legend(loc="upper left", fontsize=8)
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.tight_layout()
-        fig.savefig(out, dpi=110)
-    finally:
-        plt.close(fig)
-    return out
+    return Path(path)

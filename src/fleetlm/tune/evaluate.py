@@ -143,45 +143,34 @@ def evaluate(engine: Any, rows: Sequence[Example], task: TaskConfig, labels: Seq
 
 def confusion_png(result: EvalResult, labels: Sequence[str], path: Path) -> None:
     """Confusion matrix of a classification result (rows: truth, columns: prediction)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn.metrics import confusion_matrix
+
+    from fleetlm.plots import png
 
     cm = confusion_matrix(result.references, result.predictions, labels=list(labels))
     n = len(labels)
     size = min(24.0, max(6.0, n * 0.22))
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(n), labels=list(labels), rotation=90, fontsize=max(4, 10 - n // 15))
-    ax.set_yticks(range(n), labels=list(labels), fontsize=max(4, 10 - n // 15))
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    acc = result.metrics.get("accuracy", 0.0)
-    ax.set_title(f"{result.name}: accuracy {acc:.3f} on {result.rows} validation rows")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with png(path, (size, size)) as (_, ax):
+        ax.imshow(cm, cmap="Blues")
+        ax.set_xticks(range(n), labels=list(labels), rotation=90, fontsize=max(4, 10 - n // 15))
+        ax.set_yticks(range(n), labels=list(labels), fontsize=max(4, 10 - n // 15))
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        acc = result.metrics.get("accuracy", 0.0)
+        ax.set_title(f"{result.name}: accuracy {acc:.3f} on {result.rows} validation rows")
 
 
 def loss_png(history: Sequence[dict[str, Any]], path: Path) -> None:
     """Training loss per step and validation loss per evaluation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from fleetlm.plots import png
 
     train = [(h["step"], h["loss"]) for h in history if "loss" in h]
     val = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train (answer tokens)", lw=1)
-    if val:
-        ax.plot(*zip(*val, strict=True), "o-", label="validation")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with png(path, (7, 4)) as (_, ax):
+        if train:
+            ax.plot(*zip(*train, strict=True), label="train (answer tokens)", lw=1)
+        if val:
+            ax.plot(*zip(*val, strict=True), "o-", label="validation")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("cross-entropy")
+        ax.legend()
