@@ -430,6 +430,13 @@ class UpstreamClient:
             out.pop("stream_options", None)
         return out
 
+    def _request(self, name: str, body: Mapping[str, Any], stream: bool
+                 ) -> tuple[UpstreamConfig, dict[str, str], dict[str, Any], str]:
+        """What one call to upstream ``name`` sends: its config, headers, body and URL."""
+        cfg = self._config(name)
+        return (cfg, self.headers(name), self._body(cfg, body, stream),
+                cfg.base_url + "/chat/completions")
+
     # -- retries
 
     async def _with_retries(self, name: str, cfg: UpstreamConfig, deadline: _Deadline,
@@ -477,10 +484,7 @@ class UpstreamClient:
 
     async def _chat(self, name: str, body: Mapping[str, Any],
                     deadline: _Deadline) -> UpstreamResponse:
-        cfg = self._config(name)
-        headers = self.headers(name)
-        payload = self._body(cfg, body, stream=False)
-        url = cfg.base_url + "/chat/completions"
+        cfg, headers, payload, url = self._request(name, body, stream=False)
 
         async def attempt(limit: float) -> dict[str, Any]:
             try:
@@ -522,10 +526,7 @@ class UpstreamClient:
 
     async def _stream(self, name: str, body: Mapping[str, Any],
                       deadline: _Deadline) -> UpstreamStream:
-        cfg = self._config(name)
-        headers = self.headers(name)
-        payload = self._body(cfg, body, stream=True)
-        url = cfg.base_url + "/chat/completions"
+        cfg, headers, payload, url = self._request(name, body, stream=True)
         client_options = body.get("stream_options")
         wants_usage = isinstance(client_options, dict) and bool(client_options.get("include_usage"))
 
