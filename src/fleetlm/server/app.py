@@ -77,6 +77,26 @@ def _api_error(e: Exception) -> APIError:
     return APIError(500, f"internal error: {type(e).__name__}", "server_error")
 
 
+def resolve_model(model: str, model_name: str, store: Any) -> str | None:
+    """The adapter a ``model`` field names on a server running ``model_name`` with ``store``
+    (None: the base model). Unknown: 404; an adapter failing validation: AdapterError."""
+    if model == model_name:
+        return None
+    adapter = model
+    if ":" in model:
+        base, adapter = model.split(":", 1)
+        if base != model_name:
+            raise APIError(404, f"model {model!r}: unknown base {base!r} (this server runs "
+                                f"{model_name!r})", "invalid_request_error", "model",
+                           "model_not_found")
+    if store is None:
+        raise APIError(404, f"model {model!r} does not exist; this server serves "
+                            f"{model_name!r} and no adapters", "invalid_request_error",
+                       "model", "model_not_found")
+    store.validate(adapter)  # AdapterNotFound -> 404, AdapterError -> 422
+    return str(adapter)
+
+
 @dataclass(frozen=True)
 class LocalChat:
     """The local chat path, as the router calls it: ``open(req)`` submits (prompt ids, one
@@ -135,22 +155,7 @@ def create_app(engine: Engine, model_name: str, routes: Router | None = None) ->
         return respond(request, _api_error(e))
 
     def resolve(model: str) -> str | None:
-        """The adapter a ``model`` field names (None: the base model)."""
-        if model == model_name:
-            return None
-        adapter = model
-        if ":" in model:
-            base, adapter = model.split(":", 1)
-            if base != model_name:
-                raise APIError(404, f"model {model!r}: unknown base {base!r} (this server runs "
-                                    f"{model_name!r})", "invalid_request_error", "model",
-                               "model_not_found")
-        if store is None:
-            raise APIError(404, f"model {model!r} does not exist; this server serves "
-                                f"{model_name!r} and no adapters", "invalid_request_error",
-                           "model", "model_not_found")
-        store.validate(adapter)  # AdapterNotFound -> 404, AdapterError -> 422
-        return adapter
+        return resolve_model(model, model_name, store)
 
     def sampling(req: Any, max_tokens: int | None, logprobs: int | None, seed: int | None,
                  prompt_logprobs: int | None = None) -> SamplingParams:

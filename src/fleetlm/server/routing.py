@@ -65,7 +65,15 @@ from fleetlm.router.upstream import (
     UpstreamStream,
     UpstreamUnavailable,
 )
-from fleetlm.server.app import APIError, LocalChat, _api_error, _error_body, _failure, _sse
+from fleetlm.server.app import (
+    APIError,
+    LocalChat,
+    _api_error,
+    _error_body,
+    _failure,
+    _sse,
+    resolve_model,
+)
 from fleetlm.server.schemas import ChatCompletionRequest, ChatMessage
 
 if TYPE_CHECKING:
@@ -207,20 +215,13 @@ class Router:
         from fleetlm.errors import ConfigError
 
         def check_small(model: str) -> None:
-            base, _, adapter = model.rpartition(":")
-            if model == model_name:
-                return
-            if base and base != model_name:
-                raise ConfigError(f"{model!r}: this server runs {model_name!r}, not {base!r}")
-            if store is None:
-                raise ConfigError(f"{model!r}: this server has no adapter store")
-            store.validate(adapter)
+            resolve_model(model, model_name, store)
 
         def task_card(model: str) -> tuple[TaskConfig, list[str]]:
             from fleetlm.tune.format import read_task_card
 
-            base, _, adapter = model.rpartition(":")
-            if model == model_name or store is None:
+            adapter = resolve_model(model, model_name, store)
+            if adapter is None:
                 raise ConfigError(f"task: adapter needs an adapter as small model, not the "
                                   f"base {model!r}")
             return read_task_card(store.resolve(adapter))
