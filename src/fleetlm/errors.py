@@ -10,7 +10,15 @@ class ModelLoadError(FleetLMError):
 
 
 class ConfigError(FleetLMError):
-    """A setting is invalid: the message names the field and the fix."""
+    """A setting is invalid: the message names the field and the fix.
+
+    ``param`` is the request field at fault (``temperature``, ``messages``, ``model``...)
+    when the setting came from a request; the HTTP layer reports it as the error's
+    ``param`` as it is, never parsed back out of the message."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class EngineBusy(FleetLMError):
