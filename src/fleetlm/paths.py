@@ -5,7 +5,11 @@ never at import time.
     $XDG_DATA_HOME/fleetlm             else, if set (an absolute path, per the XDG spec)
     ~/.local/share/fleetlm             else
 
-The converted-model cache is separate (``$FLEETLM_CACHE``, see models/gguf_convert.py).
+Caches (converted models, embedding tables) are apart, in :func:`cache_home`:
+
+    $FLEETLM_CACHE                     if set
+    $XDG_CACHE_HOME/fleetlm            else, if set
+    ~/.cache/fleetlm                   else
 """
 
 from __future__ import annotations
@@ -27,3 +31,12 @@ def data_home() -> Path:
 def default_adapters_dir() -> Path:
     """The adapter store used when --adapters-dir is not given."""
     return data_home() / "adapters"
+
+
+def cache_home() -> Path:
+    """Where rebuildable caches live (deleting it costs time, never data)."""
+    env = os.environ.get("FLEETLM_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "fleetlm"
