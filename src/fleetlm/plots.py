@@ -1,5 +1,6 @@
 """PNG figures for reports (tuning, routing, savings): one place that picks the headless
-backend, creates the folder, saves and always closes the figure."""
+backend, creates the folder, saves and always closes the figure. What is drawn is the
+caller's business; this module knows matplotlib and files, nothing of the data."""
 
 from __future__ import annotations
 

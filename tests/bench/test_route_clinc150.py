@@ -40,9 +40,9 @@ TEXTS = {
 def store(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An adapter store holding a random adapter published as ``fleetlm tune`` would."""
     from fleetlm.adapters.random import make_random_adapter
+    from fleetlm.adapters.task_card import TASK_FILE, task_card
     from fleetlm.models.loader import read_config
     from fleetlm.tune.config import TaskConfig
-    from fleetlm.tune.format import TASK_FILE, task_card
 
     root = tmp_path_factory.mktemp("store")
     folder = make_random_adapter(root / "clinc-tiny", read_config(tiny_base), rank=4, seed=0,

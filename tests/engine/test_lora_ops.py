@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from fleetlm.adapters.peft_format import lora_scale
 from fleetlm.engine import lora as lora_mod
 from fleetlm.engine.lora import (
     NO_ADAPTER,
@@ -16,7 +17,6 @@ from fleetlm.engine.lora import (
     lora_delta,
     lora_delta_reference,
     lora_delta_torch,
-    lora_scale,
 )
 from fleetlm.kernels import lora_sgmv
 

@@ -217,6 +217,33 @@ def test_duplicate_yaml_keys_refused(tmp_path: Path) -> None:
         load_routes(write(tmp_path, text))
 
 
+
+def test_a_route_or_upstream_defined_twice_is_refused(tmp_path: Path) -> None:
+    """Nested mappings too: PyYAML would keep the second ``support`` silently."""
+    twice = EXAMPLE.replace("local_cost_per_hour", "  support:\n    small: other\n"
+                            "    policy: always-small\nlocal_cost_per_hour")
+    path = write(tmp_path, twice, "twice.yaml")
+    with pytest.raises(ConfigError, match=r"key 'support' is given twice in one mapping; keep one"
+                       ) as e:
+        load_routes(path)
+    assert str(e.value).startswith(f"{path}: not valid YAML") and "line 17, column 3" in str(e.value)
+    up_twice = EXAMPLE.replace("routes:\n", "  big:\n    base_url: http://h/v1\n    model: m\n"
+                               "routes:\n")
+    with pytest.raises(ConfigError, match="'big' is given twice"):
+        load_routes(write(tmp_path, up_twice, "ups.yaml"))
+    with pytest.raises(ConfigError, match="'threshold' is given twice"):
+        load_routes(write(tmp_path, EXAMPLE.replace("pii: redact", "threshold: 0.5"), "th.yaml"))
+
+
+def test_bad_yaml_and_a_missing_file_name_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope" / "routes.yaml"
+    with pytest.raises(ConfigError, match=f"--config: routes config {missing} does not exist"):
+        load_routes(missing)
+    bad = write(tmp_path, "routes:\n  r: {small: m\n", "bad.yaml")
+    with pytest.raises(ConfigError) as e:
+        load_routes(bad)
+    assert str(e.value).startswith(f"{bad}: not valid YAML: ")
+
 def test_paths_and_file_errors(tmp_path: Path) -> None:
     cfg = load_routes(write(tmp_path, EXAMPLE + "ledger_path: data/ledger.sqlite3\n"))
     assert cfg.ledger_path == tmp_path / "data" / "ledger.sqlite3"

@@ -27,7 +27,7 @@ import pytest
 from fleetlm.router.config import Threshold, parse_routes
 from fleetlm.router.ledger import Ledger
 from fleetlm.router.policies import decide
-from fleetlm.server.routing import FALLBACK_HEADER, ROUTE_HEADER, Router
+from fleetlm.server.hybrid import FALLBACK_HEADER, ROUTE_HEADER, Router
 from tests.openai_stub import Reply, stub_starter
 from tests.server.conftest import MODEL
 
@@ -80,8 +80,8 @@ SENTIMENT = ["positive", "negative"]
 def _tuned_adapter(folder: Path, config: Any) -> None:
     """A random adapter published as `fleetlm tune` would: with its task card."""
     from fleetlm.adapters.random import make_random_adapter
+    from fleetlm.adapters.task_card import TASK_FILE, task_card
     from fleetlm.tune.config import TaskConfig
-    from fleetlm.tune.format import TASK_FILE, task_card
 
     make_random_adapter(folder, config, rank=8, alpha=16, seed=0, std=0.02)
     task = TaskConfig(type="classification", system_prompt="Classify the review's sentiment.",

@@ -80,7 +80,7 @@ def test_serve_with_routes_answers_and_commits_the_ledger(tmp_path: Path):
 def test_a_task_route_needs_a_tuned_adapter(tmp_path: Path):
     from fleetlm.errors import ConfigError
     from fleetlm.router.config import parse_routes
-    from fleetlm.server.routing import Router
+    from fleetlm.server.hybrid import Router
 
     cfg = parse_routes({"routes": {"r": {"small": MODEL, "policy": "always-small", "pii": "off",
                                          "task": "adapter"}}}, base_dir=tmp_path)

@@ -346,3 +346,47 @@ def test_bench_tune_compares_with_trainer_and_writes_json(tmp_path: Path, tiny_b
     assert all(x["tokens_per_s"] > 0 for x in d["throughput"])
     assert list(d["ratio"].values())[0] == pytest.approx(ours["tokens_per_s"] / theirs["tokens_per_s"])
     assert d["pipeline"]["train_steps"] == 2 and (tmp_path / "store" / "tiny-cls").is_dir()
+
+
+def _teacher(body: dict[str, Any], i: int) -> str:
+    """Synthesis: three new rows of the asked label; label confirmation: the label whose
+    word the text holds."""
+    user = body["messages"][-1]["content"]
+    if "Intent (label): " in user:
+        label = user.split("Intent (label): ")[1].split("\n")[0]
+        return "\n".join(f"{k + 1}. a new {LABELS[label][k]} seen on day {i}" for k in range(3))
+    text = user.split("Text: ")[1].split("\n\n")[0]
+    return next(label for label, words in LABELS.items() if any(w in text for w in words))
+
+
+def test_tune_off_a_terminal_prints_plain_progress_lines(
+        tmp_path: Path, tiny_base: Path, teacher_stub: Any, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Without a terminal (CI, nohup, a container log) every stage says where it is in plain
+    lines: stage, step/total, rate, eta; and the stage summaries still print."""
+    import re
+
+    monkeypatch.setenv("FLEETLM_PROGRESS_INTERVAL", "0")  # every update prints
+    stub = teacher_stub(_teacher)
+    raw = _config(tmp_path, tiny_base,
+                  synthesize={"enabled": True, "per_label": 3, "seed_examples": 2,
+                              "teacher": {"base_url": stub.base_url, "model": "tch"}},
+                  train={"max_steps": 4, "eval_every": 2, "save_every": 4},
+                  eval={"max_rows": 6, "base_rows": 0})
+    Pipeline(parse_config(raw)).run()  # not quiet; pytest's captured stdout is no terminal
+    out = capsys.readouterr().out
+    line = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d tune: (?P<stage>[a-z ]+?) "
+                      r"(?P<done>\d+)(?:/(?P<total>\d+) [\d.]+%)?(?P<rest>.*)$")
+    lines = [m for m in map(line.match, out.splitlines()) if m]
+    stages = {m["stage"] for m in lines}
+    assert {"prepare", "synthesize", "filter", "train", "evaluate tuned"} <= stages, out
+    train = [m for m in lines if m["stage"] == "train"]
+    assert [int(m["done"]) for m in train] == [0, 1, 2, 3, 4]  # interval 0: every step
+    assert all(m["total"] == "4" for m in train[1:])
+    mid = train[2]["rest"]
+    assert re.search(r" [\d.]+/s elapsed \w+ eta \w+ \| loss [\d.]+", mid), mid
+    assert "eta" not in train[-1]["rest"]  # the last line: done, nothing left to wait for
+    synth = [m for m in lines if m["stage"] == "synthesize"]
+    assert synth[-1]["done"] == synth[-1]["total"] == "3"  # one request per label
+    assert "prepare: " in out and "rows in ->" in out  # say() messages still print
+    assert "synthesize: 9 teacher rows" in out and "validation loss" in out

@@ -1,10 +1,15 @@
 """The adapter store: PEFT LoRA folders on disk (cold), validated and loaded into an LRU
 in RAM (warm), handed to the engine, which keeps the hot ones in its stacked buffers.
 
-    peft_format.py  read + validate one PEFT folder against the base model's config
+    peft_format.py  read + validate one PEFT folder against the base model's config, and
+                    PEFT's scale rule (lora_scale)
     lru.py          warm-tier bookkeeping (byte budget, pins), no tensors
     store.py        AdapterStore: names, tiers, add/remove, thread-safe
+    task_card.py    the task file a tuned adapter carries, read by tuning and serving alike
     random.py       random PEFT-format adapters for tests and benchmarks
+
+Adapters know the base model's config (shapes, layer count) but nothing about the engine
+that serves them, its slots or its batching, nor about how an adapter was trained.
 """
 
 from fleetlm.adapters.errors import AdapterError, AdapterNotFound

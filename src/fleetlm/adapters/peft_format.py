@@ -33,7 +33,6 @@ import torch
 from torch import Tensor
 
 from fleetlm.adapters.errors import AdapterError
-from fleetlm.engine.lora import lora_scale
 from fleetlm.models.config import LlamaConfig
 
 ADAPTER_NAME_RE = r"[A-Za-z0-9._-]{1,64}"
@@ -52,6 +51,13 @@ _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 # PEFT's default target_modules for the Llama family when a config leaves it out
 _DEFAULT_TARGETS = ("q_proj", "v_proj")
 _FIX_PLAIN = "fleetlm serves plain LoRA: retrain or re-save the adapter without it"
+
+
+def lora_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:
+    """PEFT's scaling: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    if rank <= 0:
+        raise ValueError(f"LoRA rank must be positive, got {rank}")
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
 @dataclass(frozen=True)

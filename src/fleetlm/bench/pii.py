@@ -178,9 +178,9 @@ def score(rows: list[tuple[str, list[_Span]]], predictions: list[list[_Span]],
 
 def run(cfg: PiiBenchConfig, out: Path | None) -> dict[str, Any]:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from fleetlm.privacy import PiiConfig, PiiRedactor
+    from fleetlm.progress import Progress
 
     path = cfg.validate()
     rows = load_dataset(path, cfg.limit)
@@ -194,12 +194,11 @@ def run(cfg: PiiBenchConfig, out: Path | None) -> dict[str, Any]:
 
     predictions: list[list[_Span]] = []
     t0 = time.perf_counter()
-    with Progress(TextColumn("detecting PII"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console) as progress:
-        task = progress.add_task("sentences", total=len(rows))
+    with Progress("bench pii") as progress:
+        update = progress.task("detecting PII", len(rows))
         for spans in redactor.iter_spans(text for text, _ in rows):
             predictions.append([_Span(s.start, s.end, s.entity_type) for s in spans])
-            progress.advance(task)
+            update(len(predictions))
     detect_s = time.perf_counter() - t0
 
     # the router's cost: one request's text redacted alone (no batching across requests),

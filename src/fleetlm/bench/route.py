@@ -29,7 +29,9 @@ What runs:
   for log-probabilities adds per answer token.
 
 Prints a RouteLLM-style table (APGR, CPT(50/80/95%)), writes JSON (``out``) and a PNG
-(``plot``). Metrics are defined in :mod:`fleetlm.router.evaluate`.
+(``plot``). Metrics are defined in :mod:`fleetlm.router.evaluate`, the cross-validation in
+:mod:`fleetlm.router.training` (what ``fleetlm route train`` reports too); this module only
+gathers the data, runs the routers and times them.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fleetlm.adapters.task_card import TASK_FILE
 from fleetlm.bench.common import environment, percentile, write_json
 from fleetlm.errors import ConfigError
 from fleetlm.router.calibrate import load_outcomes, outcome_arrays
@@ -56,7 +59,6 @@ from fleetlm.router.classifier import (
     Embedder,
     Target,
     fit_router,
-    labels,
     load_embedder,
 )
 from fleetlm.router.evaluate import (
@@ -70,6 +72,7 @@ from fleetlm.router.evaluate import (
     resample,
 )
 from fleetlm.router.policies import ConfidencePolicy, RandomPolicy, RouteContext, flatten_messages
+from fleetlm.router.training import cross_val_scores
 from fleetlm.tune.format import read_task_card
 
 if TYPE_CHECKING:
@@ -77,6 +80,7 @@ if TYPE_CHECKING:
     from fleetlm.tune.records import Example
 
 DATASETS = {"mmlu": "mmlu_train.jsonl", "gsm8k": "gsm8k_train.jsonl"}
+ROUTELLM_SETS = {"routellm-mmlu": "mmlu", "routellm-gsm8k": "gsm8k"}  # --data -> DATASETS key
 DATA_RELATIVE = Path("shared/data/routellm")
 CLINC_RELATIVE = Path("shared/data/clinc150")
 
@@ -95,19 +99,6 @@ def default_data_dir() -> Path:
 def default_clinc_dir() -> Path:
     """../shared/data/clinc150 beside the repository."""
     return _beside_repo(CLINC_RELATIVE)
-
-
-def cross_val_scores(x: np.ndarray, small: np.ndarray, large: np.ndarray, folds: int,
-                     seed: int, target: Target, C: float, model_id: str) -> np.ndarray:
-    """Out-of-fold scores (fleetlm convention) for every row."""
-    from sklearn.model_selection import StratifiedKFold
-
-    y = labels(small, large, target)
-    scores = np.zeros(len(y), dtype=np.float64)
-    for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y):
-        r = fit_router(x[train], small[train], large[train], model_id, target=target, C=C)
-        scores[test] = r.scores_from_embeddings(x[test])
-    return scores
 
 
 def run_routellm(dataset: str = "mmlu", folds: int = 5, out: Path | None = None,
@@ -322,20 +313,11 @@ def small_pass(rows: Sequence[Example], task: TaskConfig, labels: Sequence[str],
     """The adapter's greedy, label-constrained answers through fleetlm's engine, as the
     tuning pipeline's evaluation runs them: (predictions, constrained log-probs per answer
     token, metrics)."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     from fleetlm.adapters import AdapterStore
     from fleetlm.engine.engine import Engine, EngineConfig
     from fleetlm.engine.generate import KV_BUCKET
     from fleetlm.models.loader import load_model
+    from fleetlm.progress import Progress
     from fleetlm.tune.evaluate import evaluate
 
     lm = load_model(base_model, dtype="auto")
@@ -349,12 +331,13 @@ def small_pass(rows: Sequence[Example], task: TaskConfig, labels: Sequence[str],
                                      prefill_chunk=2048), store=store)
     tap = _LogprobTap(engine)
     try:
-        with Progress(TextColumn(f"{adapter} (small model)"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                      console=Console(stderr=True), disable=not show_progress) as progress:
-            bar = progress.add_task("rows", total=len(rows))
-            res = evaluate(tap, rows, task, labels, adapter=adapter, name="small",
-                           progress=lambda done, total: progress.update(bar, completed=done))
+        if show_progress:
+            with Progress("bench route") as p:
+                update = p.task(f"{adapter} (small model)", len(rows))
+                res = evaluate(tap, rows, task, labels, adapter=adapter, name="small",
+                               progress=lambda done, total: update(done, total))
+        else:
+            res = evaluate(tap, rows, task, labels, adapter=adapter, name="small")
     finally:
         engine.shutdown(10)
     assert len(tap.logprobs) == len(rows)
@@ -364,7 +347,6 @@ def small_pass(rows: Sequence[Example], task: TaskConfig, labels: Sequence[str],
 def _check_clinc(data_dir: Path, adapters_dir: Path, adapter: str, folds: int,
                  limit: int | None) -> list[str]:
     from fleetlm.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
-    from fleetlm.tune.format import TASK_FILE
 
     problems = []
     missing = [f for f in CLINC_FILES if not (data_dir / f).is_file()]
@@ -465,36 +447,25 @@ def format_targets(reports: Sequence[RouterReport], summaries: Mapping[str, Mapp
     return "\n".join(lines)
 
 
-def run_clinc150(adapter: str = "clinc150", folds: int = 5, out: Path | None = None,
-                 plot: Path | None = None, data_dir: Path | None = None,
-                 adapters_dir: Path | None = None, base_model: str | None = None,
-                 embedding_models: Sequence[str] = (MINILM_STATIC_ID, MINILM_ID),
-                 embedders: Mapping[str, Embedder] | None = None, C: float = 1.0, seed: int = 0,
-                 cache_dir: Path | None = None, limit: int | None = None, threads: int = 1,
-                 overhead_samples: int = 200, show_progress: bool = True,
-                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """The ``adapter`` (tuned on CLINC150) as the small model, the large model counted correct
-    whenever a row is escalated: hybrid accuracy against share escalated for ``confidence``,
-    cross-validated ``classifier`` (one per embedding model), ``random`` and the oracle.
+@dataclasses.dataclass
+class _ClincRows:
+    """The CLINC150 rows the bench runs (after ``limit``), as the small model sees them."""
 
-    ``limit`` keeps N rows chosen by :func:`stratified_head` (every label in turn, oos
-    included). ``embedders`` replaces :func:`load_embedder` per model id (tests). Writes, beside
-    ``out`` (``bench-results/route-clinc150.*`` without it): the cached small-model pass
-    (``.small-KEY.jsonl``), the per-row outcomes for ``fleetlm route calibrate``
-    (``.outcomes.jsonl``: prompt, small_correct, large_correct, score = the confidence) and the
-    PNG (``plot`` overrides); the JSON only with ``out``. Returns the JSON's dict.
-    """
-    from fleetlm.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
-    from fleetlm.paths import default_adapters_dir
-    from fleetlm.tune.evaluate import classification_metrics
-    from fleetlm.tune.format import TASK_FILE, task_messages
+    folder: Path  # the adapter's folder in the store
+    task: TaskConfig
+    labels: list[str]
+    base: str  # the base model the adapter runs on
+    examples: list[Example]
+    domains: list[str | None]
+    keep: list[int]  # indices of the rows kept, in the files' order
+    prompts: list[str]  # what the routers score (the task's messages, flattened)
+    golds: list[str]
 
-    say = log or (lambda s: print(s, file=sys.stderr))
-    data_dir = data_dir if data_dir is not None else default_clinc_dir()
-    adapters_dir = Path(adapters_dir if adapters_dir is not None else default_adapters_dir())
-    problems = _check_clinc(data_dir, adapters_dir, adapter, folds, limit)
-    if problems:
-        raise ConfigError("invalid route benchmark settings: " + "; ".join(problems))
+
+def _clinc_rows(adapter: str, data_dir: Path, adapters_dir: Path, base_model: str | None,
+                limit: int | None) -> _ClincRows:
+    from fleetlm.tune.format import task_messages
+
     folder = adapters_dir / adapter
     task, labels = read_task_card(folder)
     base = base_model or _card_base_model(folder) or "smollm2-135m"
@@ -506,41 +477,54 @@ def run_clinc150(adapter: str = "clinc150", folds: int = 5, out: Path | None = N
     keep = (stratified_head([ex.answer for ex in examples], limit) if limit is not None
             else list(range(len(examples))))
     examples, domains = [examples[i] for i in keep], [domains[i] for i in keep]
-    prompts = [flatten_messages(task_messages(ex, task)) for ex in examples]
-    golds = [ex.answer for ex in examples]
+    return _ClincRows(folder, task, list(labels), base, examples, domains, keep,
+                      [flatten_messages(task_messages(ex, task)) for ex in examples],
+                      [ex.answer for ex in examples])
 
-    # --- the small model (cached) ---
-    stem = out.with_suffix("") if out is not None else Path("bench-results") / "route-clinc150"
-    files = [folder / WEIGHTS_FILE, folder / CONFIG_FILE, folder / TASK_FILE,
+
+def _small_pass_cache(c: _ClincRows, data_dir: Path, stem: Path) -> Path:
+    """Where the small-model pass is cached: beside the output, keyed by what it depends on."""
+    from fleetlm.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
+
+    files = [c.folder / WEIGHTS_FILE, c.folder / CONFIG_FILE, c.folder / TASK_FILE,
              *(data_dir / f for f in CLINC_FILES)]
-    cache = stem.with_name(f"{stem.name}.small-{_small_pass_key(files, base, keep)}.jsonl")
-    t0 = time.perf_counter()
-    cached = cache.is_file()
-    if cached:
+    return stem.with_name(f"{stem.name}.small-{_small_pass_key(files, c.base, c.keep)}.jsonl")
+
+
+def _small_model_rows(c: _ClincRows, adapter: str, adapters_dir: Path, cache: Path,
+                      show_progress: bool, say: Callable[[str], None]
+                      ) -> tuple[list[dict[str, Any]], bool]:
+    """Each row's small-model answer and its label probability, from ``cache`` or by running
+    the adapter (then cached): (rows, cached)."""
+    if cache.is_file():
         rows = [json.loads(line) for line in cache.read_text(encoding="utf-8").splitlines()]
-        if [r["prompt"] for r in rows] != prompts:
+        if [r["prompt"] for r in rows] != c.prompts:
             raise ConfigError(f"{cache}: does not match the rows; delete it and run again")
         say(f"clinc150: small-model pass from {cache}")
-    else:
-        say(f"clinc150: {len(examples)} rows through {adapter} on {base} (greedy, "
-            f"constrained to {len(labels)} labels)")
-        preds, lps, _ = small_pass(examples, task, labels, adapter, adapters_dir, base,
-                                   show_progress)
-        rows = [{"prompt": p, "text": ex.text, "label": g, "prediction": y, "domain": d,
-                 "small_correct": y == g, "label_prob": math.exp(sum(lp)), "logprobs": lp}
-                for p, ex, g, y, d, lp in zip(prompts, examples, golds, preds, domains, lps,
-                                              strict=True)]
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-                       encoding="utf-8")
-        tmp.replace(cache)
-    small_s = time.perf_counter() - t0
-    small = np.array([r["small_correct"] for r in rows], dtype=bool)
-    large = np.ones(len(rows), dtype=bool)  # the large model is not run: escalated = correct
+        return rows, True
+    say(f"clinc150: {len(c.examples)} rows through {adapter} on {c.base} (greedy, "
+        f"constrained to {len(c.labels)} labels)")
+    preds, lps, _ = small_pass(c.examples, c.task, c.labels, adapter, adapters_dir, c.base,
+                               show_progress)
+    rows = [{"prompt": p, "text": ex.text, "label": g, "prediction": y, "domain": d,
+             "small_correct": y == g, "label_prob": math.exp(sum(lp)), "logprobs": lp}
+            for p, ex, g, y, d, lp in zip(c.prompts, c.examples, c.golds, preds, c.domains,
+                                          lps, strict=True)]
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(cache.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                   encoding="utf-8")
+    tmp.replace(cache)
+    return rows, False
+
+
+def _small_only(rows: Sequence[Mapping[str, Any]], golds: Sequence[str],
+                labels: Sequence[str], small: np.ndarray) -> dict[str, Any]:
+    """The small model alone: classification metrics, in-scope accuracy, oos recall."""
+    from fleetlm.tune.evaluate import classification_metrics
+
     oos = np.array([g == "oos" for g in golds], dtype=bool)
-    label_prob = np.array([r["label_prob"] for r in rows], dtype=np.float64)
-    small_only = {
+    return {
         **classification_metrics([r["prediction"] for r in rows], golds, labels),
         "in_scope_accuracy": float(small[~oos].mean()) if (~oos).any() else None,
         "oos_recall": float(small[oos].mean()) if oos.any() else None,
@@ -549,10 +533,25 @@ def run_clinc150(adapter: str = "clinc150", folds: int = 5, out: Path | None = N
         "n_in_scope": int((~oos).sum()), "n_oos": int(oos.sum()),
     }
 
-    # --- scores ---
-    import torch
 
-    torch.set_num_threads(threads)
+@dataclasses.dataclass
+class _ClincScores:
+    reports: list[RouterReport]
+    confidence: np.ndarray  # each row's confidence score
+    oracle: Curve
+    cv_folds: int
+    overhead: dict[str, dict[str, Any]]
+    embed_s: dict[str, float]
+    notes: list[str]
+
+
+def _clinc_scores(prompts: list[str], rows: Sequence[Mapping[str, Any]], small: np.ndarray,
+                  large: np.ndarray, base: str, *, folds: int, seed: int, C: float,
+                  embedding_models: Sequence[str], embedders: Mapping[str, Embedder] | None,
+                  cache_dir: Path | None, overhead_samples: int,
+                  say: Callable[[str], None]) -> _ClincScores:
+    """Confidence, cross-validated classifiers, random and the oracle on the rows."""
+    label_prob = np.array([r["label_prob"] for r in rows], dtype=np.float64)
     reports: list[RouterReport] = []
     confidence = ConfidencePolicy()
     conf = np.array([confidence.score(RouteContext(p, label_prob=lp))
@@ -590,24 +589,23 @@ def run_clinc150(adapter: str = "clinc150", folds: int = 5, out: Path | None = N
                                    small, large))
     oracle = oracle_curve(small, large)
     reports.append(report_from_curve("oracle", oracle, len(prompts)))
-    targets = {r.name: target_summary(r) for r in reports}
+    return _ClincScores(reports, conf, oracle, cv_folds, overhead, embed_s, notes)
 
-    # --- outputs ---
-    outcomes = stem.with_name(stem.name + ".outcomes.jsonl")
-    outcomes.parent.mkdir(parents=True, exist_ok=True)
-    with outcomes.open("w", encoding="utf-8") as f:
+
+def _write_outcomes(path: Path, rows: Sequence[Mapping[str, Any]], conf: np.ndarray) -> None:
+    """Per-row outcomes, score = the confidence: what ``fleetlm route calibrate`` reads."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
         for r, score in zip(rows, conf, strict=True):
             f.write(json.dumps({"prompt": r["prompt"], "small_correct": r["small_correct"],
                                 "large_correct": True, "score": float(score),
                                 "domain": r["domain"], "label": r["label"],
                                 "prediction": r["prediction"]}, ensure_ascii=False) + "\n")
-    plot_path = plot if plot is not None else stem.with_suffix(".png")
-    plot_curves({r.name: r.curve for r in reports if r.name != "oracle"}, plot_path,
-                title=f"Routing on CLINC150 validation ({len(prompts)} rows): {adapter} "
-                      f"adapter as the small model", oracle=oracle,
-                small_label=f"always small ({adapter} on {base})",
-                large_label="always large (counted correct)")
 
+
+def _clinc_lines(small_only: Mapping[str, Any], small_s: float, cached: bool, n_rows: int,
+                 threads: int, sc: _ClincScores, outcomes: Path, plot_path: Path) -> list[str]:
+    """The summary under the tables: the small model alone, timings, overheads, notes."""
     alone = [f"in-scope {small_only['in_scope_accuracy']:.1%} of {small_only['n_in_scope']}"
              if small_only["in_scope_accuracy"] is not None else "",
              f"oos recall {small_only['oos_recall']:.1%} of {small_only['n_oos']}"
@@ -616,35 +614,99 @@ def run_clinc150(adapter: str = "clinc150", folds: int = 5, out: Path | None = N
              f"({', '.join(a for a in alone if a)}), macro-F1 {small_only['macro_f1']:.3f}",
              f"small-model pass: {small_s:.1f}s" + (" (cached)" if cached else
                                                      f" with the model load, "
-                                                     f"{len(rows) / small_s:.1f} rows/s"),
+                                                     f"{n_rows / small_s:.1f} rows/s"),
              f"router overhead per request ({threads} thread(s), model time excluded):"]
-    for name, o in overhead.items():
+    for name, o in sc.overhead.items():
         lines.append(f"  {name}: p50 {o['p50']:.3f} ms  p99 {o['p99']:.3f} ms")
-    pt = overhead["confidence"]["sampler_per_token"]
+    pt = sc.overhead["confidence"]["sampler_per_token"]
     lines.append(f"  (confidence also makes the sampler compute log-probs: p50 {pt['p50']:.3f} ms "
-                 f"per answer token, {overhead['confidence']['answer_tokens_mean']:.1f} tokens "
+                 f"per answer token, {sc.overhead['confidence']['answer_tokens_mean']:.1f} tokens "
                  f"per answer)")
-    lines += notes
+    lines += sc.notes
     lines += [f"outcomes (for `fleetlm route calibrate --data FILE --policy confidence`): "
               f"{outcomes}", f"plot: {plot_path}"]
-    print(f"\nroute bench: CLINC150 validation ({len(prompts)} rows"
+    return lines
+
+
+def run_clinc150(adapter: str = "clinc150", folds: int = 5, out: Path | None = None,
+                 plot: Path | None = None, data_dir: Path | None = None,
+                 adapters_dir: Path | None = None, base_model: str | None = None,
+                 embedding_models: Sequence[str] = (MINILM_STATIC_ID, MINILM_ID),
+                 embedders: Mapping[str, Embedder] | None = None, C: float = 1.0, seed: int = 0,
+                 cache_dir: Path | None = None, limit: int | None = None, threads: int = 1,
+                 overhead_samples: int = 200, show_progress: bool = True,
+                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The ``adapter`` (tuned on CLINC150) as the small model, the large model counted correct
+    whenever a row is escalated: hybrid accuracy against share escalated for ``confidence``,
+    cross-validated ``classifier`` (one per embedding model), ``random`` and the oracle.
+
+    ``limit`` keeps N rows chosen by :func:`stratified_head` (every label in turn, oos
+    included). ``embedders`` replaces :func:`load_embedder` per model id (tests). Writes, beside
+    ``out`` (``bench-results/route-clinc150.*`` without it): the cached small-model pass
+    (``.small-KEY.jsonl``), the per-row outcomes for ``fleetlm route calibrate``
+    (``.outcomes.jsonl``: prompt, small_correct, large_correct, score = the confidence) and the
+    PNG (``plot`` overrides); the JSON only with ``out``. Returns the JSON's dict.
+    """
+    from fleetlm.paths import default_adapters_dir
+
+    say = log or (lambda s: print(s, file=sys.stderr))
+    data_dir = data_dir if data_dir is not None else default_clinc_dir()
+    adapters_dir = Path(adapters_dir if adapters_dir is not None else default_adapters_dir())
+    problems = _check_clinc(data_dir, adapters_dir, adapter, folds, limit)
+    if problems:
+        raise ConfigError("invalid route benchmark settings: " + "; ".join(problems))
+    c = _clinc_rows(adapter, data_dir, adapters_dir, base_model, limit)
+
+    # --- the small model (cached) ---
+    stem = out.with_suffix("") if out is not None else Path("bench-results") / "route-clinc150"
+    cache = _small_pass_cache(c, data_dir, stem)
+    t0 = time.perf_counter()
+    rows, cached = _small_model_rows(c, adapter, adapters_dir, cache, show_progress, say)
+    small_s = time.perf_counter() - t0
+    small = np.array([r["small_correct"] for r in rows], dtype=bool)
+    large = np.ones(len(rows), dtype=bool)  # the large model is not run: escalated = correct
+    small_only = _small_only(rows, c.golds, c.labels, small)
+
+    # --- scores ---
+    import torch
+
+    torch.set_num_threads(threads)
+    sc = _clinc_scores(c.prompts, rows, small, large, c.base, folds=folds, seed=seed, C=C,
+                       embedding_models=embedding_models, embedders=embedders,
+                       cache_dir=cache_dir, overhead_samples=overhead_samples, say=say)
+    reports = sc.reports
+    targets = {r.name: target_summary(r) for r in reports}
+
+    # --- outputs ---
+    outcomes = stem.with_name(stem.name + ".outcomes.jsonl")
+    _write_outcomes(outcomes, rows, sc.confidence)
+    plot_path = plot if plot is not None else stem.with_suffix(".png")
+    plot_curves({r.name: r.curve for r in reports if r.name != "oracle"}, plot_path,
+                title=f"Routing on CLINC150 validation ({len(c.prompts)} rows): {adapter} "
+                      f"adapter as the small model", oracle=sc.oracle,
+                small_label=f"always small ({adapter} on {c.base})",
+                large_label="always large (counted correct)")
+    lines = _clinc_lines(small_only, small_s, cached, len(rows), threads, sc, outcomes,
+                         plot_path)
+    print(f"\nroute bench: CLINC150 validation ({len(c.prompts)} rows"
           + (f", stratified --limit {limit}" if limit is not None else "")
           + f"), {adapter} adapter as the small model, large counted correct when escalated\n"
           f"{format_report(reports)}\n\n{format_targets(reports, targets)}\n" + "\n".join(lines))
 
     result: dict[str, Any] = {
         "bench": "route", "dataset": "clinc150", "data": [str(data_dir / f) for f in CLINC_FILES],
-        "adapter": adapter, "adapter_dir": str(folder), "base_model": base, "n": len(prompts),
-        "limit": limit, "limit_rule": "stratified: the first row of every label in turn",
-        "folds": cv_folds, "seed": seed, "C": C,
+        "adapter": adapter, "adapter_dir": str(c.folder), "base_model": c.base,
+        "n": len(c.prompts), "limit": limit,
+        "limit_rule": "stratified: the first row of every label in turn",
+        "folds": sc.cv_folds, "seed": seed, "C": C,
         "large_model": "not run; counted correct when escalated",
         "target": {"accuracy": TARGET_ACCURACY, "max_share_escalated": TARGET_SHARE},
         "small_only": small_only, "acc_small": reports[0].acc_small,
         "acc_large": reports[0].acc_large,
         "routers": [{**r.as_dict(), **targets[r.name]} for r in reports],
-        "overhead_ms": overhead, "threads": threads, "embed_seconds": embed_s,
+        "overhead_ms": sc.overhead, "threads": threads, "embed_seconds": sc.embed_s,
         "small_pass": {"seconds": small_s, "cached": cached, "file": str(cache)},
-        "outcomes": str(outcomes), "plot": str(plot_path), "notes": notes,
+        "outcomes": str(outcomes), "plot": str(plot_path), "notes": sc.notes,
         "environment": environment(),
     }
     write_json(result, out)

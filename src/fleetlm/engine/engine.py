@@ -200,18 +200,23 @@ class Engine:
         """Queue a request; events arrive through ``callback`` (called on the engine's
         thread: keep it short). Raises ConfigError for a bad request, the store's
         AdapterError for an unknown or invalid adapter, EngineBusy when the queue is full."""
-        params.validate(self.lm.config.vocab_size)
+        # every check of a request lives here, the adapter first: a server reports an
+        # unknown adapter (its `model` field) before anything else that is wrong
+        if adapter is not None:
+            if self.store is None:
+                raise ConfigError(f"adapter {adapter!r}: this engine serves no adapters")
+            self.store.validate(adapter)  # the one check of the name; raises AdapterError
+            if self.config.max_hot_adapters == 0:
+                raise ConfigError(f"adapter {adapter!r}: this engine serves no adapters")
+        params.validate(self.lm.config.vocab_size)  # ConfigError(param=the first bad field)
         if not prompt:
-            raise ConfigError("prompt: must contain at least one token")
+            raise ConfigError("prompt: must contain at least one token", param="prompt")
         if len(prompt) >= self.config.max_len:
             raise ConfigError(f"prompt: {len(prompt)} tokens leave no room to generate within "
-                              f"the context of {self.config.max_len} tokens")
+                              f"the context of {self.config.max_len} tokens", param="prompt")
         if params.stop and self.lm.tokenizer is None:
-            raise ConfigError("stop: stop strings need a tokenizer, and this model has none")
-        if adapter is not None:
-            if self.store is None or self.config.max_hot_adapters == 0:
-                raise ConfigError(f"adapter {adapter!r}: this engine serves no adapters")
-            self.store.validate(adapter)  # name, path and config checks; raises AdapterError
+            raise ConfigError("stop: stop strings need a tokenizer, and this model has none",
+                              param="stop")
         rid = request_id or f"req-{next(self._ids)}"
         # max_tokens=0 (prompt scoring) still plans one token; the request ends after prefill
         max_new = max(1, min(params.max_tokens, self.config.max_len - len(prompt)))

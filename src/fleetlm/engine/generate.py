@@ -28,11 +28,11 @@ from fleetlm.engine.detokenizer import Detokenizer
 from fleetlm.engine.sampler import RequestSampler
 from fleetlm.engine.sampling_params import SamplingParams
 from fleetlm.errors import ConfigError
+from fleetlm.models.kv_cache import KV_BUCKET, bucket
 from fleetlm.models.loader import LoadedModel
 
 log = logging.getLogger(__name__)
 
-KV_BUCKET = 256
 # Inductor settings for the decode step. They are applied with config.patch around every
 # call that may compile: freezing is read only from the global config (torch.compile's
 # options= ignores it). Autotuning's tables go to the log, not the user's terminal.
@@ -63,10 +63,6 @@ class GenerationResult:
     prompt_tokens: int
     ttft_s: float  # prompt submitted -> first token sampled
     decode_s: float  # first token -> last token
-
-
-def bucket(n: int, size: int = KV_BUCKET) -> int:
-    return -(-n // size) * size
 
 
 class Generator:

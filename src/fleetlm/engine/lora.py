@@ -23,7 +23,6 @@ nor about PEFT files; it only owns the stacked layout and the arithmetic.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -37,13 +36,6 @@ NO_ADAPTER = -1
 # From this many tokens of one adapter on, torch's GEMM beats the native kernel on
 # shrink-heavy projections (see lora_delta for the measurements).
 TORCH_MIN_TOKENS = 1024
-
-
-def lora_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:
-    """PEFT's scaling: alpha / r, or alpha / sqrt(r) with rsLoRA."""
-    if rank <= 0:
-        raise ValueError(f"LoRA rank must be positive, got {rank}")
-    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
 @dataclass(frozen=True, eq=False)  # eq on tensors would be elementwise; identity is enough

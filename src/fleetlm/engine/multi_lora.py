@@ -5,7 +5,8 @@ The scheduler decides which adapter sits in which slot; this module only copies 
 adapter's tensors in (mapping Hugging Face module names such as
 ``model.layers.3.self_attn.k_proj`` onto part 1 of our fused ``qkv_proj``) and hands the
 forward pass a :class:`LoraContext` -- the batch's per-token slots plus these buffers --
-as an explicit argument. Buffers are allocated once, at engine start, so loading an
+as an explicit argument (it satisfies the model's
+:class:`~fleetlm.models.lora_hook.LoraHook`). Buffers are allocated once, at engine start, so loading an
 adapter never allocates and the hot tier's memory is known up front.
 """
 

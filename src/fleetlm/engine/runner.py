@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from fleetlm.engine.generate import KV_BUCKET, bucket
 from fleetlm.engine.lora import NO_ADAPTER
 from fleetlm.engine.multi_lora import LoraContext, MultiLoraBuffers
 from fleetlm.engine.rows import Move, RowAllocator
 from fleetlm.errors import ConfigError
+from fleetlm.models.kv_cache import KV_BUCKET, bucket
 from fleetlm.models.llama import LlamaForCausalLM
 
 # Attention reads cache positions [0, kv_len) with kv_len rounded up to this. The runner

@@ -1,6 +1,11 @@
 """Per-request sampling settings, validated with errors that name the field.
 
-Plain data: no torch here, so the scheduler and the server can use it freely.
+The one place a request's sampling settings are checked: the engine validates each
+request's :class:`SamplingParams` when it is submitted, and the error carries the first bad
+field as ``ConfigError.param`` (the HTTP layer reports it as the OpenAI error's ``param``).
+
+Plain data: no torch here, so the scheduler and the server can use it freely. It knows
+nothing of HTTP, tokenizers or grammars (whether a schema compiles is the constraint's job).
 """
 
 from __future__ import annotations
@@ -47,43 +52,55 @@ class SamplingParams:
         return self.temperature == 0.0 or self.top_k == 1
 
     def validate(self, vocab_size: int | None = None) -> SamplingParams:
-        """Raise one ConfigError listing every invalid field; return self for chaining."""
-        problems: list[str] = []
+        """Raise one ConfigError listing every invalid field (``param``: the first of them);
+        return self for chaining."""
         if isinstance(self.stop, str):  # OpenAI allows a single string
             self.stop = [self.stop]
+        problems = self._problems(vocab_size)
+        if problems:
+            raise ConfigError("invalid sampling parameters: " + "; ".join(p for _, p in problems),
+                              param=problems[0][0])
+        return self
+
+    def _problems(self, vocab_size: int | None) -> list[tuple[str, str]]:
+        """(field, problem) for every invalid field."""
+        problems: list[tuple[str, str]] = []
+
+        def bad(name: str, problem: str) -> None:
+            problems.append((name, problem))
+
         if self.max_tokens < (0 if self.prompt_logprobs is not None else 1):
-            problems.append(f"max_tokens={self.max_tokens}: must be >= 1 (0 only to score a "
-                            "prompt without generating, as echo does)")
+            bad("max_tokens", f"max_tokens={self.max_tokens}: must be >= 1 (0 only to score a "
+                "prompt without generating, as echo does)")
         if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
-            problems.append(f"prompt_logprobs={self.prompt_logprobs}: must be in [0, 20]")
+            bad("prompt_logprobs", f"prompt_logprobs={self.prompt_logprobs}: must be in [0, 20]")
         if not 0.0 <= self.temperature <= 100.0:
-            problems.append(f"temperature={self.temperature}: must be in [0, 100]")
+            bad("temperature", f"temperature={self.temperature}: must be in [0, 100]")
         if self.top_k < 0:
-            problems.append(f"top_k={self.top_k}: must be >= 0 (0 disables it)")
+            bad("top_k", f"top_k={self.top_k}: must be >= 0 (0 disables it)")
         if not 0.0 < self.top_p <= 1.0:
-            problems.append(f"top_p={self.top_p}: must be in (0, 1]")
+            bad("top_p", f"top_p={self.top_p}: must be in (0, 1]")
         if not 0.0 <= self.min_p <= 1.0:
-            problems.append(f"min_p={self.min_p}: must be in [0, 1]")
+            bad("min_p", f"min_p={self.min_p}: must be in [0, 1]")
         if self.repetition_penalty <= 0.0:
-            problems.append(f"repetition_penalty={self.repetition_penalty}: must be > 0")
+            bad("repetition_penalty", f"repetition_penalty={self.repetition_penalty}: must be > 0")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if not -2.0 <= v <= 2.0:
-                problems.append(f"{name}={v}: must be in [-2, 2]")
+                bad(name, f"{name}={v}: must be in [-2, 2]")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            problems.append(f"logprobs={self.logprobs}: must be in [0, 20]")
+            bad("logprobs", f"logprobs={self.logprobs}: must be in [0, 20]")
         if any(not isinstance(s, str) or s == "" for s in self.stop):
-            problems.append("stop: every stop string must be a non-empty string")
+            bad("stop", "stop: every stop string must be a non-empty string")
         if len(self.stop) > 16:
-            problems.append(f"stop: at most 16 stop strings, got {len(self.stop)}")
-        problems.extend(_response_format_problems(self.response_format))
+            bad("stop", f"stop: at most 16 stop strings, got {len(self.stop)}")
+        for problem in _response_format_problems(self.response_format):
+            bad("response_format", problem)
         if vocab_size is not None:
-            bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
-            if bad:
-                problems.append(f"stop_token_ids={bad}: outside the vocabulary [0, {vocab_size})")
-        if problems:
-            raise ConfigError("invalid sampling parameters: " + "; ".join(problems))
-        return self
+            ids = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
+            if ids:
+                bad("stop_token_ids", f"stop_token_ids={ids}: outside the vocabulary [0, {vocab_size})")
+        return problems
 
 
 def _response_format_problems(rf: object) -> list[str]:

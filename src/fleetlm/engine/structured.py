@@ -71,7 +71,8 @@ def _llg_tokenizer(tokenizer: Any, vocab_size: int) -> Any:
                 llt = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size)
             except ValueError as e:  # a slow (Python) tokenizer
                 raise ConfigError(f"response_format: needs a fast Hugging Face tokenizer, "
-                                  f"and this model has {type(tokenizer).__name__} ({e})") from e
+                                  f"and this model has {type(tokenizer).__name__} ({e})",
+                                  param="response_format") from e
             hit = (tokenizer, llt)
             _adapters[key] = hit
         return hit[1]
@@ -89,7 +90,7 @@ class TokenConstraint:
 
         if tokenizer is None:
             raise ConfigError("response_format: constrained decoding needs a tokenizer, "
-                              "and this model has none")
+                              "and this model has none", param="response_format")
         try:
             if response_format.get("type") == "choice":
                 grammar = llguidance.LLMatcher.grammar_from_lark(choice_grammar(
@@ -97,16 +98,19 @@ class TokenConstraint:
             else:
                 schema = schema_of(response_format)
                 if schema is None:
-                    raise ConfigError("response_format: type 'text' needs no constraint")
+                    raise ConfigError("response_format: type 'text' needs no constraint",
+                                      param="response_format")
                 grammar = llguidance.LLMatcher.grammar_from_json_schema(
                     json.dumps(schema), overrides=_JSON_OPTIONS)
         except (TypeError, ValueError) as e:
-            raise ConfigError(f"response_format: the grammar cannot be built ({e})") from e
+            raise ConfigError(f"response_format: the grammar cannot be built ({e})",
+                              param="response_format") from e
         llt = _llg_tokenizer(tokenizer, vocab_size)
         self.vocab_size = vocab_size
         self.matcher = llguidance.LLMatcher(llt, grammar, log_level=0)
         if self.matcher.is_error():
-            raise ConfigError(f"response_format: cannot be compiled: {self.matcher.get_error()}")
+            raise ConfigError(f"response_format: cannot be compiled: {self.matcher.get_error()}",
+                              param="response_format")
         # llguidance writes one bit per token into int32 words; unpacked per step
         self._bits = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
 

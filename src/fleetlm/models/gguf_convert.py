@@ -3,14 +3,15 @@
 Dequantising a GGUF and rebuilding its tokenizer takes tens of seconds in Python, so
 the result is written once to a cache folder and every later load reads safetensors.
 The folder is written under a temporary name and renamed into place, so a crash
-never leaves a half-converted model that looks complete.
+never leaves a half-converted model that looks complete. The cache lives under
+:func:`fleetlm.paths.cache_home`. This module knows GGUF's tensor names and metadata,
+not our model classes: what it writes is an ordinary Hugging Face folder.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from fleetlm.errors import ModelLoadError
+from fleetlm.paths import cache_home
 
 # GGUF tensor name (after "blk.N.") -> Hugging Face name (after "model.layers.N.")
 _LAYER_NAMES = {
@@ -43,9 +45,8 @@ SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3")
 
 
 def cache_root() -> Path:
-    env = os.environ.get("FLEETLM_CACHE")
-    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fleetlm"
-    return base / "converted"
+    """Where converted GGUF models live (rebuildable: deleting it costs a conversion)."""
+    return cache_home() / "converted"
 
 
 def _cache_key(path: Path) -> str:

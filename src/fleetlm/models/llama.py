@@ -12,26 +12,23 @@ row's next real tokens before any query can see them.
 Variants are config flags, not subclasses: q/k/v bias (Qwen2), q/k RMSNorm (Qwen3),
 llama3/linear RoPE scaling, sliding window (Mistral), tied embeddings (SmolLM2).
 Module names follow Hugging Face (``model.layers.N.self_attn.q_proj``) so checkpoints
-and PEFT adapters map one to one. Multi-LoRA arrives as an explicit argument
-(:class:`~fleetlm.engine.multi_lora.LoraContext`: each token's adapter slot and the
-stacked adapter weights); each projection adds its per-token delta to its output. The model knows nothing about tokenizers, sampling
-or scheduling.
+and PEFT adapters map one to one. Multi-LoRA arrives as an explicit argument, a
+:class:`~fleetlm.models.lora_hook.LoraHook` (the engine's ``LoraContext``: each token's
+adapter slot and the stacked adapter weights); each projection adds its per-token delta
+to its output. The cache layout is :mod:`fleetlm.models.kv_cache`'s. The model knows
+nothing about tokenizers, sampling, scheduling or how adapters are stored.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fleetlm.engine.kv_cache import KVCache
 from fleetlm.models.config import LlamaConfig
+from fleetlm.models.kv_cache import KVCache
 from fleetlm.models.layers import Linear, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
-
-if TYPE_CHECKING:
-    from fleetlm.engine.multi_lora import LoraContext
+from fleetlm.models.lora_hook import LoraHook
 
 # Our fused projections and the Hugging Face projections stacked (along dim 0) to make them.
 FUSED_PROJECTIONS: dict[str, tuple[str, ...]] = {
@@ -91,7 +88,7 @@ class Attention(nn.Module):
         cache: KVCache,
         slots: Tensor | None,  # [B]; None = rows 0..B-1 are slots 0..B-1 (no gather)
         kv_len: int,
-        lora: LoraContext | None = None,
+        lora: LoraHook | None = None,
     ) -> Tensor:
         B, S, _ = x.shape
         D, Hkv, rep = self.head_dim, self.num_kv_heads, self.rep
@@ -152,7 +149,7 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(h, sum(fused_rows(cfg)["mlp.gate_up_proj"]), bias=cfg.mlp_bias)
         self.down_proj = Linear(i, h, bias=cfg.mlp_bias)
 
-    def forward(self, x: Tensor, lora: LoraContext | None = None) -> Tensor:
+    def forward(self, x: Tensor, lora: LoraHook | None = None) -> Tensor:
         gu = self.gate_up_proj(x)
         if lora is not None:
             gu = gu + lora.delta(self.layer_idx, "mlp.gate_up_proj", x)
@@ -182,7 +179,7 @@ class DecoderLayer(nn.Module):
         cache: KVCache,
         slots: Tensor | None,
         kv_len: int,
-        lora: LoraContext | None = None,
+        lora: LoraHook | None = None,
     ) -> Tensor:
         x = x + self.self_attn(
             self.input_layernorm(x), cos, sin, positions, mask, cache, slots, kv_len, lora
@@ -249,7 +246,7 @@ class LlamaForCausalLM(nn.Module):
         # [B] index in S whose logits to return; or (rows [N], positions [N]): those tokens'
         # logits [N, vocab]; None = all
         logits_index: Tensor | tuple[Tensor, Tensor] | None = None,
-        lora: LoraContext | None = None,  # per-token adapters of the B*S tokens (row-major)
+        lora: LoraHook | None = None,  # per-token adapters of the B*S tokens (row-major)
         return_hidden: bool = False,  # the final-norm hidden states instead of the logits
     ) -> Tensor:
         """Logits [B, vocab] at ``logits_index`` (or [B, S, vocab] for all tokens), float32.

@@ -6,7 +6,8 @@ the machine (router escalation, tuning data), restore the values in what comes b
     texts = [redactor.redact(m, mapping)[0] for m in messages]   # one mapping per request
     answer = restore(remote_answer, mapping)       # or StreamRestorer(mapping) for streams
 
-Importing this package imports neither presidio nor spaCy.
+Importing this package imports neither presidio nor spaCy. Privacy knows text, entity
+types and placeholders; it knows nothing about models, routes, HTTP or where the text goes.
 """
 
 from fleetlm.privacy.config import DEFAULT_ENTITIES, PiiConfig

@@ -183,11 +183,11 @@ def load_embedder(model_id: str = MINILM_ID, **kw: Any
 
 
 def default_embedding_cache() -> Path:
-    """``$FLEETLM_CACHE/embeddings`` (else ``$XDG_CACHE_HOME`` or ``~/.cache``/fleetlm/...)."""
-    env = os.environ.get("FLEETLM_CACHE")
-    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME",
-                                                     Path.home() / ".cache")) / "fleetlm"
-    return base / "embeddings"
+    """``embeddings`` under :func:`fleetlm.paths.cache_home` (``$FLEETLM_CACHE``, else
+    ``$XDG_CACHE_HOME/fleetlm`` or ``~/.cache/fleetlm``)."""
+    from fleetlm.paths import cache_home
+
+    return cache_home() / "embeddings"
 
 
 class CachedEmbedder:

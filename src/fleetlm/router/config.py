@@ -17,8 +17,10 @@
         pii: redact              # redact | block | off
     local_cost_per_hour: 0.40
 
-Every model rejects unknown keys, and :func:`load_routes` reports every problem at once,
-each as ``dotted.field.path: what is wrong and how to fix it``. Relative paths (threshold
+Every model rejects unknown keys, a key given twice in one mapping (a route or upstream
+defined twice) is refused (:mod:`fleetlm.config` reads the YAML and formats the problems),
+and :func:`load_routes` reports every problem at once, each as
+``dotted.field.path: what is wrong and how to fix it``. Relative paths (threshold
 files, classifier files, the ledger) are taken from the YAML file's folder. Cross-field
 rules: each route's ``large`` names upstreams that exist; a policy's own options
 (``rules``, ``classifier``, ``seed``, ``labels``...) only appear with that policy;
@@ -42,16 +44,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from fleetlm.config import Problems, StrictModel, format_errors, load_yaml, problems_error
 from fleetlm.errors import ConfigError
 
 # The model-name rule of the whole API (adapter names, route names): DESIGN.md.
@@ -71,6 +66,8 @@ _NO_THRESHOLD = ("rules", "always-small", "always-large")
 # Used for the policies that score only 0.0 / 1.0, and for random when none is given.
 DEFAULT_THRESHOLD = 0.5
 
+DOCS = "docs/router.md"  # every key, named in the unknown-key error
+
 # Which per-policy options belong to which policy (every other policy refuses them).
 _POLICY_OPTIONS: dict[str, tuple[str, ...]] = {
     "rules": ("rules", "rules_default"),
@@ -80,20 +77,7 @@ _POLICY_OPTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
-class _Problems(ValueError):
-    """Cross-field problems, each under a path relative to the model that raised them
-    (the error formatter joins the two paths)."""
-
-    def __init__(self, problems: list[tuple[str, str]]):
-        super().__init__("; ".join(f"{p}: {m}" for p, m in problems))
-        self.problems = problems
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class UpstreamConfig(_Strict):
+class UpstreamConfig(StrictModel):
     """One OpenAI-compatible endpoint (``base_url`` ends before ``/chat/completions``)."""
 
     base_url: str
@@ -138,14 +122,14 @@ class UpstreamConfig(_Strict):
         return self.stream_gap_s if self.stream_gap_s is not None else self.timeout_s
 
 
-class Threshold(_Strict):
+class Threshold(StrictModel):
     """A route's threshold: the number, and the calibration file it came from (if any)."""
 
     value: float = Field(ge=0.0, le=1.0)
     source: Path | None = None
 
 
-class RuleConfig(_Strict):
+class RuleConfig(StrictModel):
     """One rule of the ``rules`` policy: every condition given must hold; the first rule
     that matches sends the request to ``route``. Mirrors policies.Rule."""
 
@@ -213,7 +197,7 @@ def read_threshold_file(path: Path, policy: str | None = None) -> float:
     return float(value)
 
 
-class RouteConfig(_Strict):
+class RouteConfig(StrictModel):
     """One route: what clients send as ``model``, and how it picks small or large."""
 
     # "base", "base:adapter" or an adapter name, as a client would send it
@@ -356,7 +340,7 @@ class RouteConfig(_Strict):
             problems.append(("pii_entities", "pii is off, so pii_entities is unused; remove it "
                                              "or set pii: redact|block"))
         if problems:
-            raise _Problems(problems)
+            raise Problems(problems)
         return self
 
     @property
@@ -375,7 +359,7 @@ class RouteConfig(_Strict):
             entities=tuple(self.pii_entities))
 
 
-class RoutesConfig(_Strict):
+class RoutesConfig(StrictModel):
     upstreams: dict[str, UpstreamConfig] = Field(default_factory=dict)
     routes: dict[str, RouteConfig]
     # USD per hour of the machine serving the small model: the ledger's local cost
@@ -394,7 +378,7 @@ class RoutesConfig(_Strict):
         if not self.routes:
             problems.append(("routes", "give at least one route"))
         if problems:
-            raise _Problems(problems)
+            raise Problems(problems)
         return self
 
     def first_large(self, route: str) -> UpstreamConfig | None:
@@ -435,35 +419,18 @@ def _cross_problems(upstreams: Iterable[Any], larges: dict[Any, Any]) -> list[tu
     return problems
 
 
-def _format_errors(e: ValidationError) -> list[str]:
-    lines = []
-    for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"])
-        exc = (err.get("ctx") or {}).get("error")
-        if isinstance(exc, _Problems):
-            lines += [f"{loc + '.' if loc else ''}{p}: {m}" for p, m in exc.problems]
-            continue
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see docs/router.md for every key)"
-        elif err["type"] == "missing":
-            msg = "required key is missing"
-        lines.append(f"{loc or '(top level)'}: {msg}")
-    return lines
-
-
 def parse_routes(raw: Any, *, base_dir: Path = Path("."), source: str | None = None
                  ) -> RoutesConfig:
     """Validate a parsed YAML/JSON mapping; relative paths are taken from ``base_dir``.
     ``source`` (the file) starts the error message."""
-    where = f"{source}: " if source else ""
     if not isinstance(raw, dict):
+        where = f"{source}: " if source else ""
         raise ConfigError(f"{where}the routes config must be a mapping with upstreams: and "
                           f"routes:, got {type(raw).__name__}")
     try:
         return RoutesConfig.model_validate(raw, context={"base_dir": Path(base_dir)})
     except ValidationError as e:
-        lines = _format_errors(e)
+        lines = format_errors(e, DOCS)
     # The cross-section checks only run once every field is valid; run them on the raw
     # mapping too so one pass reports every problem.
     ups, routes = raw.get("upstreams", {}), raw.get("routes")
@@ -473,43 +440,13 @@ def parse_routes(raw: Any, *, base_dir: Path = Path("."), source: str | None = N
             line = f"{p}: {m}"
             if line not in lines:
                 lines.append(line)
-    body = "\n".join(f"  {line}" for line in lines)
-    raise ConfigError(f"{where}{len(lines)} problem(s) in the routes config:\n{body}")
+    raise problems_error(source, "routes config", lines)
 
 
 def load_routes(path: Path | str) -> RoutesConfig:
-    """Read ``path`` (YAML) into a :class:`RoutesConfig`."""
-    import yaml
-
+    """Read ``path`` (YAML) into a :class:`RoutesConfig`; a key given twice in one mapping
+    (a route or upstream defined twice) is an error."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--config: routes config {path} does not exist; pass the path of a "
-                          "YAML file with upstreams: and routes:")
-    try:
-        raw = yaml.load(path.read_text(), Loader=_unique_keys_loader())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    raw = load_yaml(path, missing=f"--config: routes config {path} does not exist; pass the "
+                    "path of a YAML file with upstreams: and routes:")
     return parse_routes(raw, base_dir=path.parent, source=str(path))
-
-
-def _unique_keys_loader() -> Any:
-    """A SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one
-    silently, which would hide a route or upstream defined twice)."""
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} is given twice in one mapping (a route or "
-                    "upstream defined twice?); keep one", key_node.start_mark)
-            seen.add(key)
-        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
-
-    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
-    return Loader

@@ -156,6 +156,18 @@ def default_ledger_path() -> Path:
     return data_home() / "ledger.sqlite3"
 
 
+def open_readonly(path: Path | None = None) -> Ledger:
+    """The ledger at ``path`` (default: :func:`default_ledger_path`) for a report; a missing
+    file is an error naming ``--ledger``."""
+    path = path if path is not None else default_ledger_path()
+    if not path.is_file():
+        raise FleetLMError(f"--ledger {path}: no ledger there. `fleetlm serve --config` "
+                           "writes one as it serves routes (ledger_path in the routes config, "
+                           f"default {default_ledger_path()}); pass --ledger PATH to read "
+                           "another file")
+    return Ledger(path, readonly=True)
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA busy_timeout = 10000")

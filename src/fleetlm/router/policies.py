@@ -40,8 +40,6 @@ if TYPE_CHECKING:
     import numpy as np
     from numpy.typing import NDArray
 
-    from fleetlm.router.classifier import TrainedRouter
-
 Decision = Literal["small", "large"]
 
 
@@ -283,13 +281,20 @@ class ConfidencePolicy:
 # --- classifier ------------------------------------------------------------------------------
 
 
+class PromptScorer(Protocol):
+    """What the classifier policy needs of a trained router
+    (:class:`fleetlm.router.classifier.TrainedRouter` is one): a prompt's score in [0, 1]."""
+
+    def score(self, prompt: str) -> float: ...
+
+
 class ClassifierPolicy(_BeforeGenerating):
     """A router trained on past outcomes (:mod:`fleetlm.router.classifier`) scores the prompt
     before anything is generated."""
 
     name = "classifier"
 
-    def __init__(self, router: TrainedRouter) -> None:
+    def __init__(self, router: PromptScorer) -> None:
         self.router = router
 
     def score(self, ctx: RouteContext) -> float:

@@ -1,8 +1,10 @@
-"""The savings report's helpers (``fleetlm report savings``): reading ``--since`` and plotting
+"""The savings report (``fleetlm report savings``): reading ``--since``, gathering the
+ledger's savings for a window and route, the table per route, its notes, and the plot of
 cumulative cost over time, actual against the all-large baseline.
 
 The numbers come from :meth:`fleetlm.router.ledger.Ledger.savings` and
-:meth:`~fleetlm.router.ledger.Ledger.cost_over_time`; this module only parses and draws.
+:meth:`~fleetlm.router.ledger.Ledger.cost_over_time`; this module only parses, lays out and
+draws. It knows nothing of the command line.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -57,3 +61,79 @@ def plot_cost_over_time(series: Sequence[tuple[float, float, float]], path: str 
         ax.grid(alpha=0.3)
         ax.legend(loc="upper left", fontsize=8)
     return Path(path)
+
+
+@dataclass
+class Savings:
+    """What :meth:`Ledger.savings` returned for the window (``summary``), the ledger's path,
+    and the plot written (None without one, or without rows)."""
+
+    summary: dict[str, Any]
+    ledger: Path
+    plot: Path | None
+
+
+def savings(ledger: Path | None, since: str | None, route: str | None,
+            plot: Path | None) -> Savings:
+    """The savings in ``ledger`` (default: the data folder's) since ``since`` for ``route``
+    (all when None); with ``plot``, the cost-over-time PNG there."""
+    from fleetlm.router.ledger import open_readonly
+
+    since_ts = parse_since(since) if since is not None else None
+    with open_readonly(ledger) as led:
+        s = led.savings(since_ts, route=route)
+        series = led.cost_over_time(since_ts, route=route) if plot is not None else []
+        path = led.path
+    plot_path = None
+    if series:
+        assert plot is not None
+        plot_path = plot_cost_over_time(series, plot, title="Cost over time" + (
+            f": route {route}" if route else ""))
+    return Savings(s, path, plot_path)
+
+
+def usd(x: float) -> str:
+    return f"${x:,.2f}" if abs(x) >= 100 else f"${x:.4f}"
+
+
+def savings_table(s: dict[str, Any], title: str) -> Any:
+    """A rich Table: one row per route (and a total when there are several), decisions as
+    shares, tokens and costs."""
+    from rich.table import Table
+
+    span = " to ".join(datetime.fromtimestamp(s[k]).strftime("%Y-%m-%d %H:%M")
+                       for k in ("first_ts", "last_ts"))
+    table = Table(title=f"{title} ({span})")
+    for col in ("route", "requests", "small", "large", "fallback", "blocked", "tokens in",
+                "tokens out", "local", "upstream", "actual", "all-large", "saved", "saved %"):
+        table.add_column(col, justify="left" if col == "route" else "right")
+
+    def row(name: str, a: dict[str, Any]) -> list[str]:
+        n = a["requests"]
+        frac = a["saved_fraction"]
+        return ([name, f"{n:,}"] + [f"{a['decisions'][d] / n:.1%}" for d in
+                                    ("small", "large", "fallback", "blocked")]
+                + [f"{a['prompt_tokens']:,}", f"{a['completion_tokens']:,}"]
+                + [usd(a[k]) for k in ("local_cost_usd", "upstream_cost_usd", "actual_cost_usd",
+                                       "baseline_cost_usd", "saved_usd")]
+                + ["n/a" if frac is None else f"{frac:.1%}"])
+
+    for name, agg in sorted(s["by_route"].items()):
+        table.add_row(*row(name, agg))
+    if len(s["by_route"]) > 1:
+        table.add_row(*row("total", s), style="bold")
+    return table
+
+
+def savings_notes(s: dict[str, Any], plot: Path | None, plot_path: Path | None) -> list[str]:
+    """What the table's figures mean and leave out."""
+    notes = ["local cost charges each request the whole machine for its wall time, so under "
+             "batched load the savings shown are a lower bound"]
+    if s["rows_without_baseline"]:
+        notes.append(f"{s['rows_without_baseline']} request(s) had no all-large baseline (no "
+                     "upstream, or blocked): counted at their actual cost")
+    if s["usage_estimated"]:
+        notes.append(f"{s['usage_estimated']} request(s) with estimated token counts")
+    if plot is not None:
+        notes.append(f"plot: {plot_path}")
+    return notes

@@ -11,7 +11,9 @@
 Validation, atomic copies and tiers are the store's (:class:`~fleetlm.adapters.store.
 AdapterStore`); the hot tier is the engine's. This module only translates between HTTP and
 those calls, and runs the blocking ones (disk, tensor loads) off the event loop so serving
-goes on during an upload. A rejected upload leaves nothing in the store.
+goes on during an upload. A rejected upload leaves nothing in the store. Its errors map to
+HTTP through :func:`fleetlm.server.errors.api_error` (the adapter named by ``name`` or by
+the uploaded ``file``s). It knows nothing of generation, routes or the OpenAI endpoints.
 """
 
 from __future__ import annotations
@@ -26,12 +28,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, ValidationError
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 
-from fleetlm.adapters.errors import AdapterError, AdapterNotFound
+from fleetlm.adapters.errors import AdapterError
 from fleetlm.adapters.store import AdapterInfo
 from fleetlm.engine.engine import Engine
-from fleetlm.server.app import APIError
+from fleetlm.server.errors import INVALID_REQUEST, APIError, api_error
 
 # a file part's name, after dropping any directories the client sent with it
 _FILE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
@@ -47,80 +49,39 @@ class LoadAdapterRequest(BaseModel):
     pin: bool = False
 
 
-def _adapter_error(e: AdapterError, param: str) -> APIError:
-    if isinstance(e, AdapterNotFound):
-        return APIError(404, str(e), "invalid_request_error", param, "adapter_not_found")
-    return APIError(422, str(e), "invalid_request_error", param, "invalid_adapter")
+class AdaptersAPI:
+    """The adapter endpoints over ``engine.store`` (which must be set); ``model_name`` is
+    each entry's parent. The blocking work runs in a thread, off the event loop."""
 
+    def __init__(self, engine: Engine, model_name: str) -> None:
+        assert engine.store is not None, "adapters_router needs an engine with an adapter store"
+        self.engine, self.store, self.model_name = engine, engine.store, model_name
 
-def adapters_router(engine: Engine, model_name: str) -> APIRouter:
-    """Routes over ``engine.store`` (which must be set); ``model_name`` is each entry's parent."""
-    store = engine.store
-    assert store is not None, "adapters_router needs an engine with an adapter store"
-    router = APIRouter()
+    def router(self) -> APIRouter:
+        r = APIRouter()
+        r.add_api_route("/v1/adapters", self.list_adapters, methods=["GET"])
+        r.add_api_route("/v1/adapters/{name}", self.get_adapter, methods=["GET"])
+        r.add_api_route("/v1/adapters", self.post_adapter, methods=["POST"], status_code=201)
+        r.add_api_route("/v1/adapters/{name}", self.delete_adapter, methods=["DELETE"])
+        return r
 
-    def entry(info: AdapterInfo) -> dict[str, Any]:
-        hot = engine.stats()["hot_adapters"]  # under the engine's lock
-        tier = "hot" if info.name in hot else ("warm" if info.name in store.warm_names() else "cold")
-        return {"id": info.name, "object": "adapter", "parent": model_name, "rank": info.rank,
-                "alpha": info.alpha, "target_modules": list(info.target_modules),
-                "size_bytes": info.size_bytes, "tier": tier, "pinned": info.pinned}
+    # -- the handlers --------------------------------------------------------------------
 
-    def load(name: str, pin: bool) -> AdapterInfo:
+    async def list_adapters(self) -> dict[str, Any]:
+        infos = await run_in_threadpool(self.store.list)
+        return {"object": "list", "data": [self.entry(i) for i in infos]}
+
+    async def get_adapter(self, name: str) -> dict[str, Any]:
         try:
-            store.validate(name)
-            if pin:
-                engine.pin_adapter(name)  # loads it too; ConfigError (-> 400) when too many pins
-            else:
-                store.get(name)  # full validation: tensors read, shapes checked; now warm
-            return store.validate(name)
+            info = await run_in_threadpool(self.store.validate, name)
         except AdapterError as e:
-            raise _adapter_error(e, "name") from e
+            raise api_error(e, adapter_param="name") from e
+        return self.entry(info)
 
-    def pinned(name: str) -> bool:
-        try:
-            return store.validate(name).pinned
-        except AdapterError:  # the stored one is broken: replacing it is the fix
-            return False
-
-    def add(folder: Path, name: str, pin: bool, overwrite: bool) -> AdapterInfo:
-        if not overwrite and store.exists(name):
-            raise APIError(409, f"adapter {name!r} already exists; send overwrite=true to replace "
-                                f"it, or DELETE /v1/adapters/{name} first", "invalid_request_error",
-                           "name", "adapter_exists")
-        was_pinned = overwrite and store.exists(name) and pinned(name)
-        try:
-            if was_pinned:
-                engine.unpin_adapter(name)  # the replacement is pinned only if `pin` says so
-            # validates everything before anything lands in root; replacing one drops its hot
-            # copy in the engine once no running request uses it
-            store.add(folder, name, overwrite=overwrite)
-        except AdapterError as e:
-            if was_pinned:
-                engine.pin_adapter(name)  # refused: the old one stays as it was
-            err = _adapter_error(e, "file")
-            err.message = err.message.replace(str(folder), "the upload")  # not our temp path
-            raise err from e
-        return load(name, pin)
-
-    @router.get("/v1/adapters")
-    async def list_adapters() -> dict[str, Any]:
-        infos = await run_in_threadpool(store.list)
-        return {"object": "list", "data": [entry(i) for i in infos]}
-
-    @router.get("/v1/adapters/{name}")
-    async def get_adapter(name: str) -> dict[str, Any]:
-        try:
-            info = await run_in_threadpool(store.validate, name)
-        except AdapterError as e:
-            raise _adapter_error(e, "name") from e
-        return entry(info)
-
-    @router.post("/v1/adapters", status_code=201)
-    async def post_adapter(request: Request) -> dict[str, Any]:
+    async def post_adapter(self, request: Request) -> dict[str, Any]:
         ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if ctype == "multipart/form-data":
-            return await upload(request)
+            return await self.upload(request)
         try:
             body = LoadAdapterRequest.model_validate(json.loads(await request.body() or b"null"))
         except (ValueError, ValidationError) as e:
@@ -131,38 +92,18 @@ def adapters_router(engine: Engine, model_name: str) -> APIRouter:
                 msg = "; ".join(f"{'.'.join(str(x) for x in er['loc'])}: {er['msg']}" for er in errs)
             raise APIError(400, f"{msg} (send JSON {{\"name\": ..., \"pin\": false}} naming a "
                                 f"folder under the adapter store, or multipart/form-data with "
-                                f"a name field and the PEFT files)", "invalid_request_error",
+                                f"a name field and the PEFT files)", INVALID_REQUEST,
                            param) from e
-        return entry(await run_in_threadpool(load, body.name, body.pin))
+        return self.entry(await run_in_threadpool(self.load, body.name, body.pin))
 
-    async def upload(request: Request) -> dict[str, Any]:
+    async def upload(self, request: Request) -> dict[str, Any]:
         try:
             form = await request.form()
         except Exception as e:  # malformed multipart body
             raise APIError(400, f"could not parse the multipart body ({e})",
-                           "invalid_request_error") from e
+                           INVALID_REQUEST) from e
         try:
-            name = form.get("name")
-            if not isinstance(name, str) or not name:
-                raise APIError(400, "name: a multipart upload needs a 'name' field (the adapter's "
-                                    "name, [A-Za-z0-9._-]{1,64})", "invalid_request_error", "name")
-            pin, overwrite = (str(form.get(k, "false")).strip().lower() in ("1", "true", "yes", "on")
-                              for k in ("pin", "overwrite"))
-            files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
-            problems = [f"{k}: unknown field (send {', '.join(_FORM_FIELDS)} and file parts)"
-                        for k, v in form.multi_items()
-                        if not isinstance(v, UploadFile) and k not in _FORM_FIELDS]
-            names = [Path((f.filename or "").replace("\\", "/")).name for f in files]
-            problems += [f"file {f.filename!r}: not an acceptable file name" for f, n in
-                         zip(files, names, strict=True) if not _FILE_NAME.fullmatch(n)]
-            if not files:
-                problems.append("no files: attach adapter_config.json and "
-                                "adapter_model.safetensors as file parts")
-            if len(set(names)) != len(names):
-                problems.append(f"file names repeat: {sorted(names)}")
-            if problems:
-                raise APIError(400, "; ".join(problems), "invalid_request_error",
-                               "name" if problems[0].startswith("name") else "file")
+            name, pin, overwrite, files, names = _upload_form(form)
             tmp = Path(tempfile.mkdtemp(prefix="fleetlm-upload-"))
             try:
                 folder = tmp / "adapter"
@@ -171,24 +112,102 @@ def adapters_router(engine: Engine, model_name: str) -> APIRouter:
                     with (folder / n).open("wb") as out:
                         while chunk := await f.read(1 << 20):
                             out.write(chunk)
-                info = await run_in_threadpool(add, folder, name, pin, overwrite)
+                info = await run_in_threadpool(self.add, folder, name, pin, overwrite)
             finally:
                 await run_in_threadpool(shutil.rmtree, tmp, True)
         finally:
             await form.close()
-        return entry(info)
+        return self.entry(info)
 
-    @router.delete("/v1/adapters/{name}")
-    async def delete_adapter(name: str) -> dict[str, Any]:
-        def remove() -> None:
-            try:
-                store.resolve(name)
-                engine.unpin_adapter(name)  # an explicit delete overrides a pin
-                store.remove(name)  # the engine drops its hot copy once no request uses it
-            except AdapterError as e:
-                raise _adapter_error(e, "name") from e
-
-        await run_in_threadpool(remove)
+    async def delete_adapter(self, name: str) -> dict[str, Any]:
+        await run_in_threadpool(self.remove, name)
         return {"id": name, "object": "adapter", "deleted": True}
 
-    return router
+    # -- the store and engine calls (blocking: run in a thread) ---------------------------
+
+    def entry(self, info: AdapterInfo) -> dict[str, Any]:
+        hot = self.engine.stats()["hot_adapters"]  # under the engine's lock
+        tier = "hot" if info.name in hot else (
+            "warm" if info.name in self.store.warm_names() else "cold")
+        return {"id": info.name, "object": "adapter", "parent": self.model_name,
+                "rank": info.rank, "alpha": info.alpha,
+                "target_modules": list(info.target_modules), "size_bytes": info.size_bytes,
+                "tier": tier, "pinned": info.pinned}
+
+    def load(self, name: str, pin: bool) -> AdapterInfo:
+        try:
+            self.store.validate(name)
+            if pin:
+                self.engine.pin_adapter(name)  # loads it too; ConfigError (-> 400) when too many pins
+            else:
+                self.store.get(name)  # full validation: tensors read, shapes checked; now warm
+            return self.store.validate(name)
+        except AdapterError as e:
+            raise api_error(e, adapter_param="name") from e
+
+    def pinned(self, name: str) -> bool:
+        try:
+            return self.store.validate(name).pinned
+        except AdapterError:  # the stored one is broken: replacing it is the fix
+            return False
+
+    def add(self, folder: Path, name: str, pin: bool, overwrite: bool) -> AdapterInfo:
+        store, engine = self.store, self.engine
+        if not overwrite and store.exists(name):
+            raise APIError(409, f"adapter {name!r} already exists; send overwrite=true to replace "
+                                f"it, or DELETE /v1/adapters/{name} first", INVALID_REQUEST,
+                           "name", "adapter_exists")
+        was_pinned = overwrite and store.exists(name) and self.pinned(name)
+        try:
+            if was_pinned:
+                engine.unpin_adapter(name)  # the replacement is pinned only if `pin` says so
+            # validates everything before anything lands in root; replacing one drops its hot
+            # copy in the engine once no running request uses it
+            store.add(folder, name, overwrite=overwrite)
+        except AdapterError as e:
+            if was_pinned:
+                engine.pin_adapter(name)  # refused: the old one stays as it was
+            err = api_error(e, adapter_param="file")
+            err.message = err.message.replace(str(folder), "the upload")  # not our temp path
+            raise err from e
+        return self.load(name, pin)
+
+    def remove(self, name: str) -> None:
+        try:
+            self.store.resolve(name)
+            self.engine.unpin_adapter(name)  # an explicit delete overrides a pin
+            self.store.remove(name)  # the engine drops its hot copy once no request uses it
+        except AdapterError as e:
+            raise api_error(e, adapter_param="name") from e
+
+
+def adapters_router(engine: Engine, model_name: str) -> APIRouter:
+    """Routes over ``engine.store`` (which must be set); ``model_name`` is each entry's parent."""
+    return AdaptersAPI(engine, model_name).router()
+
+
+def _upload_form(form: FormData) -> tuple[str, bool, bool, list[UploadFile], list[str]]:
+    """A multipart upload's name, pin, overwrite, file parts and their bare file names; every
+    problem with the form in one 400."""
+    name = form.get("name")
+    if not isinstance(name, str) or not name:
+        raise APIError(400, "name: a multipart upload needs a 'name' field (the adapter's "
+                            "name, [A-Za-z0-9._-]{1,64})", INVALID_REQUEST, "name")
+    pin, overwrite = (str(form.get(k, "false")).strip().lower() in ("1", "true", "yes", "on")
+                      for k in ("pin", "overwrite"))
+    files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+    problems = [f"{k}: unknown field (send {', '.join(_FORM_FIELDS)} and file parts)"
+                for k, v in form.multi_items()
+                if not isinstance(v, UploadFile) and k not in _FORM_FIELDS]
+    names = [Path((f.filename or "").replace("\\", "/")).name for f in files]
+    problems += [f"file {f.filename!r}: not an acceptable file name" for f, n in
+                 zip(files, names, strict=True) if not _FILE_NAME.fullmatch(n)]
+    if not files:
+        problems.append("no files: attach adapter_config.json and "
+                        "adapter_model.safetensors as file parts")
+    if len(set(names)) != len(names):
+        problems.append(f"file names repeat: {sorted(names)}")
+    if problems:
+        raise APIError(400, "; ".join(problems), INVALID_REQUEST,
+                       "name" if problems[0].startswith("name") else "file")
+    return name, pin, overwrite, files, names

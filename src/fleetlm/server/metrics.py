@@ -8,6 +8,9 @@ size, hot and warm adapters, tokens generated.
 
 Requests refused before generation starts (unknown model, bad parameter, queue full) are
 counted apart, by model and HTTP status, in ``fleetlm_refused_requests``.
+
+This module knows metric names and what they count; it does not know HTTP, routes' logic
+or the engine's internals (only ``engine.stats()`` and the events it streams).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The typed configuration of ``fleetlm tune CONFIG.yaml``.
 
 One pydantic model per pipeline stage; every model rejects unknown keys, so a typo in
-the YAML is an error naming the field, never a silent default. Relative paths in the
+the YAML is an error naming the field, never a silent default, and a key given twice is
+an error too (:mod:`fleetlm.config` reads the file and formats the problems). Relative paths in the
 YAML are resolved against the YAML file's folder by :func:`load_config`.
 
 This module knows nothing about how the stages run; it only describes what they are
@@ -13,18 +14,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from fleetlm.config import StrictModel, format_errors, load_yaml, problems_error
 from fleetlm.errors import ConfigError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+DOCS = "docs/tuning.md"
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TaskConfig(_Strict):
+class TaskConfig(StrictModel):
     """What the adapter is for."""
 
     type: Literal["classification", "completion", "chat"]
@@ -39,7 +37,7 @@ class TaskConfig(_Strict):
     instruction: str = "Classify the text. Answer with the label only."
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     """Where the raw rows come from and which columns hold what."""
 
     # One file, or a list whose rows are concatenated (e.g. in-scope + out-of-scope rows).
@@ -69,7 +67,7 @@ class DataConfig(_Strict):
         return [] if v is None else (list(v) if isinstance(v, list) else [v])
 
 
-class PrepareConfig(_Strict):
+class PrepareConfig(StrictModel):
     """Cleaning before anything else sees the data."""
 
     normalize: bool = True  # NFKC unicode and collapsed whitespace
@@ -82,7 +80,7 @@ class PrepareConfig(_Strict):
     anonymize: bool = False
 
 
-class TeacherConfig(_Strict):
+class TeacherConfig(StrictModel):
     """Any OpenAI-compatible endpoint, a local fleetlm server included."""
 
     base_url: str
@@ -93,7 +91,7 @@ class TeacherConfig(_Strict):
     max_tokens: int = Field(512, gt=0)
 
 
-class SynthesizeConfig(_Strict):
+class SynthesizeConfig(StrictModel):
     """Self-instruct style expansion with a teacher model (off by default)."""
 
     enabled: bool = False
@@ -115,7 +113,7 @@ class SynthesizeConfig(_Strict):
         return self
 
 
-class FilterConfig(_Strict):
+class FilterConfig(StrictModel):
     """What synthetic rows must pass to be kept."""
 
     min_chars: int = Field(3, ge=0)
@@ -125,7 +123,7 @@ class FilterConfig(_Strict):
     confirm_labels: bool = True
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     method: Literal["lora", "full"] = "lora"
     rank: int = Field(16, gt=0, le=256)
     alpha: float = Field(32.0, gt=0)
@@ -155,7 +153,7 @@ class TrainConfig(_Strict):
     attention: Literal["eager", "sdpa"] = "eager"
 
 
-class EvalConfig(_Strict):
+class EvalConfig(StrictModel):
     enabled: bool = True
     # Validation rows evaluated (seeded sample); None = all.
     max_rows: int | None = Field(None, gt=0)
@@ -166,7 +164,7 @@ class EvalConfig(_Strict):
     max_new_tokens: int = Field(64, gt=0)  # generation tasks
 
 
-class PublishConfig(_Strict):
+class PublishConfig(StrictModel):
     # None = the default adapter store (~/.local/share/fleetlm/adapters or $FLEETLM_HOME).
     adapters_dir: Path | None = None
     overwrite: bool = False
@@ -176,7 +174,7 @@ class PublishConfig(_Strict):
     limitations: str = ""
 
 
-class TuneConfig(_Strict):
+class TuneConfig(StrictModel):
     name: str = Field(pattern=NAME_PATTERN)  # the adapter's name in the store
     base_model: str = "smollm2-135m"
     task: TaskConfig
@@ -209,19 +207,6 @@ def _resolve(base: Path, p: Any) -> Any:
     return path if path.is_absolute() else base / path
 
 
-def _format_errors(e: ValidationError, source: str) -> str:
-    lines = []
-    for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see docs/tuning.md for every key)"
-        elif err["type"] == "missing":
-            msg = "required key is missing"
-        lines.append(f"  {loc}: {msg}")
-    return f"{source}: {len(lines)} problem(s) in the tune config:\n" + "\n".join(lines)
-
-
 def parse_config(raw: Any, *, base_dir: Path = Path("."), source: str = "config") -> TuneConfig:
     """Validate a parsed YAML/JSON mapping; relative paths are taken from ``base_dir``."""
     if not isinstance(raw, dict):
@@ -244,19 +229,13 @@ def parse_config(raw: Any, *, base_dir: Path = Path("."), source: str = "config"
     try:
         return TuneConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, source)) from None
+        raise problems_error(source, "tune config", format_errors(e, DOCS)) from None
 
 
 def load_config(path: Path) -> TuneConfig:
-    """Read ``path`` (YAML) into a :class:`TuneConfig`."""
-    import yaml
-
+    """Read ``path`` (YAML) into a :class:`TuneConfig`; a key given twice in one mapping is
+    an error."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"tune config {path} does not exist; pass the path of a YAML file "
-                          "(examples/banking77.yaml is one)")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    raw = load_yaml(path, missing=f"tune config {path} does not exist; pass the path of a "
+                    "YAML file (examples/banking77.yaml is one)")
     return parse_config(raw, base_dir=path.parent, source=str(path))

@@ -9,7 +9,10 @@ a re-run after a crash, or after changing only ``eval:``, redoes only what chang
 Training checkpoints inside its stage folder; ``resume=True`` continues from there.
 
 The run folder also gets ``summary.json`` (every report and metric), ``loss.png``,
-``confusion.png`` (classification) and ``tune.log``.
+``confusion.png`` (classification) and ``tune.log``. Progress goes through
+:class:`fleetlm.progress.Progress`: bars on a terminal, plain lines (stage, step/total,
+rate, eta) every ``FLEETLM_PROGRESS_INTERVAL`` seconds anywhere else. This module knows the
+order of the stages and their caching, not how each stage does its work.
 """
 
 from __future__ import annotations
@@ -19,14 +22,16 @@ import hashlib
 import json
 import logging
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from fleetlm.errors import ConfigError, FleetLMError
+from fleetlm.progress import Progress
 from fleetlm.tune.config import TuneConfig
 from fleetlm.tune.records import Example, read_jsonl, write_jsonl
 
@@ -69,29 +74,22 @@ class Stage:
 
 
 class Reporter:
-    """Progress bars (rich) and the log; a no-op sink when ``quiet``."""
+    """Progress of every stage (:class:`fleetlm.progress.Progress`, label ``tune``: bars on a
+    terminal, plain timestamped lines at a steady interval anywhere else) and the log; a
+    no-op sink when ``quiet``. ``stream``: where bars, lines and messages go (default: stdout,
+    where `fleetlm tune` has always reported; its errors go to stderr)."""
 
-    def __init__(self, quiet: bool = False) -> None:
+    def __init__(self, quiet: bool = False, stream: IO[str] | None = None) -> None:
         self.quiet = quiet
-        self._progress: Any = None
+        self.stream = stream
+        self._progress: Progress | None = None
 
     @contextmanager
     def live(self) -> Iterator[Reporter]:
         if self.quiet:
             yield self
             return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                      TextColumn("{task.fields[info]}")) as p:
+        with Progress("tune", stream=self._out()) as p:
             self._progress = p
             try:
                 yield self
@@ -101,22 +99,18 @@ class Reporter:
     def say(self, msg: str) -> None:
         log.info(msg)
         if self._progress is not None:
-            self._progress.console.print(msg)
+            self._progress.say(msg)
         elif not self.quiet:
-            print(msg)
+            print(msg, file=self._out(), flush=True)
+
+    def _out(self) -> IO[str]:
+        return self.stream if self.stream is not None else sys.stdout
 
     def bar(self, description: str, total: int | None = None) -> Callable[..., None]:
         """A progress callback ``update(done, total=None, info="")`` for one stage."""
         if self._progress is None:
             return lambda done, total=None, info="": None
-        tid = self._progress.add_task(description, total=total, info="")
-
-        def update(done: int, total: int | None = None, info: str = "") -> None:
-            kw: dict[str, Any] = {"completed": done, "info": info}
-            if total is not None:
-                kw["total"] = total
-            self._progress.update(tid, **kw)
-        return update
+        return self._progress.task(description, total)
 
 
 @dataclass
@@ -349,7 +343,7 @@ class Pipeline:
         rank = max(16, c.train.rank)
         store = None if full else AdapterStore(output.parent, lm.config, dtype=lm.model.dtype,
                                                max_rank=rank)
-        from fleetlm.engine.generate import KV_BUCKET
+        from fleetlm.models.kv_cache import KV_BUCKET
 
         # the rotary table the model was loaded with bounds the KV rows (in KV_BUCKET steps)
         positions = int(lm.model.rope_cos.shape[0])

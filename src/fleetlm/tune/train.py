@@ -201,6 +201,65 @@ def _to(b: Batch, device: torch.device) -> Batch:
                  b.positions.to(device), b.targets.to(device), b.tokens)
 
 
+def _optimizer(model: Any, cfg: TrainConfig, total: int, warmup: int
+               ) -> tuple[list[Tensor], torch.optim.Optimizer, Any]:
+    """AdamW (no weight decay on biases and norms) and its warm-up + cosine schedule."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(total, warmup))
+    return params, opt, sched
+
+
+def _restore(ckpt: Path, model: Any, opt: torch.optim.Optimizer, sched: Any, total: int,
+             num_rows: int) -> dict[str, Any]:
+    """Load the checkpoint in ``ckpt`` into model, optimizer, schedule and RNG; the loop
+    state it was saved with."""
+    saved = torch.load(ckpt / "state.pt", weights_only=False)
+    if saved["total"] != total or saved["num_rows"] != num_rows:
+        raise ConfigError(f"--resume: the checkpoint in {ckpt} is for another run "
+                          f"({saved['num_rows']} rows, {saved['total']} steps; now "
+                          f"{num_rows} rows, {total} steps); run without --resume")
+    _load_trainable(model, saved["trainable"])
+    opt.load_state_dict(saved["optimizer"])
+    sched.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["rng"])
+    return dict(saved["loop"])
+
+
+def _save_state(folder: Path, payload: dict[str, Any]) -> None:
+    """``folder/state.pt``, written under a temporary name and renamed."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    torch.save(payload, tmp / "state.pt")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def _optimizer_step(model: Any, pending: Sequence[Batch], params: list[Tensor],
+                    opt: torch.optim.Optimizer, sched: Any, cfg: TrainConfig,
+                    dev: torch.device) -> tuple[float, int, int]:
+    """One optimizer step over the micro-batches ``pending``: (summed answer-token loss,
+    answer tokens, real tokens)."""
+    loss_sum, count, tokens = 0.0, 0, 0
+    n_answer = sum(int(b.targets.numel()) for b in pending)
+    for b in pending:  # the loss is the mean over all answer tokens of the step
+        with _autocast(cfg, dev):
+            loss, _ = answer_loss(model, b)
+        (loss / max(1, n_answer)).backward()
+        loss_sum += float(loss.detach())
+        count += int(b.targets.numel())
+        tokens += b.tokens
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return loss_sum, count, tokens
+
+
 def train(model: Any, train_rows: Sequence[Encoded], val_rows: Sequence[Encoded],
           cfg: TrainConfig, out_dir: Path, *, pad_id: int, tokenizer: Any | None = None,
           resume: bool = False, device: str = "cpu",
@@ -220,41 +279,22 @@ def train(model: Any, train_rows: Sequence[Encoded], val_rows: Sequence[Encoded]
     steps_per_epoch = max(1, batches_per_epoch // cfg.grad_accum)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = int(cfg.warmup_ratio * total)
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(total, warmup))
+    params, opt, sched = _optimizer(model, cfg, total, warmup)
     val_eval = list(val_rows[: cfg.eval_loss_rows])
 
     state: dict[str, Any] = {"step": 0, "micro": 0, "tokens": 0, "seconds": 0.0,
                              "best_val_loss": None, "bad_evals": 0, "history": []}
     ckpt = out_dir / CHECKPOINT
     if resume and (ckpt / "state.pt").is_file():
-        saved = torch.load(ckpt / "state.pt", weights_only=False)
-        if saved["total"] != total or saved["num_rows"] != len(train_rows):
-            raise ConfigError(f"--resume: the checkpoint in {ckpt} is for another run "
-                              f"({saved['num_rows']} rows, {saved['total']} steps; now "
-                              f"{len(train_rows)} rows, {total} steps); run without --resume")
-        _load_trainable(model, saved["trainable"])
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["rng"])
-        state = saved["loop"]
+        state = _restore(ckpt, model, opt, sched, total, len(train_rows))
     best_state = None
     if (out_dir / BEST / "state.pt").is_file() and resume:
         best_state = torch.load(out_dir / BEST / "state.pt", weights_only=False)
 
     def save_checkpoint() -> None:
-        tmp = out_dir / (CHECKPOINT + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        torch.save({"trainable": _trainable_state(model), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
-                    "loop": state, "total": total, "num_rows": len(train_rows)}, tmp / "state.pt")
-        shutil.rmtree(ckpt, ignore_errors=True)
-        tmp.rename(ckpt)
+        _save_state(ckpt, {"trainable": _trainable_state(model), "optimizer": opt.state_dict(),
+                           "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
+                           "loop": state, "total": total, "num_rows": len(train_rows)})
 
     def validate() -> bool:
         """Record a validation loss; True when training should stop early."""
@@ -269,19 +309,13 @@ def train(model: Any, train_rows: Sequence[Encoded], val_rows: Sequence[Encoded]
         if state["best_val_loss"] is None or vl < state["best_val_loss"]:
             state["best_val_loss"], state["bad_evals"] = vl, 0
             best_state = {"trainable": _trainable_state(model), "step": state["step"]}
-            tmp = out_dir / (BEST + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            torch.save(best_state, tmp / "state.pt")
-            shutil.rmtree(out_dir / BEST, ignore_errors=True)
-            tmp.rename(out_dir / BEST)
+            _save_state(out_dir / BEST, best_state)
             return False
         state["bad_evals"] += 1
         return 0 < cfg.early_stopping_patience <= state["bad_evals"]
 
     model.train()
     stopped_early = False
-    accum_loss, accum_tokens, accum_count = 0.0, 0, 0
     pending: list[Batch] = []
     while state["step"] < total and not stopped_early:
         epoch, offset = divmod(state["micro"], batches_per_epoch)
@@ -292,18 +326,8 @@ def train(model: Any, train_rows: Sequence[Encoded], val_rows: Sequence[Encoded]
             if len(pending) < cfg.grad_accum and state["micro"] % batches_per_epoch != 0:
                 continue
             t0 = time.perf_counter()
-            n_answer = sum(int(b.targets.numel()) for b in pending)
-            for b in pending:  # the loss is the mean over all answer tokens of the step
-                with _autocast(cfg, dev):
-                    loss, _ = answer_loss(model, b)
-                (loss / max(1, n_answer)).backward()
-                accum_loss += float(loss.detach())
-                accum_count += int(b.targets.numel())
-                accum_tokens += b.tokens
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+            accum_loss, accum_count, accum_tokens = _optimizer_step(model, pending, params, opt,
+                                                                    sched, cfg, dev)
             state["seconds"] += time.perf_counter() - t0
             state["tokens"] += accum_tokens
             state["step"] += 1
@@ -312,7 +336,6 @@ def train(model: Any, train_rows: Sequence[Encoded], val_rows: Sequence[Encoded]
                      "lr": sched.get_last_lr()[0], "tokens": state["tokens"],
                      "tokens_per_s": state["tokens"] / max(1e-9, state["seconds"])}
             state["history"].append(entry)
-            accum_loss, accum_tokens, accum_count = 0.0, 0, 0
             if on_step:
                 on_step({**entry, "total": total})
             if state["step"] % cfg.eval_every == 0 or state["step"] == total:

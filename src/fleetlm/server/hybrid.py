@@ -1,4 +1,4 @@
-"""Routes over HTTP: the hybrid router behind ``fleetlm serve --config FILE``.
+"""The hybrid router over HTTP: routes behind ``fleetlm serve --config FILE``.
 
 A chat request whose ``model`` names a route goes through :meth:`Router.chat`:
 
@@ -25,7 +25,9 @@ upstream's) and the ``x-fleetlm-route`` header (``route=..; policy=..; score=..;
 decision=..; model=..; overhead_ms=..``). A fallback also carries ``x-fleetlm-fallback``.
 Non-streaming bodies repeat it under ``"fleetlm"``.
 
-This module knows routes and HTTP; generating is the local path's (:class:`LocalChat`).
+This module knows routes, upstreams and HTTP; generating is the local path's
+(:class:`~fleetlm.server.local.LocalModel`), and the task of a ``task: adapter`` route is read
+from the adapter's task card (:mod:`fleetlm.adapters.task_card`): it knows nothing of tuning.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from fleetlm.adapters.task_card import Row, Task, read_task_card, task_messages
 from fleetlm.engine.engine import EngineEvent
 from fleetlm.router.config import RouteConfig, RoutesConfig, UpstreamConfig
 from fleetlm.router.ledger import Ledger, LedgerEntry, local_cost, upstream_cost
@@ -65,22 +68,20 @@ from fleetlm.router.upstream import (
     UpstreamStream,
     UpstreamUnavailable,
 )
-from fleetlm.server.app import (
+from fleetlm.server.errors import (
+    INVALID_REQUEST,
     APIError,
-    LocalChat,
-    _api_error,
-    _error_body,
-    _failure,
-    _sse,
-    resolve_model,
+    api_error,
+    error_body,
+    generation_failed,
 )
-from fleetlm.server.schemas import ChatCompletionRequest, ChatMessage
+from fleetlm.server.local import LocalModel, adapter_of
+from fleetlm.server.protocol import ChatCompletionRequest, ChatMessage, sse
 
 if TYPE_CHECKING:
     from fleetlm.privacy.mapping import PiiMapping
     from fleetlm.privacy.pii import PiiRedactor
     from fleetlm.server.metrics import ServerMetrics
-    from fleetlm.tune.config import TaskConfig
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ class Route:
     policy: Policy
     redactor: PiiRedactor | None  # None: pii off
     baseline: UpstreamConfig | None  # the first large upstream: the all-large baseline's prices
-    task: tuple[TaskConfig, list[str]] | None = None  # task: adapter -- the task and its labels
+    task: tuple[Task, list[str]] | None = None  # task: adapter -- the task and its labels
 
 
 @dataclass
@@ -170,7 +171,7 @@ class Router:
     def build(cls, config: RoutesConfig, *, served: Iterable[str],
               check_small: Callable[[str], None], upstreams: UpstreamClient | None = None,
               ledger: Ledger | None = None,
-              task_card: Callable[[str], tuple[TaskConfig, list[str]]] | None = None) -> Router:
+              task_card: Callable[[str], tuple[Task, list[str]]] | None = None) -> Router:
         """Check the routes against what the server serves and load what they need (classifier
         files, the PII analyzer) now, so a bad config fails at start-up, not on a request.
         ``check_small(model)`` raises when the server cannot answer ``model``;
@@ -215,12 +216,12 @@ class Router:
         from fleetlm.errors import ConfigError
 
         def check_small(model: str) -> None:
-            resolve_model(model, model_name, store)
+            adapter = adapter_of(model, model_name, store)
+            if adapter is not None:
+                store.validate(adapter)  # AdapterNotFound / AdapterError: reported at start-up
 
-        def task_card(model: str) -> tuple[TaskConfig, list[str]]:
-            from fleetlm.tune.format import read_task_card
-
-            adapter = resolve_model(model, model_name, store)
+        def task_card(model: str) -> tuple[Task, list[str]]:
+            adapter = adapter_of(model, model_name, store)
             if adapter is None:
                 raise ConfigError(f"task: adapter needs an adapter as small model, not the "
                                   f"base {model!r}")
@@ -244,7 +245,7 @@ class Router:
 
     # -- one request -------------------------------------------------------------------
 
-    async def chat(self, req: ChatCompletionRequest, request: Request, local: LocalChat) -> Any:
+    async def chat(self, req: ChatCompletionRequest, request: Request, local: LocalModel) -> Any:
         route = self.routes[req.model]
         rr = _Request(route, request_id=f"route-{uuid.uuid4().hex[:16]}", tenant=_tenant(request))
         small_req = req.model_copy(update={"model": route.cfg.small})
@@ -271,7 +272,7 @@ class Router:
                 return await self._small(rr, small_req, local, None)
             return await self._escalate(rr, req, small_req, request, local, None)
         except Exception as e:
-            self._record(rr, error=_api_error(e))  # refused or failed: still one ledger row
+            self._record(rr, error=api_error(e))  # refused or failed: still one ledger row
             raise
         except asyncio.CancelledError:  # the client went away before the answer
             rr.flags.append("cancelled")
@@ -284,16 +285,13 @@ class Router:
         """``task: adapter``: the small model's request as in tuning (system prompt, the text,
         the labels as a constraint), the large model's messages (the labels listed), and the
         text the policies score."""
-        from fleetlm.tune.format import task_messages
-        from fleetlm.tune.records import Example
-
         assert rr.route.task is not None
         task, labels = rr.route.task
         text = next((m.text() for m in reversed(req.messages) if m.role == "user"), "")
         if not text.strip():
             raise APIError(400, f"messages: route {rr.route.name!r} classifies the last user "
-                                "message's text; send one", "invalid_request_error", "messages")
-        ex = Example(prompt=(), answer="", text=text)
+                                "message's text; send one", INVALID_REQUEST, "messages")
+        ex = Row(text=text)
         rr.upstream_messages = task_messages(ex, task, labels=labels)
         small = small_req.model_copy(update={
             "messages": [ChatMessage(**m) for m in task_messages(ex, task)],
@@ -302,17 +300,17 @@ class Router:
 
     async def _confidence(self, rr: _Request, req: ChatCompletionRequest,
                           small_req: ChatCompletionRequest, request: Request,
-                          local: LocalChat) -> Any:
+                          local: LocalModel) -> Any:
         route = rr.route
         if req.n > 1:
             raise APIError(400, f"n={req.n}: route {route.name!r} scores one answer of the "
-                                "small model (policy confidence); send n=1", "invalid_request_error",
+                                "small model (policy confidence); send n=1", INVALID_REQUEST,
                            "n")
         labelled = (small_req.response_format or {}).get("type") == "choice"
         probe = small_req.model_copy(update={"logprobs": True,
                                              "top_logprobs": req.top_logprobs if req.logprobs else 0})
         t = time.perf_counter()
-        ids, (stream,) = await local.open(probe)
+        ids, (stream,) = await local.open_chat(probe)
         need = None if (labelled or not req.stream) else route.cfg.buffer_tokens
         held: list[EngineEvent] = []
         tokens = 0
@@ -324,7 +322,7 @@ class Router:
         rr.local_s += time.perf_counter() - t
         last = held[-1] if held else None
         if last is not None and last.finish_reason == "error":
-            raise _failure(last)
+            raise generation_failed(last.error)
         done = last is not None and last.finish_reason is not None
         t = time.perf_counter()
         if labelled and done:
@@ -345,7 +343,7 @@ class Router:
 
     # -- the small model ---------------------------------------------------------------
 
-    async def _small(self, rr: _Request, small_req: ChatCompletionRequest, local: LocalChat,
+    async def _small(self, rr: _Request, small_req: ChatCompletionRequest, local: LocalModel,
                      answer: tuple[list[int], list[EngineEvent], AsyncIterator[EngineEvent] | None]
                      | None) -> Any:
         """Answer with the small model: the held answer (``(ids, events so far, the rest of
@@ -355,7 +353,7 @@ class Router:
             rr.decision = "small"
         t = time.perf_counter()
         if answer is None:
-            ids, streams = await local.open(small_req)
+            ids, streams = await local.open_chat(small_req)
         else:
             ids, held, rest = answer
             streams = [_chain(held, rest)]
@@ -365,21 +363,21 @@ class Router:
 
             async def chunks() -> AsyncIterator[dict[str, Any]]:
                 try:
-                    async for c in local.chunks(small_req, observed):
+                    async for c in local.chat_chunks(small_req, observed):
                         yield c
                 finally:
                     rr.local_s += time.perf_counter() - t
                     self._record(rr)
-            return _sse(chunks(), rr.headers())
+            return sse(chunks(), rr.headers())
         results = list(await asyncio.gather(*(local.collect(s) for s in streams)))
         rr.local_s += time.perf_counter() - t
-        body = local.body(small_req, ids, results)
+        body = local.chat_body(small_req, ids, results)
         rr.completion_tokens = body["usage"]["completion_tokens"]
         self._record(rr)
         body["fleetlm"] = rr.info()
         return JSONResponse(body, headers=rr.headers())
 
-    async def _fallback(self, rr: _Request, small_req: ChatCompletionRequest, local: LocalChat,
+    async def _fallback(self, rr: _Request, small_req: ChatCompletionRequest, local: LocalModel,
                         answer: tuple[list[int], list[EngineEvent], None] | None,
                         reason: str) -> Any:
         rr.decision = "fallback"
@@ -390,7 +388,7 @@ class Router:
     # -- the large model ---------------------------------------------------------------
 
     async def _escalate(self, rr: _Request, req: ChatCompletionRequest,
-                        small_req: ChatCompletionRequest, request: Request, local: LocalChat,
+                        small_req: ChatCompletionRequest, request: Request, local: LocalModel,
                         answer: tuple[list[int], list[EngineEvent], None] | None) -> Any:
         route = rr.route
         rr.decision = "large"
@@ -423,7 +421,7 @@ class Router:
                 raise APIError(400, f"messages: route {route.name!r} escalates this request, "
                                     f"and it contains personal data ({found}); with pii: block "
                                     "it is not sent. Remove the personal data, or use a route "
-                                    "with pii: redact", "invalid_request_error", "messages",
+                                    "with pii: redact", INVALID_REQUEST, "messages",
                                "pii_blocked")
         try:
             result = await self.upstreams.first_available(
@@ -443,7 +441,7 @@ class Router:
         if isinstance(result, UpstreamResponse):
             return self._large_body(rr, result, mapping)
         rr.model = f"{result.upstream}/{self.upstreams.upstreams[result.upstream].model}"
-        return _sse(self._large_chunks(rr, result, mapping), rr.headers())
+        return sse(self._large_chunks(rr, result, mapping), rr.headers())
 
     def _large_body(self, rr: _Request, result: UpstreamResponse, mapping: PiiMapping | None
                     ) -> JSONResponse:
@@ -490,7 +488,7 @@ class Router:
         except StreamInterrupted as e:
             log.warning("route %s: %s", rr.route.name, e)
             rr.flags.append("stream_interrupted")
-            yield _error_body(APIError(502, f"route {rr.route.name!r}: {e}", "upstream_error",
+            yield error_body(APIError(502, f"route {rr.route.name!r}: {e}", "upstream_error",
                                        None, "stream_interrupted"))
         finally:
             await stream.aclose()
@@ -549,8 +547,10 @@ class Router:
 def _slow(policy: Policy) -> bool:
     """A classifier on the full MiniLM (~20 ms a prompt on a CPU); its static-embedding
     variant and every other policy take well under a millisecond."""
-    return isinstance(policy, ClassifierPolicy) and \
-        not policy.router.embedding_model.endswith(":static")
+    if not isinstance(policy, ClassifierPolicy):
+        return False
+    # the policy sees a PromptScorer; a TrainedRouter also names its embedding model
+    return not str(getattr(policy.router, "embedding_model", "")).endswith(":static")
 
 
 def _tenant(request: Request) -> str:

@@ -1,11 +1,17 @@
-"""Preallocated key/value cache: one [slots, kv_heads, max_len, head_dim] tensor per layer.
+"""Preallocated key/value cache: one [slots, kv_heads, max_len, head_dim] tensor per layer,
+and the length buckets the forward's ``kv_len`` is rounded up to.
 
 A *slot* holds one sequence's keys and values for its whole life; the cache never
 reallocates, so every decode step works on the same storage (static shapes for
 ``torch.compile``, no allocator churn). Layout puts heads before positions so a
 batch's slice ``k[slots, :, :kv_len]`` is directly the [B, Hkv, L, D] operand
-attention wants. This module holds storage only; which sequence owns which slot is
-the scheduler's business.
+attention wants. Attention reads only the first ``kv_len`` positions; callers round
+``kv_len`` (and cache lengths) up with :func:`bucket` so a compiled step sees few
+distinct shapes.
+
+This module holds storage and its arithmetic only; which sequence owns which slot is
+the scheduler's business, and the model (:mod:`fleetlm.models.llama`) decides what is
+written where.
 """
 
 from __future__ import annotations
@@ -14,6 +20,15 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+# Cache lengths and kv_len are multiples of this in single-stream generation (one compiled
+# decode graph per bucket) and for the batching runner's cache rows.
+KV_BUCKET = 256
+
+
+def bucket(n: int, size: int = KV_BUCKET) -> int:
+    """``n`` rounded up to a multiple of ``size``."""
+    return -(-n // size) * size
 
 
 @dataclass

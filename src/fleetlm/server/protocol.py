@@ -1,14 +1,23 @@
-"""OpenAI request shapes for /v1/chat/completions and /v1/completions (pydantic).
+"""The OpenAI shapes at the HTTP edge: request bodies (pydantic) and response framing.
 
-Only the fields fleetlm acts on are declared; other OpenAI fields are accepted and
-ignored (clients send many), so one SDK works unmodified. Range checks live in
-:class:`~fleetlm.engine.sampling_params.SamplingParams`, whose errors name the field.
+Requests: :class:`ChatCompletionRequest` (/v1/chat/completions) and
+:class:`CompletionRequest` (/v1/completions). Only the fields fleetlm acts on are declared;
+other OpenAI fields are accepted and ignored (clients send many), so one SDK works
+unmodified. Range checks live in :class:`~fleetlm.engine.sampling_params.SamplingParams`,
+whose errors name the field. Responses: the ``usage`` object and server-sent events
+(``data: {json}`` per chunk, then ``data: [DONE]``).
+
+This module knows the wire format only: not the engine, the tokenizer, or where an answer
+comes from.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator
 from typing import Any
 
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -58,3 +67,19 @@ class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] = Field(min_length=1)
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
+
+
+def usage(prompt: int, completion: int) -> dict[str, int]:
+    """The OpenAI ``usage`` object."""
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def sse(chunks: AsyncIterator[dict[str, Any]], headers: dict[str, str] | None = None
+        ) -> StreamingResponse:
+    """A streaming response: each payload as one server-sent event, then ``[DONE]``."""
+    async def body() -> AsyncIterator[bytes]:
+        async for c in chunks:
+            yield f"data: {json.dumps(c)}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)

@@ -1,0 +1,42 @@
+"""The ``fleetlm`` command line: the table of its commands, and nothing else.
+
+    generate.py   fleetlm generate          one prompt, streamed (engine/generate, engine/oneshot)
+    serve.py      fleetlm serve             the OpenAI-compatible server (server/, engine/)
+    tune.py       fleetlm tune              raw data to a served adapter (tune/)
+    bench.py      fleetlm bench ...         the benchmarks (bench/; the only importer of it)
+    adapters.py   fleetlm adapters ...      the adapter store (adapters/listing)
+    route.py      fleetlm route ...         train, calibrate, evaluate a router (router/)
+    report.py     fleetlm report savings    the cost ledger's savings (router/report)
+    options.py    the options several commands share, and ``fail`` (error -> exit code 2)
+
+Each command declares its options, calls into the package that does the work, prints, and
+turns a FleetLMError into ``error: ...`` and exit code 2. Heavy imports (torch,
+transformers) happen inside the commands, never at import. The CLI knows no domain logic:
+routing, tuning, serving and benchmarking live in their packages.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from fleetlm.cli import adapters, bench, generate, report, route, serve, tune
+
+app = typer.Typer(
+    help="fleetlm: serve, route and tune small language models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+# commands at the top level (a nameless sub-app adds its commands as they are)
+app.add_typer(generate.app)  # fleetlm generate
+app.add_typer(serve.app)  # fleetlm serve
+app.add_typer(tune.app)  # fleetlm tune
+# groups: fleetlm GROUP COMMAND
+app.add_typer(bench.app, name="bench")
+app.add_typer(adapters.app, name="adapters")
+app.add_typer(route.app, name="route")
+app.add_typer(report.app, name="report")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()

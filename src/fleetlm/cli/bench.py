@@ -1,0 +1,187 @@
+"""``fleetlm bench ...``: the benchmarks of :mod:`fleetlm.bench`, each a config in and a
+table plus JSON out. The only commands that import ``fleetlm.bench``; this module reads the
+options, splits comma-separated lists and turns errors into exit code 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fleetlm.cli.options import DTypeArg, DTypeOpt, ModelOpt, QuantArg, QuantOpt, fail
+from fleetlm.errors import FleetLMError
+
+app = typer.Typer(help="Benchmarks: each prints a table and writes JSON with --out.",
+                  no_args_is_help=True)
+
+OutOpt = Annotated[Path | None, typer.Option(help="Write the results as JSON here.")]
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+@app.command("tune")
+def bench_tune(
+    config: Annotated[Path, typer.Option("--config", help="A tune config, e.g. examples/banking77.yaml.")],
+    out: OutOpt = None,
+    steps: Annotated[int, typer.Option(help="Optimizer steps per throughput run.")] = 30,
+    skip_pipeline: Annotated[bool, typer.Option("--skip-pipeline", help="Only the throughput comparison.")] = False,
+    skip_trainer: Annotated[bool, typer.Option("--skip-trainer", help="No transformers Trainer baseline.")] = False,
+) -> None:
+    """`fleetlm tune CONFIG` end to end, and its training loop against transformers' Trainer."""
+    from fleetlm.bench.tune import TuneBenchConfig, run
+
+    if steps < 3:
+        fail(FleetLMError(f"--steps={steps}: at least 3 (the first two are warm-up)"))
+    try:
+        run(TuneBenchConfig(config=config, steps=steps, skip_pipeline=skip_pipeline,
+                            skip_trainer=skip_trainer), out)
+    except FleetLMError as e:
+        fail(e)
+
+
+@app.command("route")
+def bench_route(
+    data: Annotated[str, typer.Option(help="routellm-mmlu or routellm-gsm8k (../shared/data/routellm), or clinc150 (../shared/data/clinc150, runs the tuned adapter).")] = "routellm-mmlu",
+    out: Annotated[Path | None, typer.Option(help="Write the results as JSON here (and a PNG beside it).")] = None,
+    folds: Annotated[int, typer.Option(help="Cross-validation folds.")] = 5,
+    limit: Annotated[int | None, typer.Option(help="Use only N prompts (a quick look): the first N for routellm-*, N stratified over the labels for clinc150.")] = None,
+    adapter: Annotated[str, typer.Option(help="clinc150: the published adapter that is the small model.")] = "clinc150",
+    embedding: Annotated[list[str] | None, typer.Option(help="routellm-*: the classifier's prompt embedding, repeatable: all-MiniLM-L6-v2, all-MiniLM-L6-v2:static, base:smollm2-135m (the base model's hidden states) or a local Hugging Face folder. (default: both MiniLM variants)")] = None,
+) -> None:
+    """Routers (classifier, random; confidence on clinc150) on recorded RouteLLM outcomes or
+    on the CLINC150 adapter: APGR, CPT(50/80/95%), and the router's overhead per request."""
+    from fleetlm.bench.route import ROUTELLM_SETS, run_clinc150, run_routellm
+
+    if data not in (*ROUTELLM_SETS, "clinc150"):
+        fail(FleetLMError(f"--data {data!r}: one of {', '.join(ROUTELLM_SETS)}, clinc150"))
+    try:
+        if data == "clinc150":
+            run_clinc150(adapter, folds=folds, out=out, limit=limit,
+                         log=lambda m: typer.echo(m, err=True))
+        else:
+            from fleetlm.router.classifier import MINILM_ID, MINILM_STATIC_ID
+
+            run_routellm(ROUTELLM_SETS[data], folds=folds, out=out, limit=limit,
+                         embedding_models=embedding or (MINILM_ID, MINILM_STATIC_ID),
+                         log=lambda m: typer.echo(m, err=True))
+    except FleetLMError as e:
+        fail(e)
+
+
+@app.command("serve")
+def bench_serve(
+    model: ModelOpt = "smollm2-135m",
+    out: OutOpt = None,
+    dtype: DTypeArg = DTypeOpt.auto,
+    num_requests: Annotated[int, typer.Option(help="Most requests per configuration.")] = 128,
+    concurrency: Annotated[str, typer.Option(help="Comma-separated client counts.")] = "1,32",
+    prompt_tokens: Annotated[int, typer.Option(help="Tokens per prompt.")] = 64,
+    max_new_tokens: Annotated[int, typer.Option(help="Greedy tokens per request.")] = 64,
+    time_budget_s: Annotated[float, typer.Option(help="Seconds per configuration.")] = 300.0,
+    skip_llama_cpp: Annotated[bool, typer.Option("--skip-llama-cpp", help="No llama-cpp-python server baseline.")] = False,
+) -> None:
+    """The HTTP server's overhead: the same workload in-process and over loopback HTTP, and
+    llama-cpp-python's OpenAI server on the same GGUF (when installed: EXTRAS=dev,bench)."""
+    from fleetlm.bench.serve import ServeBenchConfig, run
+
+    try:
+        try:
+            levels = [int(x) for x in concurrency.split(",") if x.strip()]
+        except ValueError:
+            raise typer.BadParameter(f"--concurrency {concurrency!r}: comma-separated integers") from None
+        run(ServeBenchConfig(model=model, dtype=dtype.value, num_requests=num_requests,
+                             concurrency=levels, prompt_tokens=prompt_tokens,
+                             max_new_tokens=max_new_tokens, time_budget_s=time_budget_s,
+                             llama_cpp=not skip_llama_cpp), out)
+    except (FleetLMError, ValueError) as e:
+        fail(e)
+
+
+@app.command("decode")
+def bench_decode(
+    model: ModelOpt = "smollm2-135m",
+    out: OutOpt = None,
+    new_tokens: Annotated[int, typer.Option(help="Tokens decoded per measurement.")] = 128,
+    repeats: Annotated[int, typer.Option(help="Measurements per configuration (median is reported).")] = 3,
+    prompt_lengths: Annotated[str, typer.Option(help="Comma-separated prompt lengths.")] = "16,512",
+    skip: Annotated[str, typer.Option(help="Comma-separated systems to skip: fleetlm-float32, "
+                                            "fleetlm-bfloat16, fleetlm-int8, transformers, llama.cpp")] = "",
+    compile: Annotated[bool, typer.Option("--compile/--no-compile",
+                                          help="torch.compile fleetlm's decode step.")] = True,
+) -> None:
+    """Single-stream decode tok/s and TTFT: fleetlm vs transformers vs llama.cpp."""
+    from fleetlm.bench.decode import DecodeBenchConfig, run
+
+    try:
+        cfg = DecodeBenchConfig(
+            model=model, new_tokens=new_tokens, repeats=repeats,
+            prompt_lengths=[int(x) for x in prompt_lengths.split(",") if x.strip()],
+            skip=_names(skip), compile=compile,
+        )
+        run(cfg, out)
+    except (FleetLMError, ValueError) as e:
+        fail(e)
+
+
+@app.command("adapters")
+def bench_adapters(
+    model: ModelOpt = "smollm2-135m",
+    out: OutOpt = None,
+    dtype: DTypeArg = DTypeOpt.auto,
+    quantize: QuantArg = QuantOpt.none,
+    num_requests: Annotated[int, typer.Option(help="Requests per configuration.")] = 256,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight (closed loop).")] = 32,
+    prompt_tokens: Annotated[int, typer.Option(help="Tokens per prompt.")] = 64,
+    max_new_tokens: Annotated[int, typer.Option(help="Greedy tokens per request.")] = 64,
+    adapter_counts: Annotated[str, typer.Option(help="Comma-separated numbers of distinct adapters.")] = "1,8,64,256",
+    popularities: Annotated[str, typer.Option(help="Comma-separated: uniform, zipf.")] = "uniform,zipf",
+    max_hot_adapters: Annotated[int, typer.Option(help="Adapter slots in the engine.")] = 64,
+    baseline_budget_s: Annotated[float, typer.Option(help="Most seconds of generation per transformers baseline.")] = 180.0,
+    switching_requests: Annotated[int, typer.Option(help="Requests served by the PEFT switching baseline.")] = 16,
+    mixed_requests: Annotated[int, typer.Option(help="Requests served by the PEFT mixed-batch baseline.")] = 64,
+    continuous_requests: Annotated[int, typer.Option(help="Requests served by transformers' continuous batching.")] = 128,
+    skip: Annotated[str, typer.Option(help="Comma-separated baselines to skip: peft-switching, "
+                                           "peft-mixed, hf-continuous")] = "",
+    adapters_dir: Annotated[Path | None, typer.Option(help="Where the random adapters are cached.")] = None,
+) -> None:
+    """Many adapters in one batch: fleetlm's engine vs transformers + PEFT baselines."""
+    from fleetlm.bench.adapters import AdaptersBenchConfig, run
+
+    def ints(text: str) -> list[int]:
+        try:
+            return [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise typer.BadParameter(f"{text!r}: comma-separated integers expected") from None
+
+    try:
+        cfg = AdaptersBenchConfig(
+            model=model, dtype=dtype.value, quantize=quantize.value, num_requests=num_requests,
+            concurrency=concurrency, prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens,
+            adapter_counts=ints(adapter_counts), popularities=_names(popularities),
+            max_hot_adapters=max_hot_adapters, baseline_budget_s=baseline_budget_s,
+            switching_requests=switching_requests, mixed_requests=mixed_requests,
+            continuous_requests=continuous_requests, skip=_names(skip),
+            adapters_dir=adapters_dir)
+        run(cfg, out)
+    except (FleetLMError, ValueError) as e:
+        fail(e)
+
+
+@app.command("pii")
+def bench_pii(
+    out: OutOpt = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N sentences.")] = None,
+    data: Annotated[Path | None, typer.Option(help="presidio's synth_dataset_v2_train.json "
+                                                   "(default: ../shared/data/pii/ beside the repo).")] = None,
+) -> None:
+    """PII detection precision, recall and F2 per entity type on a labelled dataset."""
+    from fleetlm.bench.pii import PiiBenchConfig, run
+
+    try:
+        run(PiiBenchConfig(data=data, limit=limit), out)
+    except (FleetLMError, ValueError) as e:
+        fail(e)

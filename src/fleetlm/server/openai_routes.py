@@ -1,0 +1,94 @@
+"""The OpenAI-compatible endpoints, as thin handlers.
+
+    GET  /health                 status, the model's name and the engine's counters
+    GET  /v1/models              the base model, each adapter in the store, each route
+    GET  /metrics                Prometheus text
+    POST /v1/chat/completions    a route's name goes to the hybrid router, any other model
+                                 to the local path
+    POST /v1/completions         the local path only (routes answer chat)
+
+Each handler names the request's model for the refusal metric, hands the request on, and
+marks it tracked once the local path has submitted it (from then on the request metric
+counts it). Prompts, sampling and response bodies are :class:`~fleetlm.server.local.
+LocalModel`'s; routing is :class:`~fleetlm.server.hybrid.Router`'s; this module knows only
+which of them answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from fleetlm.engine.engine import Engine
+from fleetlm.server.errors import INVALID_REQUEST, APIError
+from fleetlm.server.local import LocalModel
+from fleetlm.server.metrics import ServerMetrics
+from fleetlm.server.protocol import ChatCompletionRequest, CompletionRequest, sse
+
+if TYPE_CHECKING:
+    from fleetlm.server.hybrid import Router
+
+GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
+
+
+class OpenAIRoutes:
+    """The handlers of one app: ``router()`` registers them."""
+
+    def __init__(self, engine: Engine, model_name: str, local: LocalModel,
+                 metrics: ServerMetrics, routes: Router | None = None) -> None:
+        self.engine, self.model_name, self.local = engine, model_name, local
+        self.metrics, self.routes = metrics, routes
+
+    def router(self) -> APIRouter:
+        r = APIRouter()
+        r.add_api_route("/health", self.health, methods=["GET"])
+        r.add_api_route("/v1/models", self.models, methods=["GET"])
+        r.add_api_route("/metrics", self.prometheus, methods=["GET"])
+        r.add_api_route("/v1/chat/completions", self.chat, methods=["POST"], response_model=None)
+        r.add_api_route("/v1/completions", self.completions, methods=["POST"],
+                        response_model=None)
+        return r
+
+    async def health(self) -> dict[str, Any]:
+        return {"status": "ok", "model": self.model_name, **self.engine.stats()}
+
+    async def models(self) -> dict[str, Any]:
+        now, name, store = int(time.time()), self.model_name, self.engine.store
+        data = [{"id": name, "object": "model", "created": now, "owned_by": "fleetlm"}]
+        if store is not None:
+            data += [{"id": a.name, "object": "model", "created": now, "owned_by": "fleetlm",
+                      "parent": name, "root": f"{name}:{a.name}"} for a in store.list()]
+        if self.routes is not None:
+            data += self.routes.models(now)
+        return {"object": "list", "data": data}
+
+    async def prometheus(self) -> Response:
+        return Response(self.metrics.render(self.engine), media_type="text/plain; version=0.0.4")
+
+    async def chat(self, req: ChatCompletionRequest, request: Request) -> Any:
+        request.state.model = req.model
+        if self.routes is not None and req.model in self.routes.routes:
+            return await self.routes.chat(req, request, self.local)
+        ids, streams = await self.local.open_chat(req)
+        request.state.tracked = True  # from here on, the request metric counts it
+        if req.stream:
+            return sse(self.local.chat_chunks(req, streams))
+        results = await asyncio.gather(*(self.local.collect(s) for s in streams))
+        return self.local.chat_body(req, ids, list(results))
+
+    async def completions(self, req: CompletionRequest, request: Request) -> Any:
+        request.state.model = req.model
+        if self.routes is not None and req.model in self.routes.routes:
+            raise APIError(400, f"model {req.model!r} is a route; routes answer "
+                                "/v1/chat/completions only", INVALID_REQUEST, "model",
+                           "route_chat_only")
+        ids, echo, streams = await self.local.open_completion(req)
+        request.state.tracked = True  # from here on, the request metric counts it
+        if req.stream:
+            return sse(self.local.completion_chunks(req, ids, echo, streams))
+        results = await asyncio.gather(*(self.local.collect(s) for s in streams))
+        return self.local.completion_body(req, ids, echo, list(results))
