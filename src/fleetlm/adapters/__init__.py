@@ -7,6 +7,7 @@ in RAM (warm), handed to the engine, which keeps the hot ones in its stacked buf
     store.py        AdapterStore: names, tiers, add/remove, thread-safe
     task_card.py    the task file a tuned adapter carries, read by tuning and serving alike
     random.py       random PEFT-format adapters for tests and benchmarks
+    listing.py      the store as ``fleetlm adapters`` shows it (base config, JSON, table)
 
 Adapters know the base model's config (shapes, layer count) but nothing about the engine
 that serves them, its slots or its batching, nor about how an adapter was trained.

@@ -71,8 +71,9 @@ def _summarise(system: str, n_prompt: int, runs: list[dict[str, float]], **detai
 
 def bench_fleetlm(cfg: DecodeBenchConfig, dtype: str, quantize: str, prompts: dict[int, list[int]]
                   ) -> tuple[list[Measurement], Any]:
-    from fleetlm.engine.generate import Generator, bucket
+    from fleetlm.engine.generate import Generator
     from fleetlm.engine.sampling_params import SamplingParams
+    from fleetlm.models.kv_cache import bucket
     from fleetlm.models.loader import load_model
 
     lm = load_model(cfg.model, dtype=dtype, quantize=quantize)
@@ -174,8 +175,9 @@ def quality(models: dict[str, Any], tokenizer: Any, n_tokens: int = 512, n_free:
     """Perplexity on REFERENCE_TEXT and agreement with float32 for each loaded fleetlm model."""
     import torch
 
-    from fleetlm.engine.generate import Generator, bucket
+    from fleetlm.engine.generate import Generator
     from fleetlm.engine.sampling_params import SamplingParams
+    from fleetlm.models.kv_cache import bucket
 
     ids = prompt_ids(tokenizer, n_tokens)
     x = torch.tensor([ids])

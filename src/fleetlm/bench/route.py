@@ -315,7 +315,7 @@ def small_pass(rows: Sequence[Example], task: TaskConfig, labels: Sequence[str],
     token, metrics)."""
     from fleetlm.adapters import AdapterStore
     from fleetlm.engine.engine import Engine, EngineConfig
-    from fleetlm.engine.generate import KV_BUCKET
+    from fleetlm.models.kv_cache import KV_BUCKET
     from fleetlm.models.loader import load_model
     from fleetlm.progress import Progress
     from fleetlm.tune.evaluate import evaluate

@@ -13,6 +13,7 @@
     structured.py       a token mask that keeps output inside a JSON schema or choices
     detokenizer.py      token ids -> text deltas, stop strings across token boundaries
     generate.py         single-stream generation (``fleetlm generate``, ``bench decode``)
+    oneshot.py          one request through the batching engine (``generate --adapter``)
 
 The engine knows nothing about HTTP, chat templates, routing or tuning, and nothing about
 adapter files: the model's forward and KV layout are :mod:`fleetlm.models`', adapters

@@ -13,6 +13,8 @@ In request-path order:
     adapters_api.py   /v1/adapters: list, load or upload, and delete adapters in the store
     errors.py         the one map from fleetlm's errors to OpenAI-shaped HTTP errors
     metrics.py        Prometheus metrics of one server
+    run.py            a server process: build engine + app + routes, engine on the main
+                      thread, HTTP on a second one, drain on SIGTERM (``fleetlm serve``)
 
 This package knows HTTP and the OpenAI wire format. It does not know tokens, batching or
 LoRA (the engine's), how adapters are tuned (it reads a tuned adapter's task card through

@@ -1,0 +1,123 @@
+"""Running a server process: build the engine, the app and the routes from settings, then
+run the engine on the calling (main) thread and HTTP on a second one until a signal.
+
+    settings = ServeSettings(model="smollm2-135m", port=8000)
+    served = build(settings, say=print)     # routes file checked before the model loads
+    run(served)                             # returns after SIGTERM / Ctrl-C, requests drained
+
+Why two threads: torch's OpenMP pool is much slower when forked from a second thread (see
+``Engine.run``), so the engine keeps the main thread. SIGTERM or Ctrl-C: uvicorn stops
+accepting, lets requests in flight finish (``grace_s`` at most) and its thread ends; a second
+Ctrl-C stops at once. This module knows processes, threads and signals; what a request does
+is the app's business (:mod:`fleetlm.server.app`).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fleetlm.errors import FleetLMError
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from fleetlm.engine.engine import Engine
+    from fleetlm.server.hybrid import Router
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """What ``fleetlm serve`` was asked for (its options, one field each)."""
+
+    model: str = "smollm2-135m"
+    adapters_dir: Path | None = None  # None: the user data folder (fleetlm.paths)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    dtype: str = "auto"
+    quantize: str = "none"
+    max_batch: int = 32
+    max_len: int = 2048
+    max_hot_adapters: int = 32
+    max_lora_rank: int = 16
+    config: Path | None = None  # routes config (YAML)
+    grace_s: float = 30.0  # requests in flight get this long after a stop signal
+
+
+@dataclass
+class Served:
+    """A built server, ready to :func:`run`."""
+
+    settings: ServeSettings
+    name: str  # the base model's name in the API
+    adapters_root: Path
+    engine: Engine
+    app: FastAPI
+    router: Router | None
+
+
+def build(settings: ServeSettings, say: Callable[[str], None]) -> Served:
+    """Load the model, open the adapter store, check the routes against them and assemble
+    the app. ``say`` receives the start-up lines (warnings, where things are)."""
+    from fleetlm.adapters import AdapterStore
+    from fleetlm.engine.engine import Engine, EngineConfig
+    from fleetlm.models.loader import load_model
+    from fleetlm.paths import default_adapters_dir
+    from fleetlm.server.app import create_app
+
+    s = settings
+    routes_cfg = None
+    if s.config is not None:
+        from fleetlm.router.config import load_routes
+
+        routes_cfg = load_routes(s.config)  # before the model: a bad file fails at once
+    lm = load_model(s.model, dtype=s.dtype, quantize=s.quantize)
+    root = s.adapters_dir or default_adapters_dir()
+    store = AdapterStore(root, lm.config, dtype=lm.model.dtype, max_rank=s.max_lora_rank)
+    engine = Engine(lm, EngineConfig(max_running=s.max_batch, max_len=s.max_len,
+                                     max_hot_adapters=s.max_hot_adapters,
+                                     max_lora_rank=s.max_lora_rank), store=store)
+    name = s.model if "/" not in s.model and not s.model.endswith(".gguf") else lm.name
+    router = None
+    if routes_cfg is not None:
+        from fleetlm.server.hybrid import Router
+
+        router = Router.for_server(routes_cfg, name, store)
+        for warning in router.upstreams.missing_keys():
+            say(f"fleetlm: warning: {warning}")
+        say(f"fleetlm: routes {', '.join(router.routes)}; ledger {router.ledger.path}")
+    return Served(s, name, root, engine, create_app(engine, name, router), router)
+
+
+def run(served: Served) -> None:
+    """Serve until SIGTERM or Ctrl-C; then drain, stop the engine and close the ledger.
+    A server that could not start (port in use) is a FleetLMError naming --host/--port."""
+    import uvicorn
+
+    s = served.settings
+    server = uvicorn.Server(uvicorn.Config(served.app, host=s.host, port=s.port,
+                                           log_level="warning",
+                                           timeout_graceful_shutdown=int(s.grace_s)))
+
+    def on_signal(sig: int, _frame: Any) -> None:
+        if server.should_exit and sig == signal.SIGINT:
+            server.force_exit = True  # a second Ctrl-C: stop now
+        server.should_exit = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    http = threading.Thread(target=server.run, name="fleetlm-http", daemon=True)
+    http.start()
+    try:
+        served.engine.run(until=lambda: not http.is_alive())
+    finally:
+        served.engine.shutdown(timeout=s.grace_s)
+        if served.router is not None:
+            served.router.ledger.close()  # every row recorded so far is committed
+    if not server.started:
+        raise FleetLMError(f"--host {s.host} --port {s.port}: the HTTP server did not start "
+                           "(is the port in use? see the message above)")
