@@ -22,18 +22,19 @@ from __future__ import annotations
 
 import gc
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from fleetlm.bench.common import environment, percentile, write_json
+from fleetlm.config import StrictModel
 
 POPULARITIES = ("uniform", "zipf")
 BASELINES = ("peft-switching", "peft-mixed", "hf-continuous")
 
 
-@dataclass
-class AdaptersBenchConfig:
+class AdaptersBenchConfig(StrictModel):
     model: str = "smollm2-135m"
     dtype: str = "auto"
     quantize: str = "none"
@@ -42,8 +43,8 @@ class AdaptersBenchConfig:
     prompt_tokens: int = 64
     max_new_tokens: int = 64
     rank: int = 16
-    adapter_counts: list[int] = field(default_factory=lambda: [1, 8, 64, 256])
-    popularities: list[str] = field(default_factory=lambda: list(POPULARITIES))
+    adapter_counts: list[int] = Field(default_factory=lambda: [1, 8, 64, 256])
+    popularities: list[str] = Field(default_factory=lambda: list(POPULARITIES))
     max_hot_adapters: int = 64
     baseline_budget_s: float = 180.0  # most seconds of generation per transformers baseline
     # The transformers baselines serve the first requests of the same stream (their
@@ -56,11 +57,11 @@ class AdaptersBenchConfig:
     # continuous batching faster (292 vs 133 tok/s).
     peft_dtype: str = "float32"
     continuous_dtype: str = "bfloat16"
-    skip: list[str] = field(default_factory=list)
+    skip: list[str] = Field(default_factory=list)
     adapters_dir: Path | None = None  # where the random adapters are written (cached)
     seed: int = 0
 
-    def validate(self) -> None:
+    def check(self) -> None:
         from fleetlm.errors import ConfigError
 
         problems = []
@@ -149,7 +150,7 @@ def run(cfg: AdaptersBenchConfig, out: Path | None) -> dict[str, Any]:
     from fleetlm.models.gguf_convert import cache_root
     from fleetlm.models.loader import load_model
 
-    cfg.validate()
+    cfg.check()
     console = Console(stderr=True, width=max(140, Console(stderr=True).width))
     lm = load_model(cfg.model, dtype=cfg.dtype, quantize=cfg.quantize)
     prompts = make_prompts(lm.tokenizer, cfg.num_requests, cfg.prompt_tokens, cfg.seed)
@@ -176,7 +177,7 @@ def run(cfg: AdaptersBenchConfig, out: Path | None) -> dict[str, Any]:
         max_running=cfg.concurrency, max_waiting=cfg.num_requests + cfg.concurrency,
         max_len=cfg.prompt_tokens + cfg.max_new_tokens + 1,
         max_hot_adapters=cfg.max_hot_adapters, max_lora_rank=cfg.rank), store=store)
-    results: dict[str, Any] = {"config": {**asdict(cfg), "adapters_dir": str(root)},
+    results: dict[str, Any] = {"config": {**cfg.model_dump(), "adapters_dir": str(root)},
                                "environment": environment(), "resident": resident,
                                "hot_buffer_bytes": engine.runner.lora.nbytes() if engine.runner.lora else 0,
                                "engine": [], "baselines": []}

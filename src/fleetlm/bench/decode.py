@@ -15,23 +15,25 @@ from __future__ import annotations
 
 import gc
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from fleetlm.bench.common import REFERENCE_TEXT, environment, median, write_json
+from fleetlm.config import StrictModel
 
 SYSTEMS = ("fleetlm-float32", "fleetlm-bfloat16", "fleetlm-int8",
            "transformers-float32", "transformers-bfloat16", "llama.cpp")
 
 
-@dataclass
-class DecodeBenchConfig:
+class DecodeBenchConfig(StrictModel):
     model: str = "smollm2-135m"
     new_tokens: int = 128
     repeats: int = 3
-    prompt_lengths: list[int] = field(default_factory=lambda: [16, 512])
-    skip: list[str] = field(default_factory=list)
+    prompt_lengths: list[int] = Field(default_factory=lambda: [16, 512])
+    skip: list[str] = Field(default_factory=list)
     compile: bool = True
     threads: int = 2  # llama.cpp threads (torch uses its default, printed in the JSON)
 
@@ -54,7 +56,7 @@ class Measurement:
     ttft_ms: float  # median
     decode_tok_s: float  # median
     runs: list[dict[str, float]]
-    detail: dict[str, Any] = field(default_factory=dict)
+    detail: dict[str, Any] = Field(default_factory=dict)
 
 
 def prompt_ids(tokenizer: Any, n: int) -> list[int]:
@@ -260,7 +262,7 @@ def run(cfg: DecodeBenchConfig, out: Path | None) -> dict[str, Any]:
                 results += r
 
     ratios = compute_ratios(results, cfg.prompt_lengths)
-    data = {"benchmark": "decode", "config": asdict(cfg), "environment": environment(),
+    data = {"benchmark": "decode", "config": cfg.model_dump(), "environment": environment(),
             "results": [asdict(m) for m in results], "ratios": ratios, "quality": qual,
             "notes": notes}
     print_table(results, ratios, qual, notes)

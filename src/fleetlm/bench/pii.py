@@ -28,11 +28,12 @@ import json
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fleetlm.bench.common import environment, percentile, write_json
+from fleetlm.config import StrictModel
 from fleetlm.errors import ConfigError
 
 # dataset type -> presidio type; None: presidio has no recognizer for it
@@ -65,13 +66,12 @@ def default_data_path() -> Path:
     return beside_repo if beside_repo.exists() else Path("..") / DATA_RELATIVE
 
 
-@dataclass
-class PiiBenchConfig:
+class PiiBenchConfig(StrictModel):
     data: Path | None = None  # None = default_data_path()
     limit: int | None = None  # first N sentences
     latency_samples: int = 200  # sentences redacted one at a time for the per-request cost
 
-    def validate(self) -> Path:
+    def check(self) -> Path:
         problems = []
         path = self.data if self.data is not None else default_data_path()
         if not path.is_file():
@@ -182,7 +182,7 @@ def run(cfg: PiiBenchConfig, out: Path | None) -> dict[str, Any]:
     from fleetlm.privacy import PiiConfig, PiiRedactor
     from fleetlm.progress import Progress
 
-    path = cfg.validate()
+    path = cfg.check()
     rows = load_dataset(path, cfg.limit)
     # piped output is not cut to 80 columns
     console = Console(width=None if sys.stdout.isatty() else 120)
@@ -217,7 +217,7 @@ def run(cfg: PiiBenchConfig, out: Path | None) -> dict[str, Any]:
         "benchmark": "pii",
         "data": str(path),
         "sentences": len(rows),
-        "config": {**{k: v for k, v in asdict(cfg).items() if k != "data"},
+        "config": {**{k: v for k, v in cfg.model_dump().items() if k != "data"},
                    "pii": redactor.config.model_dump(mode="json")},
         "matching": "a predicted span matches a gold span of the same mapped type if they "
                     "overlap by at least one character (not one-to-one)",

@@ -27,26 +27,27 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from fleetlm.bench.common import environment, percentile, write_json
+from fleetlm.config import StrictModel
 
 
-@dataclass
-class ServeBenchConfig:
+class ServeBenchConfig(StrictModel):
     model: str = "smollm2-135m"
     dtype: str = "auto"
     num_requests: int = 128
-    concurrency: list[int] = field(default_factory=lambda: [1, 32])
+    concurrency: list[int] = Field(default_factory=lambda: [1, 32])
     prompt_tokens: int = 64
     max_new_tokens: int = 64
     time_budget_s: float = 300.0  # per configuration; a run stops submitting after it
     llama_cpp: bool = True  # also llama-cpp-python's server on the same GGUF, if installed
     llama_cpp_threads: int = 2
 
-    def validate(self) -> None:
+    def check(self) -> None:
         from fleetlm.errors import ConfigError
 
         problems = []
@@ -200,7 +201,7 @@ def run(cfg: ServeBenchConfig, out: Path | None) -> dict[str, Any]:
     from fleetlm.engine.engine import Engine, EngineConfig
     from fleetlm.models.loader import load_model
 
-    cfg.validate()
+    cfg.check()
     console = Console(stderr=True, width=max(120, Console(stderr=True).width))
     lm = load_model(cfg.model, dtype=cfg.dtype)
     prompts = make_prompts(lm.tokenizer, cfg.num_requests, cfg.prompt_tokens, 0)
@@ -208,7 +209,7 @@ def run(cfg: ServeBenchConfig, out: Path | None) -> dict[str, Any]:
                                      max_waiting=cfg.num_requests + max(cfg.concurrency),
                                      max_len=cfg.prompt_tokens + cfg.max_new_tokens + 1,
                                      max_hot_adapters=0))
-    results: dict[str, Any] = {"config": asdict(cfg), "environment": environment(), "runs": []}
+    results: dict[str, Any] = {"config": cfg.model_dump(), "environment": environment(), "runs": []}
     for c in cfg.concurrency:
         run_engine(engine, prompts[:c], [None] * c, c, 4, f"warm-{c}")
         n = min(cfg.num_requests, max(c * 4, 8))

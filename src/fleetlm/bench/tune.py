@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from fleetlm.bench.common import environment, write_json
+from fleetlm.config import StrictModel
 
 
-@dataclass
-class TuneBenchConfig:
+class TuneBenchConfig(StrictModel):
     config: Path
     steps: int = 30  # optimizer steps per throughput run
     skip_pipeline: bool = False
@@ -127,7 +126,7 @@ def run(cfg: TuneBenchConfig, out: Path | None) -> dict[str, Any]:
 
     console = Console(stderr=True)
     tcfg = load_config(cfg.config)
-    results: dict[str, Any] = {"config": {**asdict(cfg), "config": str(cfg.config)},
+    results: dict[str, Any] = {"config": {**cfg.model_dump(), "config": str(cfg.config)},
                                "tune_config": json.loads(tcfg.model_dump_json()),
                                "environment": environment()}
     # a benchmark re-run replaces the adapter its previous run published

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
+from fleetlm.config import StrictModel
 from fleetlm.privacy.mapping import ENTITY_TYPE_RE
 
 # What gets a placeholder by default: people, places and the identifiers presidio
@@ -40,10 +41,8 @@ DEFAULT_ENTITIES: tuple[str, ...] = (
 )
 
 
-class PiiConfig(BaseModel):
+class PiiConfig(StrictModel):
     """What to detect and how sure the detector must be."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     # presidio entity types that get a placeholder, e.g. ("PERSON", "EMAIL_ADDRESS")
     entities: tuple[str, ...] = DEFAULT_ENTITIES

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fleetlm.config import StrictModel
 from fleetlm.errors import FleetLMError
 
 if TYPE_CHECKING:
@@ -30,8 +31,7 @@ if TYPE_CHECKING:
     from fleetlm.server.hybrid import Router
 
 
-@dataclass(frozen=True)
-class ServeSettings:
+class ServeSettings(StrictModel):
     """What ``fleetlm serve`` was asked for (its options, one field each)."""
 
     model: str = "smollm2-135m"
