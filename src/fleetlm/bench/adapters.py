@@ -29,6 +29,7 @@ from pydantic import Field
 
 from fleetlm.bench.common import environment, percentile, write_json
 from fleetlm.config import StrictModel
+from fleetlm.progress import Progress, Update
 
 POPULARITIES = ("uniform", "zipf")
 BASELINES = ("peft-switching", "peft-mixed", "hf-continuous")
@@ -88,8 +89,10 @@ class AdaptersBenchConfig(StrictModel):
 
 
 def run_engine(engine: Any, prompts: list[list[int]], adapters: list[str | None],
-               concurrency: int, max_new_tokens: int, name: str) -> dict[str, Any]:
-    """Closed loop through the engine, driven step by step on this thread."""
+               concurrency: int, max_new_tokens: int, name: str,
+               progress: Update | None = None) -> dict[str, Any]:
+    """Closed loop through the engine, driven step by step on this thread; ``progress``
+    hears the number of requests completed."""
     from fleetlm.bench.rss import PeakRSS
     from fleetlm.engine.sampling_params import SamplingParams
 
@@ -122,6 +125,8 @@ def run_engine(engine: Any, prompts: list[list[int]], adapters: list[str | None]
             before = len(done)
             engine.step()
             in_flight -= len(done) - before
+            if progress is not None and len(done) != before:
+                progress(len(done))
         wall = time.perf_counter() - t0
     ttft = [(stamps[r][0] - submitted[r]) * 1e3 for r in done if stamps[r]]
     itl = [(b - a) * 1e3 for r in done for a, b in zip(stamps[r], stamps[r][1:], strict=False)]
@@ -187,7 +192,9 @@ def run(cfg: AdaptersBenchConfig, out: Path | None) -> dict[str, Any]:
         # warm-up: one short pass so one-off costs (allocations, first loads) are not timed
         run_engine(engine, prompts[: cfg.concurrency], adapters[: cfg.concurrency],
                    cfg.concurrency, 4, f"warm-{label}")
-        r = run_engine(engine, prompts, adapters, cfg.concurrency, cfg.max_new_tokens, label)
+        with Progress("bench adapters") as p:
+            r = run_engine(engine, prompts, adapters, cfg.concurrency, cfg.max_new_tokens,
+                           label, p.task(f"{label} requests", len(prompts)))
         console.print(f"  {label:>24}: {r['tokens_per_s']:8.1f} tok/s  TTFT p50 "
                       f"{r['ttft_p50_ms']:.0f} ms  ITL p50 {r['itl_p50_ms']:.1f} ms")
         return r

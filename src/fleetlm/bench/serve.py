@@ -34,6 +34,7 @@ from pydantic import Field
 
 from fleetlm.bench.common import environment, percentile, write_json
 from fleetlm.config import StrictModel
+from fleetlm.progress import Progress, Update
 
 
 class ServeBenchConfig(StrictModel):
@@ -76,18 +77,21 @@ def _summary(name: str, stamps: dict[int, list[float]], starts: dict[int, float]
 
 async def _http_run(url: str, model: str, prompts: list[Any], concurrency: int,
                     max_new_tokens: int, budget_s: float, name: str = "server",
-                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                    extra: dict[str, Any] | None = None,
+                    progress: Update | None = None) -> dict[str, Any]:
     """A closed loop of ``concurrency`` streaming /v1/completions clients; ``extra`` joins
-    every request body (how each server is told to ignore end-of-sequence)."""
+    every request body (how each server is told to ignore end-of-sequence); ``progress``
+    hears the number of requests completed."""
     import httpx
 
     stamps: dict[int, list[float]] = {}
     starts: dict[int, float] = {}
     next_i = 0
+    completed = 0
     t0 = time.perf_counter()
 
     async def client(http: httpx.AsyncClient) -> None:
-        nonlocal next_i
+        nonlocal next_i, completed
         while next_i < len(prompts) and time.perf_counter() - t0 < budget_s:
             i = next_i
             next_i += 1
@@ -106,6 +110,9 @@ async def _http_run(url: str, model: str, prompts: list[Any], concurrency: int,
                         raise RuntimeError(f"stream error: {chunk['error']}")
                     for _ in chunk.get("choices", []):
                         stamps[i].append(time.perf_counter())
+            completed += 1
+            if progress is not None:
+                progress(completed)
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=600, limits=limits) as http:
@@ -213,7 +220,9 @@ def run(cfg: ServeBenchConfig, out: Path | None) -> dict[str, Any]:
     for c in cfg.concurrency:
         run_engine(engine, prompts[:c], [None] * c, c, 4, f"warm-{c}")
         n = min(cfg.num_requests, max(c * 4, 8))
-        r = run_engine(engine, prompts[:n], [None] * n, c, cfg.max_new_tokens, f"engine-{c}")
+        with Progress("bench serve") as p:
+            r = run_engine(engine, prompts[:n], [None] * n, c, cfg.max_new_tokens,
+                           f"engine-{c}", p.task(f"engine, {c} concurrent", n))
         r.update(concurrency=c, system="engine")
         results["runs"].append(r)
         console.print(f"  engine, {c:>3} concurrent: {r['tokens_per_s']:7.1f} tok/s")
@@ -225,8 +234,10 @@ def run(cfg: ServeBenchConfig, out: Path | None) -> dict[str, Any]:
         for c in cfg.concurrency:
             n = min(cfg.num_requests, max(c * 4, 8))
             asyncio.run(_http_run(url, cfg.model, prompts[:c], c, 4, cfg.time_budget_s))  # warm
-            r = asyncio.run(_http_run(url, cfg.model, prompts[:n], c, cfg.max_new_tokens,
-                                      cfg.time_budget_s))
+            with Progress("bench serve") as p:
+                r = asyncio.run(_http_run(url, cfg.model, prompts[:n], c, cfg.max_new_tokens,
+                                          cfg.time_budget_s,
+                                          progress=p.task(f"server, {c} concurrent", n)))
             r.update(concurrency=c, system="server")
             results["runs"].append(r)
             console.print(f"  server, {c:>3} concurrent: {r['tokens_per_s']:7.1f} tok/s")
@@ -248,8 +259,11 @@ def run(cfg: ServeBenchConfig, out: Path | None) -> dict[str, Any]:
                     n = min(cfg.num_requests, max(c * 4, 8))
                     asyncio.run(_http_run(url, cfg.model, texts[:1], 1, 4, cfg.time_budget_s,
                                           "llama.cpp", ban_eos))  # warm
-                    r = asyncio.run(_http_run(url, cfg.model, texts[:n], c, cfg.max_new_tokens,
-                                              cfg.time_budget_s, "llama.cpp", ban_eos))
+                    with Progress("bench serve") as p:
+                        r = asyncio.run(_http_run(
+                            url, cfg.model, texts[:n], c, cfg.max_new_tokens,
+                            cfg.time_budget_s, "llama.cpp", ban_eos,
+                            p.task(f"llama.cpp server, {c} concurrent", n)))
                     r.update(concurrency=c, system="llama.cpp server")
                     results["runs"].append(r)
                     console.print(f"  llama.cpp server, {c:>3} concurrent: "
