@@ -37,7 +37,7 @@ class DecodeBenchConfig(StrictModel):
     compile: bool = True
     threads: int = 2  # llama.cpp threads (torch uses its default, printed in the JSON)
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         unknown = [s for s in self.skip if s not in SYSTEMS]
         if unknown:
             raise ValueError(f"--skip {unknown}: unknown systems; choose from {', '.join(SYSTEMS)}")
@@ -219,6 +219,7 @@ def run(cfg: DecodeBenchConfig, out: Path | None) -> dict[str, Any]:
     from fleetlm.models.loader import load_tokenizer, resolve_source
     from fleetlm.models.registry import EMBEDDED_MODELS, resolve_embedded
 
+    cfg.check()
     console = Console(stderr=True)
     folder = resolve_source(cfg.model)
     tokenizer = load_tokenizer(folder)
