@@ -3,7 +3,9 @@ in RAM (warm), handed to the engine, which keeps the hot ones in its stacked buf
 
     peft_format.py  read + validate one PEFT folder against the base model's config, and
                     PEFT's scale rule (lora_scale)
+    user_regex.py   the regexes an adapter's config carries, compiled by RE2 (linear time)
     lru.py          warm-tier bookkeeping (byte budget, pins), no tensors
+    folders.py      temporary names, the atomic replace, clean-up of crash leftovers
     store.py        AdapterStore: names, tiers, add/remove, thread-safe
     task_card.py    the task file a tuned adapter carries, read by tuning and serving alike
     random.py       random PEFT-format adapters for tests and benchmarks

@@ -16,6 +16,9 @@ Which modules ``target_modules`` / ``layers_to_transform`` / ``exclude_modules``
 and each module's rank and alpha under ``rank_pattern`` / ``alpha_pattern``, follow
 PEFT's own matching rules (``check_target_module_exists`` and ``get_pattern_key`` in
 peft 0.21), so a folder PEFT loads cleanly is accepted and its scales agree with PEFT's.
+The regexes among them come from the uploaded file, so they run on RE2 in linear time
+(:mod:`fleetlm.adapters.user_regex`); one RE2 cannot run (lookaround, backreferences) or
+longer than 1,000 characters is refused, naming the key.
 This module knows nothing about tiers, caching or where folders live; the store does.
 """
 
@@ -33,6 +36,11 @@ import torch
 from torch import Tensor
 
 from fleetlm.adapters.errors import AdapterError
+from fleetlm.adapters.user_regex import (
+    MAX_PATTERNS,
+    PatternError,
+    compile_user_regex,
+)
 from fleetlm.models.config import LlamaConfig
 
 ADAPTER_NAME_RE = r"[A-Za-z0-9._-]{1,64}"
@@ -51,6 +59,11 @@ _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 # PEFT's default target_modules for the Llama family when a config leaves it out
 _DEFAULT_TARGETS = ("q_proj", "v_proj")
 _FIX_PLAIN = "fleetlm serves plain LoRA: retrain or re-save the adapter without it"
+# how PEFT wraps a rank_pattern/alpha_pattern key and a layers_pattern entry (the '{}')
+_KEY_TEMPLATE = r"(.*\.)?({})$"
+_LAYERS_TEMPLATE = r"(?:^|.*?\.){}\.(?P<idx>\d+)\."
+# PEFT's layer index when layers_pattern is empty: the first numbered segment (our own regex)
+_LAYER_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
 
 
 def lora_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:
@@ -144,49 +157,78 @@ def module_names(cfg: LlamaConfig) -> list[str]:
 # --- PEFT's matching rules ------------------------------------------------------------
 
 
+class PatternKeys:
+    """The keys of a rank_pattern/alpha_pattern, compiled once (RE2), in order."""
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        self._keys = [(key, compile_user_regex(key, _KEY_TEMPLATE)) for key in patterns]
+
+    def key(self, module: str) -> str | None:
+        """The first key matching ``module`` as a regex suffix, or None: what
+        peft.utils.other.get_pattern_key matches with ``re.match(_KEY_TEMPLATE)``."""
+        for key, rx in self._keys:
+            if rx.match(module):
+                return key
+        return None
+
+
 def pattern_key(patterns: Iterable[str], module: str) -> str | None:
     """The first rank_pattern/alpha_pattern key matching ``module`` as a regex suffix
     (peft.utils.other.get_pattern_key), or None."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
-    return None
+    return PatternKeys(patterns).key(module)
+
+
+class _Selector:
+    """Which modules PEFT puts LoRA on for one config
+    (peft.tuners.tuners_utils.check_target_module_exists), its regexes compiled once."""
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        exclude = config.get("exclude_modules")
+        self.exclude = exclude or None
+        self.exclude_rx = compile_user_regex(exclude) if isinstance(exclude, str) and exclude else None
+        targets = config.get("target_modules")
+        self.targets = list(_DEFAULT_TARGETS) if targets is None else targets
+        self.target_rx = None
+        if isinstance(self.targets, str) and self.targets != "all-linear":
+            self.target_rx = compile_user_regex(self.targets)
+        layers = config.get("layers_to_transform")
+        self.layers = None if layers is None or (isinstance(layers, list) and not layers) else layers
+        self.layer_rx: list[Any] = []
+        if self.layers is not None and not isinstance(self.targets, str):
+            self.layer_rx = [_LAYER_INDEX] if not (pattern := config.get("layers_pattern")) else [
+                compile_user_regex(p, _LAYERS_TEMPLATE)
+                for p in ([pattern] if isinstance(pattern, str) else pattern)]
+
+    def selects(self, module: str) -> bool:
+        if self.exclude_rx is not None:
+            if self.exclude_rx.fullmatch(module):
+                return False
+        elif self.exclude and (module in self.exclude
+                               or any(module.endswith(f".{e}") for e in self.exclude)):
+            return False
+        targets = self.targets
+        if isinstance(targets, str):
+            if self.target_rx is None:  # "all-linear": PEFT expands it to every linear layer but the head
+                return module.rsplit(".", 1)[1] in LORA_TARGETS
+            return self.target_rx.fullmatch(module) is not None
+        if module not in targets and not any(module.endswith(f".{t}") for t in targets):
+            return False
+        if self.layers is None:
+            return True
+        match = None
+        for rx in self.layer_rx:
+            match = rx.match(module)
+            if match is not None:
+                break
+        if match is None:
+            return False
+        idx = int(match.group("idx"))
+        return idx == self.layers if isinstance(self.layers, int) else idx in self.layers
 
 
 def _selected(config: Mapping[str, Any], module: str) -> bool:
     """Whether PEFT would put LoRA on ``module`` (peft.tuners.tuners_utils.check_target_module_exists)."""
-    exclude = config.get("exclude_modules")
-    if exclude:
-        if isinstance(exclude, str):
-            if re.fullmatch(exclude, module):
-                return False
-        elif module in exclude or any(module.endswith(f".{e}") for e in exclude):
-            return False
-    targets = config.get("target_modules")
-    if targets is None:
-        targets = list(_DEFAULT_TARGETS)
-    if isinstance(targets, str):
-        if targets == "all-linear":  # PEFT expands this to every linear layer but the head
-            return module.rsplit(".", 1)[1] in LORA_TARGETS
-        return re.fullmatch(targets, module) is not None
-    if module not in targets and not any(module.endswith(f".{t}") for t in targets):
-        return False
-    layers = config.get("layers_to_transform")
-    if layers is None or (isinstance(layers, list) and not layers):
-        return True
-    pattern = config.get("layers_pattern")
-    if not pattern:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
-    else:
-        match = None
-        for p in [pattern] if isinstance(pattern, str) else pattern:
-            match = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module)
-            if match is not None:
-                break
-    if match is None:
-        return False
-    idx = int(match.group("idx"))
-    return idx == layers if isinstance(layers, int) else idx in layers
+    return _Selector(config).selects(module)
 
 
 # --- config checks --------------------------------------------------------------------
@@ -255,12 +297,53 @@ def config_problems(config: Mapping[str, Any]) -> list[str]:
             continue
         for k, v in pat.items():
             if not check(v) or (key == "rank_pattern" and v <= 0):
-                p.append(f"{key}[{k!r}]={v!r} must be {what}")
-            try:
-                re.compile(k)
-            except re.error as e:
-                p.append(f"{key} key {k!r} is not a valid regular expression ({e})")
+                p.append(f"{key}[{_shown(k)}]={v!r} must be {what}")
+    p.extend(_pattern_problems(config))
     p.extend(_target_problems(config))
+    return p
+
+
+def _shown(pattern: str) -> str:
+    return repr(pattern) if len(pattern) <= 100 else f"{pattern[:100]!r}..."
+
+
+def _pattern_problems(config: Mapping[str, Any]) -> list[str]:
+    """The regexes PEFT would run, other than a target_modules string: each must compile
+    with RE2 (see user_regex), as PEFT writes it."""
+    p: list[str] = []
+    for key in ("rank_pattern", "alpha_pattern"):
+        pat = config.get(key) or {}
+        if not isinstance(pat, dict):
+            continue  # reported by config_problems
+        if len(pat) > MAX_PATTERNS:
+            p.append(f"{key} has {len(pat)} keys; the limit is {MAX_PATTERNS} (name groups of "
+                     "modules with one pattern)")
+            continue
+        for k in pat:
+            try:
+                compile_user_regex(k)  # on its own too, as this check always did
+                compile_user_regex(k, _KEY_TEMPLATE)
+            except PatternError as e:
+                p.append(f"{key} key {_shown(k)} {e}")
+    exclude = config.get("exclude_modules")
+    if isinstance(exclude, str) and exclude:
+        try:
+            compile_user_regex(exclude)
+        except PatternError as e:
+            p.append(f"exclude_modules {_shown(exclude)} {e}")
+    pattern = config.get("layers_pattern")
+    layers = config.get("layers_to_transform")
+    if pattern and layers not in (None, []) and not isinstance(config.get("target_modules"), str):
+        patterns = [pattern] if isinstance(pattern, str) else pattern
+        if not isinstance(patterns, list) or len(patterns) > MAX_PATTERNS:
+            p.append(f"layers_pattern={_shown(str(pattern))} must be a pattern or a list of at "
+                     f"most {MAX_PATTERNS} of them")
+            return p
+        for one in patterns:
+            try:
+                compile_user_regex(one, _LAYERS_TEMPLATE)
+            except PatternError as e:
+                p.append(f"layers_pattern {_shown(str(one))} {e}")
     return p
 
 
@@ -271,9 +354,9 @@ def _target_problems(config: Mapping[str, Any]) -> list[str]:
         return []
     if isinstance(targets, str):
         try:
-            rx = re.compile(targets)
-        except re.error as e:
-            return [f"target_modules {targets!r} is not a valid regular expression ({e})"]
+            rx = compile_user_regex(targets)
+        except PatternError as e:
+            return [f"target_modules {_shown(targets)} {e}"]
         bad = [m for m in ("lm_head", "model.embed_tokens") if rx.fullmatch(m)]
         if bad:
             return [f"target_modules {targets!r} matches {', '.join(bad)}; fleetlm applies LoRA "
@@ -399,6 +482,7 @@ def _check_header(config: Mapping[str, Any], header: Mapping[str, tuple[tuple[in
 
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
+    rank_keys, alpha_keys = PatternKeys(rank_pattern), PatternKeys(alpha_pattern)
     use_rslora = bool(config.get("use_rslora", False))
     dims = projection_dims(base) if base is not None else None
     modules: dict[str, ModuleSpec] = {}
@@ -422,7 +506,7 @@ def _check_header(config: Mapping[str, Any], header: Mapping[str, tuple[tuple[in
         if b_shape[1] != r:
             p.append(f"{a_key} has rank {r} but {b_key} has {b_shape[1]} columns; they must agree")
             continue
-        r_key = pattern_key(rank_pattern, module)
+        r_key = rank_keys.key(module)
         want_r = rank_pattern[r_key] if r_key is not None else config["r"]
         if r != want_r:
             why = f"rank_pattern[{r_key!r}]" if r_key is not None else "r"
@@ -442,7 +526,7 @@ def _check_header(config: Mapping[str, Any], header: Mapping[str, tuple[tuple[in
             if b_shape[0] != out_f:
                 p.append(f"{b_key}: shape {b_shape}, expected ({out_f}, {r}) for the base model's {target}")
                 shape_problem = True
-        a_key_ = pattern_key(alpha_pattern, module)
+        a_key_ = alpha_keys.key(module)
         alpha = float(alpha_pattern[a_key_] if a_key_ is not None else config["lora_alpha"])
         modules[module] = ModuleSpec(r, alpha, lora_scale(alpha, r, use_rslora), a_shape[1], b_shape[0])
     if wrong_rank:
@@ -465,7 +549,8 @@ def _check_header(config: Mapping[str, Any], header: Mapping[str, tuple[tuple[in
 
 def _selection_problems(config: Mapping[str, Any], present: set[str], base: LlamaConfig) -> list[str]:
     """The weights must cover exactly the modules the config selects, as PEFT would."""
-    expected = {m for m in module_names(base) if _selected(config, m)}
+    selector = _Selector(config)
+    expected = {m for m in module_names(base) if selector.selects(m)}
     missing = sorted(expected - present, key=_module_order)
     extra = sorted(present - expected, key=_module_order)
     p = []

@@ -11,7 +11,8 @@ autocast (CPU or GPU), validation loss every ``eval_every`` optimizer steps with
 stopping and the best adapter kept, and a checkpoint every ``save_every`` steps from
 which ``resume=True`` continues exactly (same data order, optimizer and schedule).
 Checkpoints are written to a temporary name and renamed, so a crash never leaves a
-half-written one.
+half-written one; they hold tensors and plain Python values only and are read back with
+torch's weights-only unpickler, so a crafted checkpoint cannot run code.
 
 This module knows tensors, peft and the optimizer; rows arrive already encoded
 (:mod:`fleetlm.tune.format`) and it knows nothing of the data's origin or of evaluation.
@@ -21,7 +22,9 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import random
+import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -217,7 +220,7 @@ def _restore(ckpt: Path, model: Any, opt: torch.optim.Optimizer, sched: Any, tot
              num_rows: int) -> dict[str, Any]:
     """Load the checkpoint in ``ckpt`` into model, optimizer, schedule and RNG; the loop
     state it was saved with."""
-    saved = torch.load(ckpt / "state.pt", weights_only=False)
+    saved = load_state(ckpt / "state.pt")
     if saved["total"] != total or saved["num_rows"] != num_rows:
         raise ConfigError(f"--resume: the checkpoint in {ckpt} is for another run "
                           f"({saved['num_rows']} rows, {saved['total']} steps; now "
@@ -227,6 +230,26 @@ def _restore(ckpt: Path, model: Any, opt: torch.optim.Optimizer, sched: Any, tot
     sched.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["rng"])
     return dict(saved["loop"])
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """A ``state.pt`` written by :func:`_save_state`: tensors, numbers, strings, None and
+    lists/dicts of them, read with torch's weights-only unpickler, so a crafted file is
+    refused instead of running code (a checkpoint folder may come from anywhere)."""
+    try:
+        saved = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message ends with the reason ("Unsupported global: GLOBAL io.open ...")
+        # after advice to load the file unsafely, which is not ours to give
+        found = re.search(r"WeightsUnpickler error: (.+?)\.(?:\s|$)", str(e))
+        why = found.group(1) if found else type(e).__name__
+        raise ConfigError(f"--resume: {path} holds objects other than tensors and plain Python "
+                          f"values, so it was not loaded (unpickling it could run code: {why}); "
+                          f"delete {path.parent} and run without --resume") from e
+    if not isinstance(saved, dict):
+        raise ConfigError(f"--resume: {path} is not a fleetlm checkpoint (it holds a "
+                          f"{type(saved).__name__}); delete {path.parent} and run without --resume")
+    return saved
 
 
 def _save_state(folder: Path, payload: dict[str, Any]) -> None:
@@ -289,7 +312,7 @@ def train(model: Any, train_rows: Sequence[Encoded], val_rows: Sequence[Encoded]
         state = _restore(ckpt, model, opt, sched, total, len(train_rows))
     best_state = None
     if (out_dir / BEST / "state.pt").is_file() and resume:
-        best_state = torch.load(out_dir / BEST / "state.pt", weights_only=False)
+        best_state = load_state(out_dir / BEST / "state.pt")
 
     def save_checkpoint() -> None:
         _save_state(ckpt, {"trainable": _trainable_state(model), "optimizer": opt.state_dict(),
