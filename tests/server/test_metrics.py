@@ -85,3 +85,17 @@ def test_refused_requests_are_counted_by_model_and_status(server):
     assert refused("unknown", "400") == 1  # the body did not parse: no model to name
     # refused requests are not in the generation counter
     assert _value(after, "fleetlm_requests_total", model="nope", status="error") == 0
+
+
+def test_refused_requests_for_a_served_adapter_keep_its_name(server):
+    import httpx
+
+    before = _samples(server)
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": -1}
+    with httpx.Client(base_url=server, timeout=30) as http:
+        for model in ("demo", f"{MODEL}:demo"):
+            assert http.post("/v1/chat/completions", json={**chat, "model": model}).status_code == 400
+    after = _samples(server)
+    for model in ("demo", f"{MODEL}:demo"):
+        assert _value(after, "fleetlm_refused_requests_total", model=model, code="400") \
+            - _value(before, "fleetlm_refused_requests_total", model=model, code="400") == 1

@@ -21,7 +21,15 @@ Back-pressure: at most ``max_waiting`` requests wait; beyond that :meth:`Engine.
 raises :class:`~fleetlm.errors.EngineBusy` (the server turns it into HTTP 429).
 Cancellation: a waiting request is dropped at once; a running one is removed at the
 next step boundary (one forward at most, tens of milliseconds) and its cache row is
-freed then. An adapter that fails to load fails only its own requests.
+freed then.
+
+Isolation: one request cannot fail the others. Prompt ids outside the vocabulary are
+refused at :meth:`Engine.submit`. An adapter that fails to load fails only its own
+requests. A forward that raises is run again in parts -- the decode rows together (one
+forward over a view of cache rows ``0..n-1``, which cannot be split), then each prefill
+chunk alone -- and only the parts that fail on their own fail their requests; a sampler or
+a callback that raises fails its own request. Only an error in the engine's bookkeeping,
+after which its state is unknown, fails every request.
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ from fleetlm.adapters.errors import AdapterError
 from fleetlm.adapters.store import AdapterStore
 from fleetlm.engine.detokenizer import Detokenizer
 from fleetlm.engine.lora import NO_ADAPTER
-from fleetlm.engine.runner import DecodeItem, ModelRunner, PrefillItem
+from fleetlm.engine.runner import DecodeItem, ModelRunner, PrefillItem, StepOutput
 from fleetlm.engine.sampler import RequestSampler, SampleResult
 from fleetlm.engine.sampling_params import SamplingParams
 from fleetlm.engine.scheduler import Scheduler, SchedulerConfig, SeqStatus, Sequence, StepPlan
@@ -214,6 +222,7 @@ class Engine:
         if len(prompt) >= self.config.max_len:
             raise ConfigError(f"prompt: {len(prompt)} tokens leave no room to generate within "
                               f"the context of {self.config.max_len} tokens", param="prompt")
+        self._check_ids(prompt)
         if params.stop and self.lm.tokenizer is None:
             raise ConfigError("stop: stop strings need a tokenizer, and this model has none",
                               param="stop")
@@ -243,6 +252,17 @@ class Engine:
             # a failure resurfaces (and fails the request) when the loop loads it
             self._prefetch.submit(self.store.get, adapter)
         return rid
+
+    def _check_ids(self, prompt: list[int]) -> None:
+        """Every id must index the embedding: one that does not would fail the forward of
+        the whole batch it joins (that failure is isolated too, but costs a step)."""
+        v = self.lm.config.vocab_size
+        if min(prompt) >= 0 and max(prompt) < v:  # the common case, at C speed
+            return
+        at, bad = next((i, t) for i, t in enumerate(prompt) if not 0 <= t < v)
+        raise ConfigError(f"prompt: token id {bad} at position {at} is outside this model's "
+                          f"vocabulary of {v} tokens; send ids in 0..{v - 1}, or the prompt as "
+                          "text", param="prompt")
 
     def cancel(self, request_id: str) -> bool:
         """Stop a request; its "cancelled" event follows. False if it is unknown or done."""
@@ -385,24 +405,70 @@ class Engine:
             self.runner.admit(seq.request_id)
         self._load_adapters(plan)  # a failed adapter fails its requests; the rest run
         decode, prefill = self._items(plan)
-        out = self.runner.execute(decode, prefill)
+        out, decode, prefill = self._forward(decode, prefill)  # failed parts: out of the lists
         with self._lock:
-            self.scheduler.complete_step(plan)
+            self.scheduler.complete_step(plan)  # skips the sequences that failed
         self.steps += 1
         if out.decode_logits is not None:
             self._sample_rows([self._requests[d.seq_id] for d in decode], out.decode_logits)
         for p in prefill:
             if p.seq_id in out.chunk_logits:
-                self._score_prompt(self._requests[p.seq_id], p.start, out.chunk_logits[p.seq_id])
+                req = self._requests[p.seq_id]
+                self._isolated(req, self._score_prompt, req, p.start, out.chunk_logits[p.seq_id])
         if out.prefill_logits is not None:
-            last = [i for i, p in enumerate(prefill) if p.last]
+            last = [i for i, p in enumerate(prefill) if p.last and p.seq_id in self._requests]
             for i in [i for i in last if self._requests[prefill[i].seq_id].params.max_tokens == 0]:
-                self._finish_scoring(self._requests[prefill[i].seq_id])
+                req = self._requests[prefill[i].seq_id]
+                self._isolated(req, self._finish_scoring, req)
             last = [i for i in last if prefill[i].seq_id in self._requests]
             if last:
                 self._sample_rows([self._requests[prefill[i].seq_id] for i in last],
                                   out.prefill_logits[last])
         return True
+
+    def _forward(self, decode: list[DecodeItem], prefill: list[PrefillItem],
+                 ) -> tuple[StepOutput, list[DecodeItem], list[PrefillItem]]:
+        """The step's forward, and the items still in it. If the batched forward raises, its
+        parts run again on their own: the decode rows as one forward (they are a view of
+        cache rows 0..n-1 and cannot be split), then each prefill chunk alone; a part that
+        fails alone fails its requests, the others' outputs are merged. A step of one part
+        fails at once: running it again alone would tell nothing new.
+
+        Running again is safe: a failed forward only wrote keys/values at the positions it
+        was given, which the retry writes again, or which a failed request's freed row no
+        longer holds (the runner records lengths and moves rows only after a forward)."""
+        try:
+            return self.runner.execute(decode, prefill), decode, prefill
+        except Exception as e:
+            if int(bool(decode)) + len(prefill) == 1:
+                log.exception("engine forward failed; failing its request")
+                self._fail([d.seq_id for d in decode] + [p.seq_id for p in prefill], e)
+                return StepOutput(None, None), [], []
+            log.warning("engine forward of %d decode rows and %d prefill chunks failed (%r); "
+                        "running its parts apart", len(decode), len(prefill), e)
+        out = StepOutput(None, None)
+        if decode:
+            try:
+                out = self.runner.execute(decode, [])
+            except Exception as e:
+                log.exception("engine decode forward failed; failing its %d rows", len(decode))
+                self._fail([d.seq_id for d in decode], e)
+                decode = []
+        kept: list[PrefillItem] = []
+        logits: list[torch.Tensor] = []
+        for p in prefill:
+            try:
+                alone = self.runner.execute([], [p])
+            except Exception as e:
+                log.exception("engine prefill of %s failed; failing it", p.seq_id)
+                self._fail([p.seq_id], e)
+                continue
+            kept.append(p)
+            assert alone.prefill_logits is not None
+            logits.append(alone.prefill_logits)
+            out.chunk_logits.update(alone.chunk_logits)
+        out.prefill_logits = torch.cat(logits) if logits else None
+        return out, decode, kept
 
     def _score_prompt(self, req: _Request, start: int, logits: torch.Tensor) -> None:
         """Logprobs of the prompt tokens a chunk's logits [n, V] predict (start+1 ..)."""
@@ -440,9 +506,18 @@ class Engine:
             picked = dict(zip(plain, ids, strict=True))
         for i, req in enumerate(reqs):
             if i in picked:
-                self._emit(req, SampleResult(picked[i], None, []))
+                self._isolated(req, self._emit, req, SampleResult(picked[i], None, []))
             elif not req.done:
-                self._emit(req, req.sampler.sample(logits[i]))
+                self._isolated(req, lambda r, row: self._emit(r, r.sampler.sample(row)),
+                               req, logits[i])
+
+    def _isolated(self, req: _Request, fn: Callable[..., object], *args: Any) -> None:
+        """``fn(*args)`` for one request; if it raises, that request fails, not the step."""
+        try:
+            fn(*args)
+        except Exception as e:
+            log.exception("request %s failed", req.id)
+            self._fail([req.id], e)
 
     def _items(self, plan: StepPlan) -> tuple[list[DecodeItem], list[PrefillItem]]:
         """The plan's work, less sequences that left since it was made (failed adapter)."""
@@ -550,6 +625,21 @@ class Engine:
             req = self._requests.get(rid)
             if req is not None:
                 self._end(req, "cancelled")
+
+    def _fail(self, request_ids: list[str], error: Exception) -> None:
+        """End these requests with ``error``: out of the scheduler, their KV rows freed.
+        Safe for a request that already ended (its callback raised, say)."""
+        with self._lock:
+            for rid in request_ids:
+                self.scheduler.abort(rid)
+        for rid in request_ids:
+            self.runner.release(rid)
+            req = self._requests.pop(rid, None)
+            if req is not None and not req.done:
+                try:
+                    self._end(req, "error", error)
+                except Exception:  # its callback raised again: it has heard what it can
+                    log.exception("request %s: error callback failed", rid)
 
     def _fail_all(self, error: Exception) -> None:
         with self._lock:

@@ -9,12 +9,21 @@ size, hot and warm adapters, tokens generated.
 Requests refused before generation starts (unknown model, bad parameter, queue full) are
 counted apart, by model and HTTP status, in ``fleetlm_refused_requests``.
 
+Label values are bounded: every series costs memory for the life of the process, and a
+refused request's ``model`` is whatever the client wrote. :meth:`ServerMetrics.model_label`
+keeps the name of a model the server serves; of the rest, the first
+``MAX_UNKNOWN_MODEL_LABELS`` short, plain names are kept (a typo in a client's config shows
+up by name) and every other is counted as ``"other"``. The request metrics only ever see
+models that were served.
+
 This module knows metric names and what they count; it does not know HTTP, routes' logic
 or the engine's internals (only ``engine.stats()`` and the events it streams).
 """
 
 from __future__ import annotations
 
+import re
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
@@ -32,6 +41,10 @@ _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
 
 # worst first: a request's status is the worst of its choices'
 _STATUSES = ("error", "cancelled", "length", "stop")
+
+OTHER_MODEL = "other"  # the label of every model name past the bound
+MAX_UNKNOWN_MODEL_LABELS = 16  # names the server does not serve, kept as they were sent
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9._:/-]{1,64}")  # what such a name may look like
 
 
 class ServerMetrics:
@@ -70,6 +83,22 @@ class ServerMetrics:
                                          ["route", "upstream"], registry=r)
         self.generated = Gauge("fleetlm_generated_tokens", "Tokens generated since start",
                                registry=r)
+        self._unknown_models: set[str] = set()
+        self._unknown_lock = threading.Lock()
+
+    def model_label(self, model: str, *, served: bool) -> str:
+        """The ``model`` label of a request for ``model`` (``served``: a model this server
+        answers). At most MAX_UNKNOWN_MODEL_LABELS other names ever get their own label."""
+        if served:
+            return model
+        with self._unknown_lock:
+            if model in self._unknown_models:
+                return model
+            if len(self._unknown_models) < MAX_UNKNOWN_MODEL_LABELS \
+                    and _PLAIN_NAME.fullmatch(model):
+                self._unknown_models.add(model)
+                return model
+        return OTHER_MODEL
 
     def request(self, model: str, prompt_tokens: int) -> RequestMetrics:
         """Start timing one request (call before submitting it to the engine)."""

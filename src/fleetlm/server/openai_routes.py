@@ -7,9 +7,12 @@
                                  to the local path
     POST /v1/completions         the local path only (routes answer chat)
 
-Each handler names the request's model for the refusal metric, hands the request on, and
-marks it tracked once the local path has submitted it (from then on the request metric
-counts it). Prompts, sampling and response bodies are :class:`~fleetlm.server.local.
+Each handler names the request's model for the refusal metric (a bounded label: a model
+this server serves keeps its name, see :meth:`~fleetlm.server.metrics.ServerMetrics.
+model_label`), hands the request on, and marks it tracked once the local path has submitted
+it (from then on the request metric counts it). A non-streaming answer is collected while
+the client is watched: if it disconnects, its choices are cancelled and the engine frees
+their rows at its next step (a stream is cancelled by the server when a write fails). Prompts, sampling and response bodies are :class:`~fleetlm.server.local.
 LocalModel`'s; routing is :class:`~fleetlm.server.hybrid.Router`'s; this module knows only
 which of them answers.
 """
@@ -17,15 +20,16 @@ which of them answers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from fleetlm.engine.engine import Engine
+from fleetlm.engine.engine import Engine, EngineEvent
 from fleetlm.server.errors import INVALID_REQUEST, APIError
-from fleetlm.server.local import LocalModel
+from fleetlm.server.local import LocalModel, Streams
 from fleetlm.server.metrics import ServerMetrics
 from fleetlm.server.protocol import ChatCompletionRequest, CompletionRequest, sse
 
@@ -33,6 +37,10 @@ if TYPE_CHECKING:
     from fleetlm.server.hybrid import Router
 
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
+# How often a non-streaming request checks that its client is still there (seconds): the
+# longest a gone client's request keeps generating, plus one engine step.
+DISCONNECT_POLL_S = 0.25
+CLIENT_CLOSED = 499  # the status logged for a request whose client left (as nginx)
 
 
 class OpenAIRoutes:
@@ -69,19 +77,55 @@ class OpenAIRoutes:
     async def prometheus(self) -> Response:
         return Response(self.metrics.render(self.engine), media_type="text/plain; version=0.0.4")
 
+    def served(self, model: str) -> bool:
+        """Whether ``model`` names what this server answers: its model, a route, or an
+        adapter in the store (alone or as ``base:adapter``). A stat of the folder, no read."""
+        if model == self.model_name or (self.routes is not None and model in self.routes.routes):
+            return True
+        base, sep, adapter = model.partition(":")  # as local.adapter_of reads it
+        if not sep:
+            adapter = model
+        elif base != self.model_name:
+            return False
+        store = self.engine.store
+        return store is not None and store.exists(adapter)
+
+    def label(self, model: str) -> str:
+        return self.metrics.model_label(model, served=self.served(model))
+
+    async def collect(self, request: Request, streams: Streams) -> list[list[EngineEvent]]:
+        """Every choice's events; if the client disconnects first, the choices are cancelled
+        (closing a stream cancels its engine request) and _ClientGone is raised."""
+        work = asyncio.ensure_future(asyncio.gather(*(self.local.collect(s) for s in streams)))
+        try:
+            while True:
+                await asyncio.wait([work], timeout=DISCONNECT_POLL_S)
+                if work.done():
+                    return list(work.result())
+                if await request.is_disconnected():
+                    raise _ClientGone
+        finally:
+            if not work.done():
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await work
+
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Any:
-        request.state.model = req.model
+        request.state.model = self.label(req.model)
         if self.routes is not None and req.model in self.routes.routes:
             return await self.routes.chat(req, request, self.local)
         ids, streams = await self.local.open_chat(req)
         request.state.tracked = True  # from here on, the request metric counts it
         if req.stream:
             return sse(self.local.chat_chunks(req, streams))
-        results = await asyncio.gather(*(self.local.collect(s) for s in streams))
-        return self.local.chat_body(req, ids, list(results))
+        try:
+            results = await self.collect(request, streams)
+        except _ClientGone:
+            return Response(status_code=CLIENT_CLOSED)  # nobody reads it
+        return self.local.chat_body(req, ids, results)
 
     async def completions(self, req: CompletionRequest, request: Request) -> Any:
-        request.state.model = req.model
+        request.state.model = self.label(req.model)
         if self.routes is not None and req.model in self.routes.routes:
             raise APIError(400, f"model {req.model!r} is a route; routes answer "
                                 "/v1/chat/completions only", INVALID_REQUEST, "model",
@@ -90,5 +134,12 @@ class OpenAIRoutes:
         request.state.tracked = True  # from here on, the request metric counts it
         if req.stream:
             return sse(self.local.completion_chunks(req, ids, echo, streams))
-        results = await asyncio.gather(*(self.local.collect(s) for s in streams))
-        return self.local.completion_body(req, ids, echo, list(results))
+        try:
+            results = await self.collect(request, streams)
+        except _ClientGone:
+            return Response(status_code=CLIENT_CLOSED)  # nobody reads it
+        return self.local.completion_body(req, ids, echo, results)
+
+
+class _ClientGone(Exception):
+    """The client of a non-streaming request disconnected before its answer was ready."""
