@@ -40,14 +40,26 @@ def serve(
     max_hot_adapters: Annotated[int, typer.Option(help="Adapters held in the engine's LoRA slots.")] = 32,
     max_lora_rank: Annotated[int, typer.Option(help="Largest adapter rank accepted.")] = 16,
     config: Annotated[Path | None, typer.Option(help="Routes config (YAML): route names become models that answer with the small model or escalate to a large upstream (docs/router.md).")] = None,
+    max_body_mb: Annotated[float, typer.Option(help="Largest request body in MiB; larger ones are refused with 413 (docs/limits.md).")] = 4.0,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest adapter upload (its files) in MiB; larger ones are refused with 413.")] = 512.0,
 ) -> None:
     """Serve the model (and every adapter in the store) over an OpenAI-compatible HTTP API."""
+    from pydantic import ValidationError
+
+    from fleetlm.config import format_errors, problems_error
     from fleetlm.server.run import ServeSettings, build, run
 
-    settings = ServeSettings(model=model, adapters_dir=adapters_dir, host=host, port=port,
-                             dtype=dtype.value, quantize=quantize.value, max_batch=max_batch,
-                             max_len=max_len, max_hot_adapters=max_hot_adapters,
-                             max_lora_rank=max_lora_rank, config=config)
+    try:
+        settings = ServeSettings(model=model, adapters_dir=adapters_dir, host=host, port=port,
+                                 dtype=dtype.value, quantize=quantize.value,
+                                 max_batch=max_batch, max_len=max_len,
+                                 max_hot_adapters=max_hot_adapters, max_lora_rank=max_lora_rank,
+                                 config=config, max_body_mb=max_body_mb,
+                                 max_upload_mb=max_upload_mb)
+    except ValidationError as e:  # each line names its option: --max-body-mb: ...
+        lines = ["--" + line.split(":", 1)[0].replace("_", "-") + ":" + line.split(":", 1)[1]
+                 for line in format_errors(e, "fleetlm serve --help")]
+        fail(problems_error(None, "options", lines))
     try:
         served = build(settings, say=lambda line: typer.echo(line, err=True))
         typer.echo(f"fleetlm: serving {served.name!r} with adapters from {served.adapters_root} "

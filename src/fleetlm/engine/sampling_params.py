@@ -18,6 +18,13 @@ from fleetlm.errors import ConfigError
 # "choice" is fleetlm's extension: {"type": "choice", "choices": ["a", "b"]}, output exactly one
 RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema", "choice")
 MAX_CHOICES = 4096
+# Stop strings are searched for after every token on the engine's thread, at a cost that
+# grows with their number and, for the held-back partial match, their length squared: these
+# bound it (16 x 256 characters: well under a millisecond per token in the worst case).
+# OpenAI allows 4 strings; 16 leaves room for templates' end markers, and 256 characters is
+# far longer than any end marker or delimiter line.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
 
 
 @dataclass
@@ -92,8 +99,13 @@ class SamplingParams:
             bad("logprobs", f"logprobs={self.logprobs}: must be in [0, 20]")
         if any(not isinstance(s, str) or s == "" for s in self.stop):
             bad("stop", "stop: every stop string must be a non-empty string")
-        if len(self.stop) > 16:
-            bad("stop", f"stop: at most 16 stop strings, got {len(self.stop)}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            bad("stop", f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+        long = [i for i, s in enumerate(self.stop) if isinstance(s, str) and len(s) > MAX_STOP_CHARS]
+        if long:
+            bad("stop", f"stop: each stop string may be at most {MAX_STOP_CHARS} characters; "
+                f"{', '.join(f'stop[{i}] has {len(self.stop[i])}' for i in long[:4])}"
+                f"{' ...' if len(long) > 4 else ''}; send shorter stop strings")
         for problem in _response_format_problems(self.response_format):
             bad("response_format", problem)
         if vocab_size is not None:

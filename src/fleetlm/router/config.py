@@ -8,6 +8,8 @@
         price_per_1m_input: 2.50
         price_per_1m_output: 10.00
         timeout_s: 30
+        circuit_failures: 5      # then skipped for circuit_cooldown_s (30), then one probe
+        max_tokens: 4096         # a client asking for more is refused (400)
     routes:
       support:                   # clients send model="support"
         small: smollm2-135m:banking77
@@ -97,6 +99,15 @@ class UpstreamConfig(StrictModel):
     # max_backoff_s. A Retry-After above max_backoff_s is not waited for: the chain moves on.
     backoff_s: float = Field(0.5, ge=0)
     max_backoff_s: float = Field(8.0, ge=0)
+    # Circuit breaker: after this many consecutive failed calls (each after its retries) the
+    # upstream is skipped at once (the chain moves on) for circuit_cooldown_s; then one call
+    # probes it: success closes the circuit, failure opens it for another cool-down.
+    # 0 = never skip.
+    circuit_failures: int = Field(5, ge=0)
+    circuit_cooldown_s: float = Field(30.0, gt=0)
+    # The largest max_tokens (or max_completion_tokens) a client may ask of this upstream; a
+    # request over it is refused with 400 before anything is sent. None = no cap.
+    max_tokens: int | None = Field(4096, ge=1)
 
     @field_validator("base_url")
     @classmethod

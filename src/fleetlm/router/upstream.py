@@ -24,6 +24,13 @@ What each call guarantees, so a request never hangs:
 - Streams fail over only before the first content chunk (chunks before it, e.g. the role,
   are held back). Once content has been handed out, a failure raises
   :class:`StreamInterrupted` instead of switching models mid-answer.
+- Each upstream has a circuit breaker (:class:`CircuitBreaker`): after ``circuit_failures``
+  consecutive failed calls it is skipped at once, without a request, for
+  ``circuit_cooldown_s`` (a :class:`CircuitOpen` failure: the chain moves on, so an outage
+  does not cost every escalation the full timeout); then one call is let through as a
+  probe, and its success closes the circuit, its failure opens it again. A failed call is
+  one that timed out, could not connect, got 429 or 5xx after its retries or a malformed
+  answer; a 4xx answer (the request's fault) shows the upstream is up.
 - Token usage comes from the upstream's ``usage`` (streams are asked for it with
   ``stream_options.include_usage``); when absent, it is estimated (characters / 4) and
   :attr:`Usage.estimated` is set.
@@ -73,6 +80,15 @@ class StreamInterrupted(UpstreamError):
         self.usage = usage
 
 
+class CircuitOpen(UpstreamError):
+    """An upstream skipped without a request: its circuit is open."""
+
+    def __init__(self, upstream: str, failures: int, retry_in_s: float):
+        super().__init__(upstream, f"skipped: circuit open after {failures} consecutive "
+                                   f"failures; the next probe in {retry_in_s:.1f}s")
+        self.retry_in_s = retry_in_s
+
+
 class UpstreamUnavailable(FleetLMError):
     """No upstream of the chain answered; ``failures`` holds one error per upstream."""
 
@@ -107,6 +123,68 @@ class UpstreamResponse:
     attempts: int  # HTTP requests made to this upstream
     latency_ms: float  # first attempt to answer, retries included
     failures: list[UpstreamError] = field(default_factory=list)  # earlier upstreams
+
+
+class CircuitBreaker:
+    """One upstream's circuit: ``closed`` (calls go), ``open`` (calls are skipped) and, once
+    ``cooldown_s`` has passed, ``half-open``: the next call is the probe, and other calls are
+    skipped while it runs. ``failures`` consecutive failures open it (0: never). Plain
+    bookkeeping on the event loop's thread; ``clock`` is replaceable for tests."""
+
+    def __init__(self, failures: int, cooldown_s: float,
+                 clock: Callable[[], float] = time.monotonic):
+        self.threshold, self.cooldown_s, self.clock = failures, cooldown_s, clock
+        self.consecutive = 0  # failed calls since the last success
+        self.opened_at: float | None = None  # None: closed
+        self.probing = False  # the half-open probe is in flight
+        self.skipped = 0  # calls skipped while open, since start
+
+    @property
+    def state(self) -> Literal["closed", "open", "half-open"]:
+        if self.opened_at is None:
+            return "closed"
+        return "half-open" if self.probing or self.retry_in() == 0 else "open"
+
+    def retry_in(self) -> float:
+        """Seconds until the circuit lets a probe through (0: now, or closed)."""
+        if self.opened_at is None:
+            return 0.0
+        return max(0.0, self.opened_at + self.cooldown_s - self.clock())
+
+    def allow(self) -> Literal["call", "probe", "skip"]:
+        """Whether a call may go now: ``probe`` for the one call of a half-open circuit."""
+        if self.opened_at is None:
+            return "call"
+        if self.probing or self.retry_in() > 0:
+            self.skipped += 1
+            return "skip"
+        self.probing = True
+        return "probe"
+
+    def success(self, ticket: str) -> None:
+        self.consecutive, self.opened_at = 0, None
+        if ticket == "probe":
+            self.probing = False
+
+    def failure(self, ticket: str) -> None:
+        self.consecutive += 1
+        if ticket == "probe":  # still down: another cool-down
+            self.probing, self.opened_at = False, self.clock()
+        elif self.opened_at is None and self.threshold and self.consecutive >= self.threshold:
+            self.opened_at = self.clock()
+
+    def release(self, ticket: str) -> None:
+        """A call that says nothing about the upstream (cancelled, never sent)."""
+        if ticket == "probe":
+            self.probing = False
+
+
+def _unhealthy(e: UpstreamError) -> bool | None:
+    """Whether a failed call counts against the upstream's circuit: True (down, slow, 5xx,
+    429, malformed), False (a 4xx: it answered) or None (never sent: no evidence)."""
+    if e.attempts == 0:
+        return None
+    return not (e.status is not None and 400 <= e.status < 500 and e.status != 429)
 
 
 # ------------------------------------------------------------------------------ internals
@@ -371,6 +449,8 @@ class UpstreamClient:
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
         self._env = env
         self._rng = rng or random.Random()
+        self.breakers = {name: CircuitBreaker(cfg.circuit_failures, cfg.circuit_cooldown_s)
+                         for name, cfg in self.upstreams.items()}
 
     async def aclose(self) -> None:
         if self._own_client:
@@ -479,8 +559,11 @@ class UpstreamClient:
     async def chat(self, name: str, body: Mapping[str, Any], *,
                    deadline_s: float | None = None) -> UpstreamResponse:
         """A non-streaming chat completion from upstream ``name`` (retries included).
-        Raises UpstreamError, or UpstreamKeyMissing when its key variable is unset."""
-        return await self._chat(name, body, _Deadline(deadline_s))
+        Raises UpstreamError (CircuitOpen when its circuit is open), or UpstreamKeyMissing
+        when its key variable is unset."""
+        result = await self._guarded(name, body, _Deadline(deadline_s), stream=False)
+        assert isinstance(result, UpstreamResponse)
+        return result
 
     async def _chat(self, name: str, body: Mapping[str, Any],
                     deadline: _Deadline) -> UpstreamResponse:
@@ -522,7 +605,36 @@ class UpstreamClient:
         """A streaming chat completion from upstream ``name``, opened up to its first content
         chunk (retries included). Failures before that raise UpstreamError; iterating the
         result may raise StreamInterrupted."""
-        return await self._stream(name, body, _Deadline(deadline_s))
+        result = await self._guarded(name, body, _Deadline(deadline_s), stream=True)
+        assert isinstance(result, UpstreamStream)
+        return result
+
+    async def _guarded(self, name: str, body: Mapping[str, Any], deadline: _Deadline, *,
+                       stream: bool) -> UpstreamResponse | UpstreamStream:
+        """One call to upstream ``name`` through its circuit breaker (CircuitOpen: skipped)."""
+        self._config(name)  # an unknown name: ConfigError
+        breaker = self.breakers[name]
+        ticket = breaker.allow()
+        if ticket == "skip":
+            raise CircuitOpen(name, breaker.consecutive, breaker.retry_in())
+        try:
+            result: UpstreamResponse | UpstreamStream = (
+                await self._stream(name, body, deadline) if stream
+                else await self._chat(name, body, deadline))
+        except UpstreamError as e:
+            verdict = _unhealthy(e)
+            if verdict is None:
+                breaker.release(ticket)
+            elif verdict:
+                breaker.failure(ticket)
+            else:
+                breaker.success(ticket)
+            raise
+        except BaseException:  # a missing key, or cancelled: nothing learnt about the upstream
+            breaker.release(ticket)
+            raise
+        breaker.success(ticket)
+        return result
 
     async def _stream(self, name: str, body: Mapping[str, Any],
                       deadline: _Deadline) -> UpstreamStream:
@@ -585,7 +697,8 @@ class UpstreamClient:
                               stream: bool = False, deadline_s: float | None = None
                               ) -> UpstreamResponse | UpstreamStream:
         """The first upstream of ``chain`` that answers; ``.failures`` lists those before it.
-        Raises UpstreamUnavailable (every failure, a missing API key included) when none does.
+        Raises UpstreamUnavailable (every failure, a missing API key and a skip for an open
+        circuit included) when none does.
         ``deadline_s`` bounds the whole chain, retries included (not the stream after its
         first content chunk)."""
         deadline = _Deadline(deadline_s)
@@ -596,10 +709,8 @@ class UpstreamClient:
                                                     "reached"))
                 continue
             try:
-                result: UpstreamResponse | UpstreamStream = (
-                    await self._stream(name, body, deadline) if stream
-                    else await self._chat(name, body, deadline))
-            except UpstreamError as e:
+                result = await self._guarded(name, body, deadline, stream=stream)
+            except UpstreamError as e:  # CircuitOpen included: skipped at once
                 failures.append(e)
                 continue
             except ConfigError as e:  # a missing key or an unknown name: this upstream's fault

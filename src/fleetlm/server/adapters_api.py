@@ -11,24 +11,30 @@
 Validation, atomic copies and tiers are the store's (:class:`~fleetlm.adapters.store.
 AdapterStore`); the hot tier is the engine's. This module only translates between HTTP and
 those calls, and runs the blocking ones (disk, tensor loads) off the event loop so serving
-goes on during an upload. A rejected upload leaves nothing in the store. Its errors map to
+goes on during an upload. An upload is parsed as it arrives (:class:`MultipartUpload`): its
+files go straight to a temporary folder, at most ``max_upload_bytes`` of them (413 as soon as
+that is passed), and the folder is removed whatever happens. A rejected upload leaves nothing
+behind, in the store or in the temporary folder. Its errors map to
 HTTP through :func:`fleetlm.server.errors.api_error` (the adapter named by ``name`` or by
 the uploaded ``file``s). It knows nothing of generation, routes or the OpenAI endpoints.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, ValidationError
-from starlette.datastructures import FormData, UploadFile
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect
 
 from fleetlm.adapters.errors import AdapterError
 from fleetlm.adapters.store import AdapterInfo
@@ -38,6 +44,25 @@ from fleetlm.server.errors import INVALID_REQUEST, APIError, api_error
 # a file part's name, after dropping any directories the client sent with it
 _FILE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 _FORM_FIELDS = ("name", "pin", "overwrite")
+UPLOAD_PATH = "/v1/adapters"
+_MAX_FILES = 64  # a PEFT folder holds a handful (config, weights, tokenizer files, README)
+_MAX_FIELD_BYTES = 64 << 10  # a form field's value (the name is at most 64 characters)
+
+
+def size_text(n: int) -> str:
+    """``n`` bytes for a message: 4 MiB, 64 KiB, 100 bytes."""
+    for unit, size in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:g} {unit}"
+    return f"{n} bytes"
+
+
+def upload_too_large(limit: int) -> APIError:
+    """The 413 of an upload whose files pass ``limit`` bytes."""
+    return APIError(413, f"file: the upload is larger than the limit of {size_text(limit)} for an "
+                         "adapter's files; upload a smaller adapter, or raise the limit with "
+                         "`fleetlm serve --max-upload-mb`", INVALID_REQUEST, "file",
+                    "upload_too_large")
 
 
 class LoadAdapterRequest(BaseModel):
@@ -53,16 +78,17 @@ class AdaptersAPI:
     """The adapter endpoints over ``engine.store`` (which must be set); ``model_name`` is
     each entry's parent. The blocking work runs in a thread, off the event loop."""
 
-    def __init__(self, engine: Engine, model_name: str) -> None:
+    def __init__(self, engine: Engine, model_name: str, max_upload_bytes: int) -> None:
         assert engine.store is not None, "adapters_router needs an engine with an adapter store"
         self.engine, self.store, self.model_name = engine, engine.store, model_name
+        self.max_upload_bytes = max_upload_bytes
 
     def router(self) -> APIRouter:
         r = APIRouter()
-        r.add_api_route("/v1/adapters", self.list_adapters, methods=["GET"])
-        r.add_api_route("/v1/adapters/{name}", self.get_adapter, methods=["GET"])
-        r.add_api_route("/v1/adapters", self.post_adapter, methods=["POST"], status_code=201)
-        r.add_api_route("/v1/adapters/{name}", self.delete_adapter, methods=["DELETE"])
+        r.add_api_route(UPLOAD_PATH, self.list_adapters, methods=["GET"])
+        r.add_api_route(UPLOAD_PATH + "/{name}", self.get_adapter, methods=["GET"])
+        r.add_api_route(UPLOAD_PATH, self.post_adapter, methods=["POST"], status_code=201)
+        r.add_api_route(UPLOAD_PATH + "/{name}", self.delete_adapter, methods=["DELETE"])
         return r
 
     # -- the handlers --------------------------------------------------------------------
@@ -97,26 +123,16 @@ class AdaptersAPI:
         return self.entry(await run_in_threadpool(self.load, body.name, body.pin))
 
     async def upload(self, request: Request) -> dict[str, Any]:
+        tmp = Path(await run_in_threadpool(tempfile.mkdtemp, None, "fleetlm-upload-"))
         try:
-            form = await request.form()
-        except Exception as e:  # malformed multipart body
-            raise APIError(400, f"could not parse the multipart body ({e})",
-                           INVALID_REQUEST) from e
-        try:
-            name, pin, overwrite, files, names = _upload_form(form)
-            tmp = Path(tempfile.mkdtemp(prefix="fleetlm-upload-"))
-            try:
-                folder = tmp / "adapter"
-                folder.mkdir()
-                for f, n in zip(files, names, strict=True):
-                    with (folder / n).open("wb") as out:
-                        while chunk := await f.read(1 << 20):
-                            out.write(chunk)
-                info = await run_in_threadpool(self.add, folder, name, pin, overwrite)
-            finally:
-                await run_in_threadpool(shutil.rmtree, tmp, True)
-        finally:
-            await form.close()
+            folder = tmp / "adapter"
+            folder.mkdir()
+            form = MultipartUpload(folder, self.max_upload_bytes)
+            await form.read(request)
+            name, pin, overwrite = _upload_form(form)
+            info = await run_in_threadpool(self.add, folder, name, pin, overwrite)
+        finally:  # refused, failed or cancelled: the temporary folder goes too
+            await asyncio.shield(run_in_threadpool(shutil.rmtree, tmp, True))
         return self.entry(info)
 
     async def delete_adapter(self, name: str) -> dict[str, Any]:
@@ -181,28 +197,143 @@ class AdaptersAPI:
             raise api_error(e, adapter_param="name") from e
 
 
-def adapters_router(engine: Engine, model_name: str) -> APIRouter:
-    """Routes over ``engine.store`` (which must be set); ``model_name`` is each entry's parent."""
-    return AdaptersAPI(engine, model_name).router()
+def adapters_router(engine: Engine, model_name: str, max_upload_bytes: int) -> APIRouter:
+    """Routes over ``engine.store`` (which must be set); ``model_name`` is each entry's parent;
+    an upload's files may total ``max_upload_bytes``."""
+    return AdaptersAPI(engine, model_name, max_upload_bytes).router()
 
 
-def _upload_form(form: FormData) -> tuple[str, bool, bool, list[UploadFile], list[str]]:
-    """A multipart upload's name, pin, overwrite, file parts and their bare file names; every
-    problem with the form in one 400."""
-    name = form.get("name")
-    if not isinstance(name, str) or not name:
+class MultipartUpload:
+    """A multipart/form-data body parsed as it arrives. File parts are written straight into
+    ``folder`` under their bare names (directories the client sent dropped), at most ``cap``
+    bytes of them in all: the chunk that passes it is not written and a 413 is raised at
+    once. Other parts are form fields, kept in memory (each at most 64 KiB). A part whose
+    file name is unacceptable or repeated is read but not written; :func:`_upload_form`
+    reports it with the form's other problems once the body is read."""
+
+    def __init__(self, folder: Path, cap: int) -> None:
+        self.folder, self.cap = folder, cap
+        self.fields: list[tuple[str, str]] = []  # (name, value) of each form field, in order
+        self.files: list[tuple[str, str]] = []  # (file name as sent, bare name) per file part
+        self.file_bytes = 0
+        self._header, self._value, self._disposition = b"", b"", b""
+        self._field: tuple[str, bytearray] | None = None  # the form field being read
+        self._out: BinaryIO | None = None  # the file being written (None: a discarded part)
+        self._pending: list[tuple[BinaryIO, bytes]] = []  # parsed, not yet written
+        self._opened: list[BinaryIO] = []
+
+    async def read(self, request: Request) -> None:
+        """Read the whole body (raise APIError: 400 malformed, 413 over the cap)."""
+        _, params = parse_options_header(request.headers.get("content-type"))
+        boundary = params.get(b"boundary")
+        if not boundary:
+            raise APIError(400, "could not parse the multipart body (its Content-Type has no "
+                                "boundary)", INVALID_REQUEST)
+        try:
+            parser = MultipartParser(boundary, {
+                "on_part_begin": self._begin, "on_header_field": self._header_field,
+                "on_header_value": self._header_value, "on_header_end": self._header_end,
+                "on_headers_finished": self._headers_finished, "on_part_data": self._data,
+                "on_part_end": self._end})
+            async for chunk in request.stream():
+                parser.write(chunk)
+                if self.file_bytes > self.cap:
+                    raise upload_too_large(self.cap)
+                if self._pending:
+                    pending, self._pending = self._pending, []
+                    await run_in_threadpool(_write_all, pending)
+            parser.finalize()
+        except FormParserError as e:  # malformed multipart body
+            raise APIError(400, f"could not parse the multipart body ({e})",
+                           INVALID_REQUEST) from e
+        except ClientDisconnect:
+            raise APIError(400, "the client went away before the upload ended",
+                           INVALID_REQUEST, "file") from None
+        finally:
+            for f in self._opened:
+                f.close()
+
+    # -- the parser's callbacks (synchronous; the file writes happen in read())
+
+    def _begin(self) -> None:
+        self._header, self._value, self._disposition = b"", b"", b""
+        self._field, self._out = None, None
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header += data[start:end]
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+        if len(self._value) > _MAX_FIELD_BYTES:
+            raise APIError(400, "a part's header is longer than 64 KiB", INVALID_REQUEST)
+
+    def _header_end(self) -> None:
+        if self._header.strip().lower() == b"content-disposition":
+            self._disposition = self._value
+        self._header, self._value = b"", b""
+
+    def _headers_finished(self) -> None:
+        _, options = parse_options_header(self._disposition)
+        if b"name" not in options:
+            raise APIError(400, "could not parse the multipart body (a part has no name in "
+                                "its Content-Disposition)", INVALID_REQUEST)
+        field = options[b"name"].decode("utf-8", "replace")
+        if b"filename" not in options:
+            self._field = (field, bytearray())
+            return
+        if len(self.files) >= _MAX_FILES:
+            raise APIError(400, f"file: at most {_MAX_FILES} files in one upload (an adapter "
+                                "needs adapter_config.json and adapter_model.safetensors)",
+                           INVALID_REQUEST, "file")
+        sent = options[b"filename"].decode("utf-8", "replace")
+        bare = Path(sent.replace("\\", "/")).name
+        acceptable = _FILE_NAME.fullmatch(bare) and all(n != bare for _, n in self.files)
+        self.files.append((sent, bare))
+        if acceptable:
+            self._out = (self.folder / bare).open("wb")
+            self._opened.append(self._out)
+
+    def _data(self, data: bytes, start: int, end: int) -> None:
+        if self._field is not None:
+            value = self._field[1]
+            if len(value) + end - start > _MAX_FIELD_BYTES:
+                raise APIError(400, f"{self._field[0]}: a form field's value is longer than "
+                                    "64 KiB", INVALID_REQUEST, self._field[0])
+            value += data[start:end]
+            return
+        self.file_bytes += end - start
+        if self._out is not None and self.file_bytes <= self.cap:
+            self._pending.append((self._out, data[start:end]))
+
+    def _end(self) -> None:
+        if self._field is not None:
+            self.fields.append((self._field[0], self._field[1].decode("utf-8", "replace")))
+            self._field = None
+
+
+def _write_all(pending: list[tuple[BinaryIO, bytes]]) -> None:
+    for f, data in pending:
+        f.write(data)
+
+
+def _upload_form(form: MultipartUpload) -> tuple[str, bool, bool]:
+    """A multipart upload's name, pin and overwrite; every problem with the form (its fields
+    and file parts) in one 400."""
+    fields: dict[str, str] = {}
+    for k, v in form.fields:
+        fields.setdefault(k, v)
+    name = fields.get("name")
+    if not name:
         raise APIError(400, "name: a multipart upload needs a 'name' field (the adapter's "
                             "name, [A-Za-z0-9._-]{1,64})", INVALID_REQUEST, "name")
-    pin, overwrite = (str(form.get(k, "false")).strip().lower() in ("1", "true", "yes", "on")
+    pin, overwrite = (fields.get(k, "false").strip().lower() in ("1", "true", "yes", "on")
                       for k in ("pin", "overwrite"))
-    files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
     problems = [f"{k}: unknown field (send {', '.join(_FORM_FIELDS)} and file parts)"
-                for k, v in form.multi_items()
-                if not isinstance(v, UploadFile) and k not in _FORM_FIELDS]
-    names = [Path((f.filename or "").replace("\\", "/")).name for f in files]
-    problems += [f"file {f.filename!r}: not an acceptable file name" for f, n in
-                 zip(files, names, strict=True) if not _FILE_NAME.fullmatch(n)]
-    if not files:
+                for k, _ in form.fields if k not in _FORM_FIELDS]
+    names = [bare for _, bare in form.files]
+    problems += [f"file {sent!r}: not an acceptable file name" for sent, bare in form.files
+                 if not _FILE_NAME.fullmatch(bare)]
+    if not form.files:
         problems.append("no files: attach adapter_config.json and "
                         "adapter_model.safetensors as file parts")
     if len(set(names)) != len(names):
@@ -210,4 +341,4 @@ def _upload_form(form: FormData) -> tuple[str, bool, bool, list[UploadFile], lis
     if problems:
         raise APIError(400, "; ".join(problems), INVALID_REQUEST,
                        "name" if problems[0].startswith("name") else "file")
-    return name, pin, overwrite, files, names
+    return name, pin, overwrite

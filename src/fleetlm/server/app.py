@@ -9,6 +9,13 @@ error becomes an OpenAI-shaped response through :mod:`fleetlm.server.errors` (ne
 traceback); a generation request refused before it was tracked is counted by the
 ``fleetlm_refused_requests`` metric.
 
+Request bodies are bounded before any handler reads them (:class:`BodyLimit`, pure ASGI):
+``max_body_bytes`` for every request, ``max_upload_bytes`` (plus room for the multipart
+framing) for a multipart upload to ``/v1/adapters``, whose handler enforces the exact cap on
+the files themselves. The bytes are counted as they arrive, so a client that sends no
+Content-Length (chunked) or a huge body is cut off at the limit with a 413, never buffered
+whole (docs/limits.md).
+
 This module knows how the pieces fit; what each endpoint does is in its own module, and
 tokens, batching and adapters are the engine's.
 """
@@ -16,8 +23,8 @@ tokens, batching and adapters are the engine's.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,8 +32,19 @@ from fastapi.responses import JSONResponse
 
 from fleetlm.engine.engine import Engine
 from fleetlm.errors import FleetLMError
-from fleetlm.server.adapters_api import adapters_router
-from fleetlm.server.errors import APIError, api_error, error_body, validation_error
+from fleetlm.server.adapters_api import (
+    UPLOAD_PATH,
+    adapters_router,
+    size_text,
+    upload_too_large,
+)
+from fleetlm.server.errors import (
+    INVALID_REQUEST,
+    APIError,
+    api_error,
+    error_body,
+    validation_error,
+)
 from fleetlm.server.local import LocalModel
 from fleetlm.server.metrics import ServerMetrics
 from fleetlm.server.openai_routes import GENERATION_PATHS, OpenAIRoutes
@@ -34,10 +52,27 @@ from fleetlm.server.openai_routes import GENERATION_PATHS, OpenAIRoutes
 if TYPE_CHECKING:
     from fleetlm.server.hybrid import Router
 
+MIB = 1 << 20
+# JSON bodies: a 128k-token prompt for a large upstream is ~0.5 MB of text; 4 MiB leaves room
+# for long multi-turn chats and still bounds what one request can make the server hold
+DEFAULT_MAX_BODY_BYTES = 4 * MIB
+# an adapter's files: a rank-16 LoRA of an 8B model on every projection is ~170 MB in float32
+DEFAULT_MAX_UPLOAD_BYTES = 512 * MIB
+# room for the multipart framing around the files (part headers, the name/pin fields)
+_MULTIPART_SLACK = 1 * MIB
 
-def create_app(engine: Engine, model_name: str, routes: Router | None = None) -> FastAPI:
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+def create_app(engine: Engine, model_name: str, routes: Router | None = None, *,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> FastAPI:
     """The API over ``engine``; with ``routes`` (``fleetlm serve --config``) the route names
-    are models too, answered by :class:`fleetlm.server.hybrid.Router`."""
+    are models too, answered by :class:`fleetlm.server.hybrid.Router`. ``max_body_bytes``
+    bounds every request body, ``max_upload_bytes`` the files of one adapter upload."""
     lifespan = None
     if routes is not None:
         router = routes
@@ -50,8 +85,15 @@ def create_app(engine: Engine, model_name: str, routes: Router | None = None) ->
     app = FastAPI(title="fleetlm", docs_url=None, redoc_url=None, lifespan=lifespan)
     metrics = ServerMetrics()
     _add_error_handlers(app, metrics)
+
+    def refused(path: str, status: int) -> None:
+        if path in GENERATION_PATHS:
+            metrics.refused.labels(model="unknown", code=str(status)).inc()
+
+    app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes,  # type: ignore[arg-type]
+                       max_upload_bytes=max_upload_bytes, on_refused=refused)
     if engine.store is not None:
-        app.include_router(adapters_router(engine, model_name))
+        app.include_router(adapters_router(engine, model_name, max_upload_bytes))
     if routes is not None:
         routes.attach(metrics)
     local = LocalModel(engine, model_name, metrics)
@@ -84,3 +126,80 @@ def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
     @app.exception_handler(Exception)
     async def on_any(request: Request, e: Exception) -> JSONResponse:
         return respond(request, api_error(e))
+
+
+class _TooLarge(Exception):
+    """Raised into the app by :class:`BodyLimit`'s ``receive`` once the body is over."""
+
+
+class BodyLimit:
+    """Pure ASGI middleware: a request body over its limit is answered 413 (OpenAI-shaped,
+    naming the limit and the ``fleetlm serve`` option that sets it) and the connection is
+    closed. A declared Content-Length over the limit is refused before a byte is read; else
+    the ``http.request`` messages are counted as the app reads them, and at the first one
+    past the limit the app's ``receive`` raises, whatever the app answers is dropped, and
+    the 413 goes out instead. Nothing is buffered here."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], *,
+                 max_body_bytes: int, max_upload_bytes: int,
+                 on_refused: Callable[[str, int], None] | None = None) -> None:
+        self.app, self.max_body, self.max_upload = app, max_body_bytes, max_upload_bytes
+        self.on_refused = on_refused
+
+    def limit(self, scope: Scope) -> tuple[int, APIError]:
+        """The byte limit of this request, and the error that refuses it."""
+        headers = dict(scope.get("headers") or ())
+        ctype = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
+        if scope["path"] == UPLOAD_PATH and scope["method"] == "POST" \
+                and ctype == b"multipart/form-data":
+            return self.max_upload + _MULTIPART_SLACK, upload_too_large(self.max_upload)
+        return self.max_body, APIError(
+            413, f"the request body is larger than the limit of {size_text(self.max_body)}; send "
+                 "a smaller body, or raise the limit with `fleetlm serve --max-body-mb`",
+            INVALID_REQUEST, None, "request_too_large")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit, err = self.limit(scope)
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self.refuse(scope, receive, send, err)
+            return
+        received, over, started = 0, False, False
+
+        async def counted() -> Message:
+            nonlocal received, over
+            if over:
+                raise _TooLarge
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    over = True
+                    raise _TooLarge
+            return message
+
+        async def guarded(message: Message) -> None:
+            nonlocal started
+            if over and not started:
+                return  # the app's answer to a cut-off body: the 413 replaces it
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, guarded)
+        except Exception:
+            if not over:
+                raise
+        if over and not started:
+            await self.refuse(scope, receive, send, err)
+
+    async def refuse(self, scope: Scope, receive: Receive, send: Send, err: APIError) -> None:
+        """The 413, then the connection closes (the rest of the body is never read)."""
+        if self.on_refused is not None:
+            self.on_refused(scope["path"], err.status)
+        response = JSONResponse(error_body(err), status_code=err.status,
+                                headers={"Connection": "close"})
+        await response(scope, receive, send)

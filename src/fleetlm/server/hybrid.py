@@ -15,8 +15,9 @@ A chat request whose ``model`` names a route goes through :meth:`Router.chat`:
    memory) and the answer, streamed or not, gets the values back; with ``pii: block`` a
    request with personal data is refused. Detection failing never lets a text out: ``block``
    answers 503, ``redact`` answers with the small model, flagged;
-3. when every upstream fails (down, timing out, 5xx after retries), the small model's answer
-   is sent, flagged as a fallback (or an error with ``on_large_failure: error``): never a hang;
+3. when every upstream fails (down, timing out, 5xx after retries, or skipped because its
+   circuit breaker is open), the small model's answer is sent, flagged as a fallback (or an
+   error with ``on_large_failure: error``): never a hang;
 4. every request is one ledger row: route, policy, score, decision, model, tokens, latency,
    cost, and the PII entity types and counts (never values).
 
@@ -24,6 +25,11 @@ The response says who answered: the ``model`` field (the small model's name, or 
 upstream's) and the ``x-fleetlm-route`` header (``route=..; policy=..; score=..;
 decision=..; model=..; overhead_ms=..``). A fallback also carries ``x-fleetlm-fallback``.
 Non-streaming bodies repeat it under ``"fleetlm"``.
+
+Before anything is generated, a route that can escalate refuses (400) a ``max_tokens`` or
+``max_completion_tokens`` above the smallest ``max_tokens`` cap of its upstreams, and what
+goes upstream carries the validated numbers (``max_tokens``, ``n``), not the client's raw
+JSON values. Each upstream's circuit state is a gauge in ``/metrics``, read at scrape time.
 
 This module knows routes, upstreams and HTTP; generating is the local path's
 (:class:`~fleetlm.server.local.LocalModel`), and the task of a ``task: adapter`` route is read
@@ -38,12 +44,15 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from prometheus_client import Counter
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from fleetlm.adapters.task_card import Row, Task, read_task_card, task_messages
 from fleetlm.engine.engine import EngineEvent
@@ -62,6 +71,7 @@ from fleetlm.router.policies import (
     decide,
 )
 from fleetlm.router.upstream import (
+    CircuitOpen,
     StreamInterrupted,
     UpstreamClient,
     UpstreamResponse,
@@ -166,6 +176,7 @@ class Router:
                  ledger: Ledger) -> None:
         self.config, self.routes, self.upstreams, self.ledger = config, routes, upstreams, ledger
         self.metrics: ServerMetrics | None = None
+        self.skipped: Counter | None = None  # upstreams skipped (open circuit), once attached
 
     @classmethod
     def build(cls, config: RoutesConfig, *, served: Iterable[str],
@@ -231,7 +242,12 @@ class Router:
         return cls.build(config, served=served, check_small=check_small, task_card=task_card)
 
     def attach(self, metrics: ServerMetrics) -> None:
+        """Count into ``metrics``, and add the upstreams' circuit gauges to its registry."""
         self.metrics = metrics
+        self.skipped = Counter("fleetlm_upstream_skipped", "Large upstreams skipped without a "
+                               "request because their circuit breaker was open",
+                               ["route", "upstream"], registry=metrics.registry)
+        metrics.registry.register(_CircuitCollector(self.upstreams))
 
     def models(self, now: int) -> list[dict[str, Any]]:
         """The routes as /v1/models entries."""
@@ -253,6 +269,7 @@ class Router:
             small_req = small_req.model_copy(update={"response_format": {
                 "type": "choice", "choices": list(route.cfg.labels)}})
         prompt: str | None = None
+        self._check_upstream_limits(route, req)
         if route.task is not None:
             small_req, prompt = self._task_request(rr, req, small_req)
         request.state.tracked = True  # the local path and the ledger count it from here
@@ -278,6 +295,26 @@ class Router:
             rr.flags.append("cancelled")
             self._record(rr)
             raise
+
+    def _check_upstream_limits(self, route: Route, req: ChatCompletionRequest) -> None:
+        """Refuse (400) a token limit the route's upstreams would not be sent: below 1, or
+        above the smallest ``max_tokens`` cap of the chain (the request must fit whichever
+        upstream answers). A request that sets none is sent without (the upstream's default)."""
+        if not route.cfg.large:
+            return  # never escalates
+        caps = [(c, n) for n in route.cfg.large
+                if (c := self.upstreams.upstreams[n].max_tokens) is not None]
+        cap, name = min(caps) if caps else (None, "")
+        for field_name in ("max_tokens", "max_completion_tokens"):
+            value = getattr(req, field_name)
+            if value is not None and value < 1:
+                raise APIError(400, f"{field_name}={value}: must be >= 1", INVALID_REQUEST,
+                               field_name)
+            if value is not None and cap is not None and value > cap:
+                raise APIError(400, f"{field_name}={value}: route {route.name!r} may escalate "
+                                    f"to upstream {name!r}, which allows at most {cap} "
+                                    f"(upstreams.{name}.max_tokens in the routes config); send "
+                                    f"{field_name} <= {cap}", INVALID_REQUEST, field_name)
 
     @staticmethod
     def _task_request(rr: _Request, req: ChatCompletionRequest,
@@ -392,7 +429,7 @@ class Router:
                         answer: tuple[list[int], list[EngineEvent], None] | None) -> Any:
         route = rr.route
         rr.decision = "large"
-        body = await _client_body(request)
+        body = await _client_body(request, req)
         if rr.upstream_messages is not None:  # task: adapter -- the task, labels listed
             body["messages"] = rr.upstream_messages
         mapping: PiiMapping | None = None
@@ -507,7 +544,11 @@ class Router:
     def _count_failures(self, route: Route, failures: Iterable[Any]) -> None:
         if self.metrics is not None:
             for f in failures:
-                self.metrics.upstream_failures.labels(route=route.name, upstream=f.upstream).inc()
+                if isinstance(f, CircuitOpen) and self.skipped is not None:  # no request sent
+                    self.skipped.labels(route=route.name, upstream=f.upstream).inc()
+                else:
+                    self.metrics.upstream_failures.labels(route=route.name,
+                                                          upstream=f.upstream).inc()
 
     # -- the ledger --------------------------------------------------------------------
 
@@ -543,6 +584,28 @@ class Router:
 
 # ------------------------------------------------------------------------------ helpers
 
+_CIRCUIT_VALUE = {"closed": 0.0, "half-open": 1.0, "open": 2.0}
+
+
+class _CircuitCollector(Collector):
+    """Each upstream's circuit breaker as gauges, read when /metrics is scraped."""
+
+    def __init__(self, client: UpstreamClient) -> None:
+        self.client = client
+
+    def collect(self) -> Iterator[Metric]:
+        state = GaugeMetricFamily("fleetlm_upstream_circuit_state", "Each large upstream's "
+                                  "circuit breaker: 0 closed, 1 half-open (a probe may go), "
+                                  "2 open (skipped)", labels=["upstream"])
+        failures = GaugeMetricFamily("fleetlm_upstream_consecutive_failures", "Failed calls "
+                                     "to each large upstream since its last success",
+                                     labels=["upstream"])
+        for name, breaker in self.client.breakers.items():
+            state.add_metric([name], _CIRCUIT_VALUE[breaker.state])
+            failures.add_metric([name], breaker.consecutive)
+        yield state
+        yield failures
+
 
 def _slow(policy: Policy) -> bool:
     """A classifier on the full MiniLM (~20 ms a prompt on a CPU); its static-embedding
@@ -565,10 +628,14 @@ def _tenant(request: Request) -> str:
     return ""
 
 
-async def _client_body(request: Request) -> dict[str, Any]:
+async def _client_body(request: Request, req: ChatCompletionRequest) -> dict[str, Any]:
     """The client's JSON as sent (OpenAI fields fleetlm does not read are passed on), less
-    what only fleetlm understands; the upstream client sets ``model``."""
+    what only fleetlm understands, with the fields fleetlm checked as it read them (``"n":
+    "2"`` goes up as 2); the upstream client sets ``model``."""
     body = dict(await request.json())
+    for k in ("max_tokens", "max_completion_tokens", "n"):
+        if k in body:
+            body[k] = getattr(req, k)
     for k in _LOCAL_ONLY:
         body.pop(k, None)
     rf = body.get("response_format")

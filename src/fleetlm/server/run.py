@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import Field
+
 from fleetlm.config import StrictModel
 from fleetlm.errors import FleetLMError
 
@@ -46,6 +48,10 @@ class ServeSettings(StrictModel):
     max_lora_rank: int = 16
     config: Path | None = None  # routes config (YAML)
     grace_s: float = 30.0  # requests in flight get this long after a stop signal
+    # the largest request body, and the largest adapter upload (its files), in MiB: over
+    # them a request is refused with 413 (docs/limits.md)
+    max_body_mb: float = Field(4.0, gt=0)
+    max_upload_mb: float = Field(512.0, gt=0)
 
 
 @dataclass
@@ -90,7 +96,9 @@ def build(settings: ServeSettings, say: Callable[[str], None]) -> Served:
         for warning in router.upstreams.missing_keys():
             say(f"fleetlm: warning: {warning}")
         say(f"fleetlm: routes {', '.join(router.routes)}; ledger {router.ledger.path}")
-    return Served(s, name, root, engine, create_app(engine, name, router), router)
+    app = create_app(engine, name, router, max_body_bytes=int(s.max_body_mb * (1 << 20)),
+                     max_upload_bytes=int(s.max_upload_mb * (1 << 20)))
+    return Served(s, name, root, engine, app, router)
 
 
 def run(served: Served) -> None:
