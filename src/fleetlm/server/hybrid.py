@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import Counter
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -85,7 +85,7 @@ from fleetlm.server.errors import (
     error_body,
     generation_failed,
 )
-from fleetlm.server.local import LocalModel, adapter_of
+from fleetlm.server.local import CLIENT_CLOSED, ClientGone, LocalModel, adapter_of
 from fleetlm.server.protocol import ChatCompletionRequest, ChatMessage, sse
 
 if TYPE_CHECKING:
@@ -137,6 +137,7 @@ class _Request:
     route: Route
     request_id: str
     tenant: str
+    client: Request | None = None  # the HTTP request: a non-streaming answer watches it
     started: float = field(default_factory=time.perf_counter)
     overhead_s: float = 0.0  # the router's own time: scoring, PII, restoring (no model time)
     local_s: float = 0.0  # time the small model worked on this request
@@ -263,7 +264,8 @@ class Router:
 
     async def chat(self, req: ChatCompletionRequest, request: Request, local: LocalModel) -> Any:
         route = self.routes[req.model]
-        rr = _Request(route, request_id=f"route-{uuid.uuid4().hex[:16]}", tenant=_tenant(request))
+        rr = _Request(route, request_id=f"route-{uuid.uuid4().hex[:16]}", tenant=_tenant(request),
+                      client=request)
         small_req = req.model_copy(update={"model": route.cfg.small})
         if route.cfg.labels and req.response_format is None:
             small_req = small_req.model_copy(update={"response_format": {
@@ -406,7 +408,13 @@ class Router:
                     rr.local_s += time.perf_counter() - t
                     self._record(rr)
             return sse(chunks(), rr.headers())
-        results = list(await asyncio.gather(*(local.collect(s) for s in streams)))
+        try:
+            results = await local.collect_all(streams, rr.client)
+        except ClientGone:  # its choices are cancelled; the ledger row says so
+            rr.local_s += time.perf_counter() - t
+            rr.flags.append("cancelled")
+            self._record(rr)
+            return Response(status_code=CLIENT_CLOSED)  # nobody reads it
         rr.local_s += time.perf_counter() - t
         body = local.chat_body(small_req, ids, results)
         rr.completion_tokens = body["usage"]["completion_tokens"]

@@ -19,10 +19,11 @@ stream; it does not know routes, upstreams or HTTP routing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fleetlm.engine.engine import Engine, EngineEvent
 from fleetlm.engine.sampling_params import SamplingParams
@@ -30,6 +31,9 @@ from fleetlm.models.chat import chat_ids, has_chat_template
 from fleetlm.server.errors import INVALID_REQUEST, APIError, error_body, generation_failed
 from fleetlm.server.metrics import ServerMetrics
 from fleetlm.server.protocol import ChatCompletionRequest, CompletionRequest, usage
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
 
 DEFAULT_MAX_TOKENS = 256  # chat, when the request sets no max_tokens (completions: 16)
 # A prompt's characters, at most, per token of the engine's context (max_len), checked before
@@ -44,6 +48,15 @@ PROMPT_CHARS_PER_TOKEN = 16
 INLINE_TOKENISE_CHARS = 1024
 
 Streams = list[AsyncIterator[EngineEvent]]
+# How often a non-streaming request checks that its client is still there (seconds): the
+# longest a gone client's request keeps generating, plus one engine step.
+DISCONNECT_POLL_S = 0.25
+CLIENT_CLOSED = 499  # the status logged for a request whose client left (as nginx)
+
+
+class ClientGone(Exception):
+    """The client of a non-streaming request disconnected before its answer was ready."""
+
 
 
 def adapter_of(model: str, model_name: str, store: Any) -> str | None:
@@ -153,6 +166,26 @@ class LocalModel:
     @staticmethod
     async def collect(stream: AsyncIterator[EngineEvent]) -> list[EngineEvent]:
         return [ev async for ev in stream]
+
+    async def collect_all(self, streams: Streams, client: Request | None = None,
+                          ) -> list[list[EngineEvent]]:
+        """Every choice's events. With ``client``, its connection is checked every
+        ``DISCONNECT_POLL_S``: if it has gone, the choices are cancelled (closing a stream
+        cancels its engine request, whose KV row is freed at the next step) and
+        :class:`ClientGone` is raised."""
+        work = asyncio.ensure_future(asyncio.gather(*(self.collect(s) for s in streams)))
+        try:
+            while True:
+                await asyncio.wait([work], timeout=None if client is None else DISCONNECT_POLL_S)
+                if work.done():
+                    return list(work.result())
+                if client is not None and await client.is_disconnected():
+                    raise ClientGone
+        finally:
+            if not work.done():
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await work
 
     # -- chat ----------------------------------------------------------------------------
 

@@ -19,17 +19,15 @@ which of them answers.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from fleetlm.engine.engine import Engine, EngineEvent
+from fleetlm.engine.engine import Engine
 from fleetlm.server.errors import INVALID_REQUEST, APIError
-from fleetlm.server.local import LocalModel, Streams
+from fleetlm.server.local import CLIENT_CLOSED, ClientGone, LocalModel
 from fleetlm.server.metrics import ServerMetrics
 from fleetlm.server.protocol import ChatCompletionRequest, CompletionRequest, sse
 
@@ -37,10 +35,6 @@ if TYPE_CHECKING:
     from fleetlm.server.hybrid import Router
 
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
-# How often a non-streaming request checks that its client is still there (seconds): the
-# longest a gone client's request keeps generating, plus one engine step.
-DISCONNECT_POLL_S = 0.25
-CLIENT_CLOSED = 499  # the status logged for a request whose client left (as nginx)
 
 
 class OpenAIRoutes:
@@ -93,23 +87,6 @@ class OpenAIRoutes:
     def label(self, model: str) -> str:
         return self.metrics.model_label(model, served=self.served(model))
 
-    async def collect(self, request: Request, streams: Streams) -> list[list[EngineEvent]]:
-        """Every choice's events; if the client disconnects first, the choices are cancelled
-        (closing a stream cancels its engine request) and _ClientGone is raised."""
-        work = asyncio.ensure_future(asyncio.gather(*(self.local.collect(s) for s in streams)))
-        try:
-            while True:
-                await asyncio.wait([work], timeout=DISCONNECT_POLL_S)
-                if work.done():
-                    return list(work.result())
-                if await request.is_disconnected():
-                    raise _ClientGone
-        finally:
-            if not work.done():
-                work.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await work
-
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Any:
         request.state.model = self.label(req.model)
         if self.routes is not None and req.model in self.routes.routes:
@@ -119,8 +96,8 @@ class OpenAIRoutes:
         if req.stream:
             return sse(self.local.chat_chunks(req, streams))
         try:
-            results = await self.collect(request, streams)
-        except _ClientGone:
+            results = await self.local.collect_all(streams, request)
+        except ClientGone:
             return Response(status_code=CLIENT_CLOSED)  # nobody reads it
         return self.local.chat_body(req, ids, results)
 
@@ -135,11 +112,8 @@ class OpenAIRoutes:
         if req.stream:
             return sse(self.local.completion_chunks(req, ids, echo, streams))
         try:
-            results = await self.collect(request, streams)
-        except _ClientGone:
+            results = await self.local.collect_all(streams, request)
+        except ClientGone:
             return Response(status_code=CLIENT_CLOSED)  # nobody reads it
         return self.local.completion_body(req, ids, echo, results)
 
-
-class _ClientGone(Exception):
-    """The client of a non-streaming request disconnected before its answer was ready."""
