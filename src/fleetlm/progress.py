@@ -15,8 +15,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
 
@@ -165,14 +163,6 @@ class Progress:
     def _emit(self, state: _Plain, now: float) -> None:
         state.last_print = now
         print(state.line(self.label, now), file=self.stream, flush=True)
-
-
-@contextmanager
-def progress_task(label: str, description: str, total: int | None = None, *,
-                  stream: IO[str] | None = None) -> Iterator[Update]:
-    """One stage's update callback inside its own :class:`Progress`."""
-    with Progress(label, stream=stream) as p:
-        yield p.task(description, total)
 
 
 def _isatty(stream: IO[str]) -> bool:

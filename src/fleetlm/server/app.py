@@ -84,7 +84,9 @@ def create_app(engine: Engine, model_name: str, routes: Router | None = None, *,
 
     app = FastAPI(title="fleetlm", docs_url=None, redoc_url=None, lifespan=lifespan)
     metrics = ServerMetrics()
-    _add_error_handlers(app, metrics)
+    local = LocalModel(engine, model_name, metrics)
+    openai = OpenAIRoutes(engine, model_name, local, metrics, routes)
+    _add_error_handlers(app, metrics, openai.label)
 
     def refused(path: str, status: int) -> None:
         if path in GENERATION_PATHS:
@@ -96,19 +98,21 @@ def create_app(engine: Engine, model_name: str, routes: Router | None = None, *,
         app.include_router(adapters_router(engine, model_name, max_upload_bytes))
     if routes is not None:
         routes.attach(metrics)
-    local = LocalModel(engine, model_name, metrics)
-    app.include_router(OpenAIRoutes(engine, model_name, local, metrics, routes).router())
+    app.include_router(openai.router())
     return app
 
 
-def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
-    """Every error answers OpenAI-shaped; expected errors are a response, not a traceback."""
+def _add_error_handlers(app: FastAPI, metrics: ServerMetrics,
+                        label: Callable[[str], str]) -> None:
+    """Every error answers OpenAI-shaped; expected errors are a response, not a traceback.
+    ``label`` turns a refused request's ``model`` into its bounded metric label."""
 
     def respond(request: Request, err: APIError) -> JSONResponse:
         """The error response; a generation request refused before it was tracked is counted."""
         if request.url.path in GENERATION_PATHS and not getattr(request.state, "tracked", False):
-            model = getattr(request.state, "model", None) or "unknown"
-            metrics.refused.labels(model=model, code=str(err.status)).inc()
+            model = getattr(request.state, "model", None)
+            metrics.refused.labels(model=label(model) if model else "unknown",
+                                   code=str(err.status)).inc()
         return JSONResponse(error_body(err), status_code=err.status, headers=err.headers)
 
     @app.exception_handler(APIError)

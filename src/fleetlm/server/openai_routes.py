@@ -85,10 +85,11 @@ class OpenAIRoutes:
         return store is not None and store.exists(adapter)
 
     def label(self, model: str) -> str:
+        """The refusal metric's (bounded) label for ``model``."""
         return self.metrics.model_label(model, served=self.served(model))
 
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Any:
-        request.state.model = self.label(req.model)
+        request.state.model = req.model  # labelled (bounded) only if it is refused
         if self.routes is not None and req.model in self.routes.routes:
             return await self.routes.chat(req, request, self.local)
         ids, streams = await self.local.open_chat(req)
@@ -102,7 +103,7 @@ class OpenAIRoutes:
         return self.local.chat_body(req, ids, results)
 
     async def completions(self, req: CompletionRequest, request: Request) -> Any:
-        request.state.model = self.label(req.model)
+        request.state.model = req.model  # labelled (bounded) only if it is refused
         if self.routes is not None and req.model in self.routes.routes:
             raise APIError(400, f"model {req.model!r} is a route; routes answer "
                                 "/v1/chat/completions only", INVALID_REQUEST, "model",
