@@ -12,10 +12,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +23,7 @@ import httpx
 import pytest
 
 from tests.openai_stub import Reply, stub_starter
-from tests.server.conftest import MODEL
+from tests.server.conftest import MODEL, serve_app
 
 pytestmark = pytest.mark.slow
 
@@ -45,25 +43,6 @@ class Switch:
         if self.mode == "slow":
             return Reply("late", delay_s=5.0)
         return Reply("from upstream")
-
-
-@contextlib.contextmanager
-def _serve(app: Any) -> Iterator[str]:
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    while not srv.started:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        t.join(10)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +82,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     router = Router.for_server(parse_routes(raw, base_dir=tmp), MODEL, store)
     app = create_app(engine, MODEL, router, max_body_bytes=BODY_LIMIT,
                      max_upload_bytes=UPLOAD_LIMIT)
-    with _serve(app) as url:
+    with serve_app(app) as url:
         yield {"url": url, "lm": lm, "root": tmp / "adapters", "echo": echo, "flaky": flaky,
                "router": router}
     router.ledger.close()

@@ -11,11 +11,9 @@ time limits, the failover chain, and one ledger row per request with entity coun
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +27,7 @@ from fleetlm.router.ledger import Ledger
 from fleetlm.router.policies import decide
 from fleetlm.server.hybrid import FALLBACK_HEADER, ROUTE_HEADER, Router
 from tests.openai_stub import Reply, stub_starter
-from tests.server.conftest import MODEL
+from tests.server.conftest import MODEL, serve_app
 
 pytestmark = pytest.mark.slow
 
@@ -95,23 +93,6 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@contextlib.contextmanager
-def _serve(app: Any) -> Iterator[str]:
-    import uvicorn
-
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    while not srv.started:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        t.join(10)
-
-
 def _echo(body: dict[str, Any], _i: int) -> Reply:
     """The last user message back, in 3-character pieces (placeholders cut across chunks)."""
     text = next(m["content"] for m in reversed(body["messages"]) if m["role"] == "user")
@@ -138,7 +119,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     start = next(stubs)
     echo, slow, broken = start(_echo), start(Reply("late", delay_s=5.0)), start(Reply(status=500))
     upstream = Recorder(create_app(engine, MODEL))
-    with _serve(upstream) as up_url:
+    with serve_app(upstream) as up_url:
         common = {"small": MODEL, "policy": "always-large"}
         raw = {
             "upstreams": {
@@ -181,7 +162,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         }
         cfg = parse_routes(raw, base_dir=tmp)
         router = Router.for_server(cfg, MODEL, store)
-        with _serve(create_app(engine, MODEL, router)) as url:
+        with serve_app(create_app(engine, MODEL, router)) as url:
             yield {"url": url, "router": router, "upstream": upstream, "echo": echo,
                    "slow": slow, "broken": broken, "ledger_path": tmp / "ledger.sqlite3"}
         router.ledger.close()
