@@ -79,6 +79,15 @@ def test_hostile_patterns_are_validated_within_a_second(tmp_path: Path, tiny_bas
         assert results[case]["outcome"] == "accepted", results[case]
 
 
+def _adapter_with(tmp_path: Path, base_cfg: LlamaConfig, changes: dict[str, Any]) -> Path:
+    """A random rank-4 adapter whose adapter_config.json has ``changes`` applied."""
+    folder = make_random_adapter(tmp_path / "src", base_cfg, rank=4)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config.update(changes)
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
 @pytest.mark.parametrize("changes, key", [
     ({"rank_pattern": {"q(?=_proj)": 2}}, "rank_pattern key 'q(?=_proj)'"),
     ({"alpha_pattern": {"(?<!k)_proj": 2.0}}, "alpha_pattern key '(?<!k)_proj'"),
@@ -89,10 +98,7 @@ def test_hostile_patterns_are_validated_within_a_second(tmp_path: Path, tiny_bas
 ])
 def test_patterns_re2_cannot_run_are_refused(tmp_path: Path, base_cfg: LlamaConfig,
                                              changes: dict[str, Any], key: str) -> None:
-    folder = make_random_adapter(tmp_path / "src", base_cfg, rank=4)
-    config = json.loads((folder / "adapter_config.json").read_text())
-    config.update(changes)
-    (folder / "adapter_config.json").write_text(json.dumps(config))
+    folder = _adapter_with(tmp_path, base_cfg, changes)
     store = AdapterStore(tmp_path / "store", base_cfg)
     with pytest.raises(AdapterError) as e:
         store.add(folder, name="la")
@@ -109,28 +115,19 @@ def test_patterns_re2_cannot_run_are_refused(tmp_path: Path, base_cfg: LlamaConf
 ])
 def test_overlong_patterns_are_refused(tmp_path: Path, base_cfg: LlamaConfig,
                                        changes: dict[str, Any], key: str) -> None:
-    folder = make_random_adapter(tmp_path / "src", base_cfg, rank=4)
-    config = json.loads((folder / "adapter_config.json").read_text())
-    config.update(changes)
-    (folder / "adapter_config.json").write_text(json.dumps(config))
+    folder = _adapter_with(tmp_path, base_cfg, changes)
     with pytest.raises(AdapterError, match=f"{key}.* characters long; the limit is 1000"):
         AdapterStore(tmp_path / "store", base_cfg).add(folder)
 
 
 def test_too_many_pattern_keys_are_refused(tmp_path: Path, base_cfg: LlamaConfig) -> None:
-    folder = make_random_adapter(tmp_path / "src", base_cfg, rank=4)
-    config = json.loads((folder / "adapter_config.json").read_text())
-    config["rank_pattern"] = {f"layers\\.{i}\\.q_proj": 4 for i in range(1001)}
-    (folder / "adapter_config.json").write_text(json.dumps(config))
+    folder = _adapter_with(tmp_path, base_cfg, {"rank_pattern": {f"layers\\.{i}\\.q_proj": 4 for i in range(1001)}})
     with pytest.raises(AdapterError, match="rank_pattern has 1001 keys; the limit is 1000"):
         AdapterStore(tmp_path / "store", base_cfg).add(folder)
 
 
 def test_invalid_regex_still_named(tmp_path: Path, base_cfg: LlamaConfig) -> None:
-    folder = make_random_adapter(tmp_path / "src", base_cfg, rank=4)
-    config = json.loads((folder / "adapter_config.json").read_text())
-    config["rank_pattern"] = {"q_proj(": 4}
-    (folder / "adapter_config.json").write_text(json.dumps(config))
+    folder = _adapter_with(tmp_path, base_cfg, {"rank_pattern": {"q_proj(": 4}})
     with pytest.raises(AdapterError, match=r"rank_pattern key 'q_proj\(' is not a valid regular "
                                            r"expression"):
         AdapterStore(tmp_path / "store", base_cfg).add(folder)
