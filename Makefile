@@ -10,7 +10,7 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 	-DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
 PIP    := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: install serve test test-fast bench lint clean
+.PHONY: install postgres serve test test-fast bench lint clean
 
 install: $(STAMP)
 
@@ -29,10 +29,26 @@ $(STAMP): pyproject.toml Makefile
 serve: install
 	$(BIN)/fleetlm serve --model smollm2-135m --host 127.0.0.1 --port 8000
 
-test: install
+# PostgreSQL binaries for the tests (tests/postgres.py starts a throwaway server of its own;
+# nothing is configured or started here). Installs Debian's package only when no initdb is
+# found, so a second run does nothing; serving does not need it (SQLite is the default).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+postgres:
+	@if command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		:; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		echo "installing PostgreSQL for the state store's tests (apt-get install postgresql)"; \
+		$(SUDO) apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; \
+	else \
+		echo "warning: no PostgreSQL (initdb) and no apt-get: the PostgreSQL tests will be" \
+		     "skipped (they fail when CI=true); install PostgreSQL and put initdb on PATH"; \
+	fi
+
+test: install postgres
 	$(BIN)/python -m pytest -q
 
-test-fast: install
+test-fast: install postgres
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # the benchmark's llama.cpp baseline (llama-cpp-python builds from source: a few minutes, once)

@@ -75,3 +75,7 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+# a real PostgreSQL for the state store's tests (and the server's): see tests/postgres.py
+from tests.postgres import postgres_server, postgres_url, state_url  # noqa: E402, F401

@@ -2,6 +2,8 @@
 
 - no import cycle between modules (a package's ``__init__`` counts as a module);
 - the lower floors do not reach up: models -> engine, adapters -> engine, server -> tune;
+- ``state/`` (keys, tenants, audit, the ledger's table) is a floor below everything but
+  config, errors and paths: it imports nothing else of fleetlm;
 - only ``cli/`` and ``bench/`` import ``bench/``;
 - no function longer than 120 lines; the CLI holds wiring, not domain logic;
 - every module opens with a docstring; no module in server/ imports another's private names.
@@ -24,6 +26,8 @@ FORBIDDEN = {("models", "engine"), ("adapters", "engine"), ("server", "tune"),
              ("models", "server"), ("engine", "server"), ("adapters", "server"),
              ("router", "server"), ("privacy", "server"), ("tune", "server")}
 BENCH_IMPORTERS = {"cli", "bench"}
+# importer package -> the only layers of fleetlm it may import (a lower floor's whitelist)
+ONLY = {"state": {"state", "config", "errors", "paths"}}
 
 
 def modules(root: Path) -> dict[str, Path]:
@@ -119,7 +123,8 @@ def forbidden_imports(g: dict[str, dict[str, int]]) -> list[str]:
     for a, targets in g.items():
         for b, line in targets.items():
             la, lb = layer(a), layer(b)
-            if (la, lb) in FORBIDDEN or (lb == "bench" and la not in BENCH_IMPORTERS):
+            if ((la, lb) in FORBIDDEN or (lb == "bench" and la not in BENCH_IMPORTERS)
+                    or (la in ONLY and lb not in ONLY[la] and b != "fleetlm")):
                 bad.append(f"{a}:{line} imports {b} ({la} -> {lb})")
     return sorted(bad)
 
@@ -185,10 +190,14 @@ def test_walker_reports_forbidden_imports_with_their_line(tmp_path: Path) -> Non
         "router/__init__.py": "",
         "router/train.py": "def g():\n    from fleetlm.bench.route import f\n",
         "cli/__init__.py": "from fleetlm.bench import route\n",
+        "errors.py": "class E(Exception): pass\n",
+        "state/__init__.py": "",
+        "state/keys.py": "from fleetlm.errors import E\nfrom fleetlm.router import train\n",
     })
     assert forbidden_imports(graph(root)) == [
         "fleetlm.models.llama:3 imports fleetlm.engine.kv (models -> engine)",
         "fleetlm.router.train:2 imports fleetlm.bench.route (router -> bench)",
+        "fleetlm.state.keys:2 imports fleetlm.router.train (state -> router)",
     ]
 
 
@@ -222,6 +231,13 @@ def test_no_import_cycles(real_graph: dict[str, dict[str, int]]) -> None:
 
 def test_lower_floors_do_not_import_upper_ones(real_graph: dict[str, dict[str, int]]) -> None:
     assert forbidden_imports(real_graph) == []
+
+
+def test_the_state_store_is_a_lower_floor(real_graph: dict[str, dict[str, int]]) -> None:
+    state = {m: t for m, t in real_graph.items() if layer(m) == "state"}
+    assert "fleetlm.state.db" in state and "fleetlm.state.keys" in state  # the walker sees it
+    used = {layer(b) for targets in state.values() for b in targets}
+    assert used <= ONLY["state"], used
 
 
 def test_no_function_longer_than_120_lines() -> None:

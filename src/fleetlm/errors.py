@@ -21,6 +21,12 @@ class ConfigError(FleetLMError):
         self.param = param
 
 
+class StateError(FleetLMError):
+    """The state store (keys, tenants, audit log, ledger) cannot be used as asked: the
+    message names the option, field or command at fault and the fix. Defined here so the
+    HTTP error map needs no import of fleetlm.state; ``fleetlm.state.StateError`` is this."""
+
+
 class EngineBusy(FleetLMError):
     """The request queue is full; retry later (HTTP 429)."""
 

@@ -399,3 +399,24 @@ def test_report_savings_missing_and_empty_ledger(tmp_path: Path) -> None:
     assert r.exit_code == 0 and f"no requests in {led}" in r.stderr
     r = invoke("report", "savings", "--ledger", led, "--since", "yesterday")
     assert r.exit_code == 2 and "--since 'yesterday'" in r.stderr
+
+
+def test_report_savings_reads_the_state_store(state_url: str, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    savings_ledger(state_url)  # type: ignore[arg-type]  # a URL: the ledger in that store
+    r = invoke("report", "savings", "--state-db", state_url, "--json")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["requests"] == 5 and s["upstream_cost_usd"] == pytest.approx(0.01)
+    assert s["ledger"] == (state_url.removeprefix("sqlite:///") if "sqlite" in state_url
+                           else state_url)  # the file, or the URL (its password masked)
+    # the default: $FLEETLM_STATE_DB, else the data folder's state.db
+    monkeypatch.setenv("FLEETLM_STATE_DB", state_url)
+    assert json.loads(invoke("report", "savings", "--json").stdout)["requests"] == 5
+    monkeypatch.delenv("FLEETLM_STATE_DB")
+    monkeypatch.setenv("FLEETLM_HOME", str(tmp_path / "home"))
+    r = invoke("report", "savings")
+    assert r.exit_code == 2 and f"--state-db {tmp_path / 'home' / 'state.db'}: no state store " \
+                                "there" in r.stderr
+    r = invoke("report", "savings", "--state-db", state_url, "--ledger", tmp_path / "l.db")
+    assert r.exit_code == 2 and "give one" in r.stderr

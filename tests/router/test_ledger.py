@@ -1,5 +1,6 @@
 """The ledger: WAL on, rows round-trip, savings numbers checked by hand, safe from many
-threads, and a SIGKILL mid-write leaves every committed row readable."""
+threads, and a SIGKILL mid-write leaves every committed row readable. The tests taking
+``state_url`` run on SQLite and on PostgreSQL (tests/postgres.py)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ from fleetlm.router.ledger import (
     LedgerError,
     default_ledger_path,
     local_cost,
+    open_readonly,
     upstream_cost,
 )
+from fleetlm.state import open_state
 
 BIG = UpstreamConfig(base_url="http://h/v1", model="m", price_per_1m_input=2.5,
                      price_per_1m_output=10.0)
@@ -73,7 +76,7 @@ def test_entries_are_checked(tmp_path: Path) -> None:
         ledger.record(LedgerEntry(route="r", decision="small"))
 
 
-def test_savings_by_hand(tmp_path: Path) -> None:
+def test_savings_by_hand(state_url: str) -> None:
     base = upstream_cost(BIG, 1000, 1000)  # 0.0125: the all-large price of 1000 + 1000 tokens
     rows = [
         # small answered: 9 s of a $0.40/h machine = 0.001
@@ -97,7 +100,7 @@ def test_savings_by_hand(tmp_path: Path) -> None:
         LedgerEntry(ts=60, route="local-only", decision="small", prompt_tokens=10,
                     completion_tokens=10, cost_usd=0.002),
     ]
-    with Ledger(tmp_path / "l.sqlite3") as ledger:
+    with Ledger(state_url) as ledger:
         for r in rows:
             ledger.record(r)
         s = ledger.savings()
@@ -131,9 +134,9 @@ def test_savings_by_hand(tmp_path: Path) -> None:
         assert empty["requests"] == 0 and empty["saved_fraction"] is None
 
 
-def test_many_threads_and_fast_record(tmp_path: Path) -> None:
+def test_many_threads_and_fast_record(state_url: str) -> None:
     n_threads, per_thread = 8, 250
-    with Ledger(tmp_path / "l.sqlite3") as ledger:
+    with Ledger(state_url) as ledger:
         def work(t: int) -> None:
             for i in range(per_thread):
                 ledger.record(LedgerEntry(route=f"r{t}", decision="small", request_id=f"{t}-{i}"))
@@ -174,6 +177,52 @@ def test_close_flushes_and_readonly_reads(tmp_path: Path) -> None:
             ro.record(LedgerEntry(route="r", decision="small"))
 
 
+def test_round_trip_spend_and_cost_over_time(state_url: str) -> None:
+    with open_state(state_url) as db:
+        ledger = Ledger(db)
+        e = LedgerEntry(ts=100.25, request_id="r1", tenant="acme", route="support",
+                        policy="confidence", score=0.42, decision="large", model="some-large",
+                        upstream="big", prompt_tokens=12, completion_tokens=3, latency_ms=250.5,
+                        cost_usd=0.001, baseline_cost_usd=0.002,
+                        pii={"PERSON": 2, "EMAIL_ADDRESS": 1}, flags=["usage_estimated"])
+        ledger.record(e)
+        (got,) = ledger.query()
+        assert got.id is not None
+        got.id = None
+        assert got == e
+        assert ledger.journal_mode() == "wal" and ledger.schema_version() == 1
+        # spend: upstream rows of that tenant since the time, committed or only queued
+        for ts, tenant, upstream, cost in [(0, "acme", "big", 1.0), (50, "acme", None, 9.0),
+                                           (60, "acme", "big", 0.25), (70, "other", "big", 5.0),
+                                           (200, "acme", "small-up", 0.5)]:
+            ledger.record(LedgerEntry(ts=ts, tenant=tenant, route="r", decision="large",
+                                      upstream=upstream, cost_usd=cost))
+        assert ledger.spend("acme", since=50) == pytest.approx(0.25 + 0.001 + 0.5)
+        assert ledger.spend("acme", since=0) == pytest.approx(1.0 + 0.25 + 0.001 + 0.5)
+        assert ledger.spend("nobody", since=0) == 0.0
+        ledger.close()
+        # cost over time: 10 rows one second apart in 5 buckets of 1.8 s (floor, not round)
+        with Ledger(db) as ledger2:
+            for i in range(10):
+                ledger2.record(LedgerEntry(ts=1000.0 + i, route="t", decision="small",
+                                           cost_usd=1.0, baseline_cost_usd=2.0))
+            series = ledger2.cost_over_time(since=1000, points=5)
+        assert series == [(1001.0, 2.0, 4.0), (1003.0, 2.0, 4.0), (1005.0, 2.0, 4.0),
+                          (1007.0, 2.0, 4.0), (1009.0, 2.0, 4.0)]
+        assert db.engine.pool is not None  # the ledger did not close the store it was given
+        with db.read() as conn:
+            assert conn.exec_driver_sql("SELECT count(*) FROM requests").scalar() == 16
+
+
+def test_readonly_on_both_backends(state_url: str) -> None:
+    with Ledger(state_url) as ledger:
+        ledger.record(LedgerEntry(route="r", decision="blocked"))
+    with open_readonly(state_db=state_url) as ro:
+        assert ro.count() == 1 and ro.readonly
+        with pytest.raises(LedgerError, match="read-only"):
+            ro.record(LedgerEntry(route="r", decision="small"))
+
+
 def test_newer_schema_refused(tmp_path: Path) -> None:
     path = tmp_path / "l.sqlite3"
     Ledger(path).close()
@@ -185,11 +234,17 @@ def test_newer_schema_refused(tmp_path: Path) -> None:
         Ledger(path)
 
 
-def test_default_path_under_data_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_is_the_state_store_under_data_home(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLEETLM_HOME", str(tmp_path / "home"))
-    assert default_ledger_path() == tmp_path / "home" / "ledger.sqlite3"
+    monkeypatch.delenv("FLEETLM_STATE_DB", raising=False)
+    assert default_ledger_path() == tmp_path / "home" / "state.db"
     with Ledger() as ledger:
-        assert ledger.path == tmp_path / "home" / "ledger.sqlite3"
+        assert ledger.path == tmp_path / "home" / "state.db"
+    # $FLEETLM_STATE_DB names another store
+    monkeypatch.setenv("FLEETLM_STATE_DB", str(tmp_path / "elsewhere.db"))
+    with Ledger() as ledger:
+        assert ledger.path == tmp_path / "elsewhere.db"
 
 
 WRITER = textwrap.dedent("""

@@ -7,6 +7,9 @@
     adapters.py   fleetlm adapters ...      the adapter store (adapters/listing)
     route.py      fleetlm route ...         train, calibrate, evaluate a router (router/)
     report.py     fleetlm report savings    the cost ledger's savings (router/report)
+    keys.py       fleetlm keys ...          API keys: create (shown once), list, revoke (state/)
+    tenants.py    fleetlm tenants ...       tenants and their policies: create, list, set (state/)
+    audit.py      fleetlm audit             the audit log (state/audit)
     options.py    the options several commands share, and ``fail`` (error -> exit code 2)
 
 Each command declares its options, calls into the package that does the work, prints, and
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import typer
 
-from fleetlm.cli import adapters, bench, generate, report, route, serve, tune
+from fleetlm.cli import adapters, audit, bench, generate, keys, report, route, serve, tenants, tune
 
 app = typer.Typer(
     help="fleetlm: serve, route and tune small language models.",
@@ -31,11 +34,14 @@ app = typer.Typer(
 app.add_typer(generate.app)  # fleetlm generate
 app.add_typer(serve.app)  # fleetlm serve
 app.add_typer(tune.app)  # fleetlm tune
+app.add_typer(audit.app)  # fleetlm audit
 # groups: fleetlm GROUP COMMAND
 app.add_typer(bench.app, name="bench")
 app.add_typer(adapters.app, name="adapters")
 app.add_typer(route.app, name="route")
 app.add_typer(report.app, name="report")
+app.add_typer(keys.app, name="keys")
+app.add_typer(tenants.app, name="tenants")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -1,4 +1,5 @@
-"""``fleetlm report savings``: what routing saved, read from the cost ledger by
+"""``fleetlm report savings``: what routing saved, read from the cost ledger (the state
+store, or a ledger file with --ledger) by
 :func:`fleetlm.router.report.savings` and laid out by its table and notes; this module
 declares the options and prints (JSON or the table)."""
 
@@ -10,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from fleetlm.cli.options import LedgerOpt, SinceOpt, fail
+from fleetlm.cli.options import LedgerOpt, SinceOpt, StateDbOpt, fail
 from fleetlm.errors import FleetLMError
 
 app = typer.Typer(help="Reports from the cost ledger.", no_args_is_help=True)
@@ -20,6 +21,7 @@ app = typer.Typer(help="Reports from the cost ledger.", no_args_is_help=True)
 def report_savings(
     since: SinceOpt = None,
     ledger: LedgerOpt = None,
+    state_db: StateDbOpt = None,
     route: Annotated[str | None, typer.Option("--route", help="Only this route.")] = None,
     plot: Annotated[Path | None, typer.Option(
         "--plot", help="Also write a PNG: cumulative cost over time, actual against the "
@@ -33,7 +35,7 @@ def report_savings(
     try:
         from fleetlm.router.report import savings, savings_notes, savings_table
 
-        run = savings(ledger, since, route, plot)
+        run = savings(ledger, since, route, plot, state_db=state_db)
     except (FleetLMError, ValueError) as e:
         fail(e)
     s, path = run.summary, run.ledger

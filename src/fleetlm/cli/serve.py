@@ -42,6 +42,7 @@ def serve(
     config: Annotated[Path | None, typer.Option(help="Routes config (YAML): route names become models that answer with the small model or escalate to a large upstream (docs/router.md).")] = None,
     max_body_mb: Annotated[float, typer.Option(help="Largest request body in MiB; larger ones are refused with 413 (docs/limits.md).")] = 4.0,
     max_upload_mb: Annotated[float, typer.Option(help="Largest adapter upload (its files) in MiB; larger ones are refused with 413.")] = 512.0,
+    state_db: Annotated[str | None, typer.Option(help="State store (keys, tenants, audit log, cost ledger): a SQLite path or a postgresql:// URL; default $FLEETLM_STATE_DB, else $FLEETLM_HOME/state.db (docs/security.md).")] = None,
 ) -> None:
     """Serve the model (and every adapter in the store) over an OpenAI-compatible HTTP API."""
     from pydantic import ValidationError
@@ -55,7 +56,7 @@ def serve(
                                  max_batch=max_batch, max_len=max_len,
                                  max_hot_adapters=max_hot_adapters, max_lora_rank=max_lora_rank,
                                  config=config, max_body_mb=max_body_mb,
-                                 max_upload_mb=max_upload_mb)
+                                 max_upload_mb=max_upload_mb, state_db=state_db)
     except ValidationError as e:  # each line names its option: --max-body-mb: ...
         lines = ["--" + line.split(":", 1)[0].replace("_", "-") + ":" + line.split(":", 1)[1]
                  for line in format_errors(e, "fleetlm serve --help")]

@@ -9,7 +9,8 @@ and the same router offline (train, calibrate, evaluate, report).
     hidden_states.py     a base model's hidden states as a prompt embedding
     evaluate.py          routing curves, APGR, CPT, the report table and plot
     upstream.py          async client of the large upstreams: retries, timeouts, fallback chain
-    ledger.py            SQLite (WAL) ledger of every request: decision, tokens, cost, PII counts
+    ledger.py            the ledger of every request (state store: SQLite or PostgreSQL):
+                         decision, tokens, cost, PII counts; a tenant's spend
     report.py            the savings report: --since, the table, its notes, the cost plot
 
 The offline commands' work (``fleetlm route train|calibrate|eval``):

@@ -223,6 +223,9 @@ class RouteConfig(StrictModel):
     pii_entities: list[str] | None = None
     # when every large upstream failed: answer with the small model (flagged) or an error
     on_large_failure: Literal["fallback", "error"] = "fallback"
+    # when the caller's tenant has spent its daily or monthly budget for escalations: answer
+    # with the small model (flagged over_budget) or refuse with 402 (docs/security.md)
+    over_budget: Literal["small", "error"] = "small"
     # the whole large chain's time limit, retries included; None = the upstreams' own limits
     deadline_s: float | None = Field(None, gt=0)
 
@@ -375,7 +378,8 @@ class RoutesConfig(StrictModel):
     routes: dict[str, RouteConfig]
     # USD per hour of the machine serving the small model: the ledger's local cost
     local_cost_per_hour: float = Field(0.0, ge=0)
-    # None = ledger.sqlite3 under fleetlm.paths.data_home()
+    # None = the state store (--state-db / $FLEETLM_STATE_DB, else data_home()/state.db);
+    # a path = a ledger file of its own
     ledger_path: Path | None = None
 
     @field_validator("ledger_path", mode="before")

@@ -1,18 +1,29 @@
-"""The cost ledger: one SQLite row per routed request, and the savings report built on it.
+"""The cost ledger: one row per routed request in the state store's ``requests`` table,
+and the savings report built on it.
 
-    ledger = Ledger()                        # data_home()/ledger.sqlite3; Ledger(path) elsewhere
+    ledger = Ledger()                # the state store: $FLEETLM_STATE_DB, else data_home()/state.db
+    ledger = Ledger(db)              # an open StateDB (SQLite or PostgreSQL), not closed by the ledger
+    ledger = Ledger(path)            # a ledger file of its own (routes config ledger_path)
     ledger.record(LedgerEntry(route="support", decision="small", model="smollm2-135m:b77", ...))
     ledger.savings(since=time.time() - 86400)   # actual cost vs an all-large baseline
-    ledger.close()                           # flushes what is queued
+    ledger.spend("acme", since=start_of_day)    # a tenant's upstream USD, for budgets
+    ledger.close()                   # flushes what is queued
 
-``record`` never touches the disk: it checks the entry and puts it on a queue (a few
+``record`` never touches the database: it checks the entry and puts it on a queue (a few
 microseconds, safe from any thread or the event loop). One writer thread drains the queue
-into SQLite, many rows per transaction. The database runs in WAL mode with
-``synchronous=NORMAL``: a killed process leaves every committed row readable (a power cut
-can lose the last transactions, never the file), and readers (``fleetlm report savings``,
-another process) never block the writer. Rows still queued when the process dies are lost;
-``flush()`` waits until everything recorded so far is committed. ``query``/``savings``
-flush first and read from disk, so call them off the event loop (``asyncio.to_thread``).
+into the database, many rows per transaction. On SQLite the store runs in WAL mode with
+``synchronous=NORMAL`` (fleetlm.state.db): a killed process leaves every committed row
+readable (a power cut can lose the last transactions, never the file), and readers
+(``fleetlm report savings``, another process) never block the writer; on PostgreSQL every
+committed row is durable and replicas write to one table. Rows still queued when the process
+dies are lost; ``flush()`` waits until everything recorded so far is committed.
+``query``/``savings``/``spend`` flush first and read from the database, so call them off the
+event loop (``asyncio.to_thread``).
+
+The SQL is SQLAlchemy Core, valid on both databases (no SQLite-only boolean sums, ``floor``
+rather than a CAST that rounds on PostgreSQL). The table and its migrations are in
+fleetlm.state (schema.py, migrations.py); a ledger file made before the state store is
+adopted as it is.
 
 Costs are computed by the caller with :func:`upstream_cost` / :func:`local_cost` and stored
 per row, together with the row's all-large baseline (what the same tokens would have cost at
@@ -29,57 +40,34 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import sqlalchemy as sa
+
 from fleetlm.errors import FleetLMError
+from fleetlm.state.db import StateDB, StateError, open_state, resolve_url, sqlite_file
+from fleetlm.state.migrations import LEDGER_VERSION
+from fleetlm.state.schema import ledger_version, requests
 
 if TYPE_CHECKING:
     from fleetlm.router.config import UpstreamConfig
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = LEDGER_VERSION  # the requests table's format (its schema_version table)
 DECISIONS = ("small", "large", "fallback", "blocked")
 LedgerDecision = Literal["small", "large", "fallback", "blocked"]
 _ENTITY = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
 
-_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
-    """CREATE TABLE IF NOT EXISTS requests (
-    id INTEGER PRIMARY KEY,
-    ts REAL NOT NULL,                 -- unix seconds, when the request arrived
-    request_id TEXT NOT NULL DEFAULT '',
-    tenant TEXT NOT NULL DEFAULT '',  -- tenant / API key id, never the key
-    route TEXT NOT NULL,
-    policy TEXT NOT NULL DEFAULT '',
-    score REAL,                       -- the policy's score in [0, 1]; NULL when none
-    decision TEXT NOT NULL CHECK (decision IN ('small', 'large', 'fallback', 'blocked')),
-    model TEXT NOT NULL DEFAULT '',   -- the model that answered ('' when blocked)
-    upstream TEXT,                    -- the upstream that answered, NULL for local
-    prompt_tokens INTEGER NOT NULL DEFAULT 0,
-    completion_tokens INTEGER NOT NULL DEFAULT 0,
-    latency_ms REAL NOT NULL DEFAULT 0,
-    cost_usd REAL NOT NULL DEFAULT 0,
-    baseline_cost_usd REAL,           -- all-large baseline; NULL when the route has no upstream
-    pii TEXT NOT NULL DEFAULT '{}',   -- JSON {entity type: count}
-    flags TEXT NOT NULL DEFAULT '[]'  -- JSON list, e.g. ["usage_estimated"]
-)""",
-    "CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts)",
-)
-
 _COLUMNS = ("ts", "request_id", "tenant", "route", "policy", "score", "decision", "model",
             "upstream", "prompt_tokens", "completion_tokens", "latency_ms", "cost_usd",
             "baseline_cost_usd", "pii", "flags")
-_INSERT = (f"INSERT INTO requests ({', '.join(_COLUMNS)}) "
-           f"VALUES ({', '.join('?' for _ in _COLUMNS)})")
 
 
 class LedgerError(FleetLMError):
@@ -123,11 +111,11 @@ class LedgerEntry:
         if min(self.prompt_tokens, self.completion_tokens) < 0:
             raise ValueError("token counts must be >= 0")
 
-    def _row(self) -> tuple[Any, ...]:
+    def _row(self) -> dict[str, Any]:
         d = asdict(self)
         d["pii"] = json.dumps(self.pii, sort_keys=True)
         d["flags"] = json.dumps(list(self.flags))
-        return tuple(d[c] for c in _COLUMNS)
+        return {c: d[c] for c in _COLUMNS}
 
 
 # ---------------------------------------------------------------------------------- costs
@@ -151,33 +139,39 @@ def local_cost(local_cost_per_hour: float, latency_ms: float) -> float:
 
 
 def default_ledger_path() -> Path:
+    """The default state store, ``state.db`` in the data folder, where the ledger lives
+    unless $FLEETLM_STATE_DB names another store. (Before the state store the ledger was
+    ``ledger.sqlite3`` there: ``fleetlm report savings --ledger FILE`` still reads it.)"""
     from fleetlm.paths import data_home
 
-    return data_home() / "ledger.sqlite3"
+    return data_home() / "state.db"
 
 
-def open_readonly(path: Path | None = None) -> Ledger:
-    """The ledger at ``path`` (default: :func:`default_ledger_path`) for a report; a missing
-    file is an error naming ``--ledger``."""
-    path = path if path is not None else default_ledger_path()
-    if not path.is_file():
-        raise FleetLMError(f"--ledger {path}: no ledger there. `fleetlm serve --config` "
-                           "writes one as it serves routes (ledger_path in the routes config, "
-                           f"default {default_ledger_path()}); pass --ledger PATH to read "
-                           "another file")
-    return Ledger(path, readonly=True)
-
-
-def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA busy_timeout = 10000")
-    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-    if str(mode).lower() != "wal":
-        # e.g. a network file system without shared memory: still correct, less crash-safe
-        log.warning("ledger %s: journal_mode is %s, not wal (file system without WAL "
-                    "support?); put ledger_path on a local disk", path, mode)
-    conn.execute("PRAGMA synchronous = NORMAL")
-    return conn
+def open_readonly(path: Path | None = None, state_db: str | None = None) -> Ledger:
+    """The ledger for a report: the ledger file ``path`` (--ledger), else the state store
+    ``state_db`` (--state-db; default $FLEETLM_STATE_DB, else :func:`default_ledger_path`).
+    A missing file is an error naming the option."""
+    if path is not None and state_db is not None:
+        raise FleetLMError("--ledger and --state-db both say where the ledger is; give one")
+    if path is not None:
+        if not path.is_file():
+            raise FleetLMError(f"--ledger {path}: no ledger there. `fleetlm serve --config` "
+                               "writes one as it serves routes (ledger_path in the routes "
+                               "config, default: the state store); pass --ledger PATH to read "
+                               "another file, or leave it out to read the state store")
+        return Ledger(path, readonly=True)
+    try:
+        url = resolve_url(state_db)
+    except StateError as e:
+        raise FleetLMError(str(e)) from None
+    file = sqlite_file(url)
+    if file is not None and not file.is_file():
+        raise FleetLMError(f"--state-db {file}: no state store there. `fleetlm serve --config` "
+                           "writes the ledger into it as it serves routes; pass --state-db "
+                           "PATH|URL for another store, or --ledger FILE for a ledger file "
+                           "(ledger_path in a routes config, or the ledger.sqlite3 of a "
+                           "fleetlm before the state store)")
+    return Ledger(url, readonly=True)
 
 
 def _as_ts(t: float | datetime | None) -> float | None:
@@ -186,31 +180,53 @@ def _as_ts(t: float | datetime | None) -> float | None:
     return t.timestamp()
 
 
+def _num(v: Any) -> Any:
+    """A database number as a Python int/float (PostgreSQL's sum() may return Decimal)."""
+    from decimal import Decimal
+
+    return float(v) if isinstance(v, Decimal) else v
+
+
 _FLUSH = object()
 
 
 class Ledger:
-    """The SQLite ledger at ``path`` (created with its folder when missing).
+    """The cost ledger in a state store.
+
+    ``target``: an open :class:`~fleetlm.state.db.StateDB` (used as it is, not closed by
+    the ledger); a path or URL string, or a Path (a SQLite file of its own: the routes
+    config's ``ledger_path``, ``--ledger FILE``), opened and closed by the ledger; None: the
+    default state store (``open_state()``).
 
     ``readonly=True`` opens an existing ledger for reports: no writer thread, ``record``
-    refused, and a missing file is an error rather than created.
+    refused, nothing migrated or created, and a missing file is an error.
+    ``path``: where the ledger is, for messages (the file, or the masked URL).
     """
 
-    def __init__(self, path: Path | str | None = None, *, readonly: bool = False,
+    def __init__(self, target: StateDB | Path | str | None = None, *, readonly: bool = False,
                  max_queue: int = 100_000, batch_rows: int = 512):
-        self.path = Path(path) if path is not None else default_ledger_path()
         self.readonly = readonly
-        if readonly and not self.path.is_file():
-            raise LedgerError(f"no ledger at {self.path}; `fleetlm serve --config` writes one "
-                              "once routes are served (ledger_path in the routes config)")
+        self._own_db = not isinstance(target, StateDB)
+        if isinstance(target, StateDB):
+            self.db = target
+        else:
+            try:
+                url = resolve_url(target)
+                file = sqlite_file(url)
+                if readonly and file is not None and not file.is_file():
+                    raise LedgerError(f"no ledger at {file}; `fleetlm serve --config` writes "
+                                      "one once routes are served (ledger_path in the routes "
+                                      "config)")
+                self.db = open_state(url, migrate=not readonly)
+            except StateError as e:
+                raise LedgerError(str(e)) from None
+        self.path: Path | str = self.db.path if self.db.path is not None else self.db.display_url
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._read = _connect(self.path)
-            self._init_schema(self._read)
-        except sqlite3.Error as e:
-            raise LedgerError(f"cannot open the ledger {self.path}: {e}; check the path and "
-                              "its permissions, or set ledger_path in the routes config") from None
-        self._read_lock = threading.Lock()
+            self._check_tables()
+        except BaseException:
+            if self._own_db:
+                self.db.close()
+            raise
         self._batch_rows = batch_rows
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
         self._closed = False
@@ -221,46 +237,45 @@ class Ledger:
         self.lost = 0  # accepted but not written (a database error; logged)
         self._writer: threading.Thread | None = None
         if not readonly:
-            conn = _connect(self.path)
-            self._writer = threading.Thread(target=self._write_loop, args=(conn,),
-                                            name=f"ledger-writer:{self.path.name}", daemon=True)
+            name = self.path.name if isinstance(self.path, Path) else self.db.dialect
+            self._writer = threading.Thread(target=self._write_loop,
+                                            name=f"ledger-writer:{name}", daemon=True)
             self._writer.start()
             # flush at interpreter exit when close() was never called
             self._finalizer = weakref.finalize(self, _stop_writer, self._queue, self._writer)
 
     # -- schema
 
-    def _init_schema(self, conn: sqlite3.Connection) -> None:
-        conn.execute("BEGIN IMMEDIATE")  # two processes opening a new file: one creates it
-        try:
-            for stmt in _SCHEMA:
-                conn.execute(stmt)
-            row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
-            version = row[0] if row else None
-            if version is None:
-                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-            elif version > SCHEMA_VERSION:
-                raise LedgerError(f"ledger {self.path} has schema version {version}; this "
-                                  f"fleetlm reads up to {SCHEMA_VERSION}. Upgrade fleetlm or "
-                                  "point ledger_path at a new file")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+    def _check_tables(self) -> None:
+        with self.db.read() as conn:
+            if not sa.inspect(conn).has_table("requests"):
+                raise LedgerError(f"no ledger at {self.path}; `fleetlm serve --config` writes "
+                                  "one once routes are served")
+            version = conn.execute(sa.select(sa.func.max(ledger_version.c.version))).scalar()
+        if version is not None and version > SCHEMA_VERSION:
+            raise LedgerError(f"ledger {self.path} has schema version {version}; this "
+                              f"fleetlm reads up to {SCHEMA_VERSION}. Upgrade fleetlm or "
+                              "point ledger_path / --state-db at a new store")
 
     def schema_version(self) -> int:
-        with self._read_lock:
-            return int(self._read.execute("SELECT max(version) FROM schema_version").fetchone()[0])
+        """The requests table's format version (1)."""
+        stmt = sa.select(sa.func.max(ledger_version.c.version))
+        with self.db.read() as conn:
+            return int(conn.execute(stmt).scalar() or 0)
 
     def journal_mode(self) -> str:
-        with self._read_lock:
-            return str(self._read.execute("PRAGMA journal_mode").fetchone()[0])
+        """SQLite's journal mode ("wal" unless the file system refused it); PostgreSQL always
+        writes ahead: "wal"."""
+        if self.db.dialect != "sqlite":
+            return "wal"
+        with self.db.read() as conn:
+            return str(conn.exec_driver_sql("PRAGMA journal_mode").scalar())
 
     # -- writing
 
     def record(self, entry: LedgerEntry) -> None:
         """Queue ``entry`` for writing. Never blocks; raises ValueError on a malformed entry.
-        A full queue (the disk stalled for ~100k requests) drops the row and counts it."""
+        A full queue (the database stalled for ~100k requests) drops the row and counts it."""
         if self._closed or self._writer is None:
             raise LedgerError(f"ledger {self.path} is closed or read-only; nothing recorded")
         entry.check()
@@ -269,7 +284,7 @@ class Ledger:
         except queue.Full:
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 1000 == 0:
-                log.error("ledger %s: write queue full, %d rows dropped (disk stalled?)",
+                log.error("ledger %s: write queue full, %d rows dropped (database stalled?)",
                           self.path, self.dropped)
             return
         self.recorded += 1
@@ -282,7 +297,7 @@ class Ledger:
         self._queue.put((_FLUSH, done))  # blocks only if the queue is full
         return done.wait(timeout)
 
-    def _write_loop(self, conn: sqlite3.Connection) -> None:
+    def _write_loop(self) -> None:
         stop = False
         while not stop:
             items = [self._queue.get()]
@@ -291,32 +306,31 @@ class Ledger:
                     items.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            rows = [it for it in items if isinstance(it, tuple) and it[0] is not _FLUSH]
+            rows = [it for it in items if isinstance(it, dict)]
             events = [it[1] for it in items if isinstance(it, tuple) and it[0] is _FLUSH]
             stop = any(it is None for it in items)
             if rows:
                 try:
-                    with conn:  # one transaction per batch
-                        conn.execute("BEGIN")
-                        conn.executemany(_INSERT, rows)
+                    with self.db.write() as conn:  # one transaction per batch
+                        conn.execute(requests.insert(), rows)
                     self.written += len(rows)
-                except sqlite3.Error as e:
+                except sa.exc.SQLAlchemyError as e:
                     self.lost += len(rows)
                     log.error("ledger %s: %d rows lost: %s", self.path, len(rows), e)
             for ev in events:
                 ev.set()
-        conn.close()
 
     def close(self, timeout: float = 10.0) -> None:
-        """Commit what is queued, stop the writer, close the files. Idempotent."""
+        """Commit what is queued, stop the writer, and close the store if the ledger opened
+        it. Idempotent."""
         if self._closed:
             return
         self._closed = True
         if self._writer is not None:
             self._finalizer.detach()
             _stop_writer(self._queue, self._writer, timeout)
-        with self._read_lock:
-            self._read.close()
+        if self._own_db:
+            self.db.close()
 
     def __enter__(self) -> Ledger:
         return self
@@ -326,50 +340,54 @@ class Ledger:
 
     # -- reading
 
-    def _select(self, sql: str, params: Iterable[Any]) -> list[sqlite3.Row]:
+    def _rows(self, stmt: sa.Select[Any]) -> list[sa.RowMapping]:
         if self._writer is not None and not self._closed:
             self.flush()
-        with self._read_lock:
-            if self._closed:
-                raise LedgerError(f"ledger {self.path} is closed")
-            self._read.row_factory = sqlite3.Row
-            return list(self._read.execute(sql, tuple(params)))
+        if self._closed:
+            raise LedgerError(f"ledger {self.path} is closed")
+        with self.db.read() as conn:
+            return list(conn.execute(stmt).mappings())
 
     @staticmethod
     def _where(since: float | datetime | None, until: float | datetime | None,
-               route: str | None) -> tuple[str, list[Any]]:
-        conds: list[str] = []
-        params: list[Any] = []
+               route: str | None) -> list[sa.ColumnElement[bool]]:
+        conds: list[sa.ColumnElement[bool]] = []
         if since is not None:
-            conds.append("ts >= ?")
-            params.append(_as_ts(since))
+            conds.append(requests.c.ts >= _as_ts(since))
         if until is not None:
-            conds.append("ts < ?")
-            params.append(_as_ts(until))
+            conds.append(requests.c.ts < _as_ts(until))
         if route is not None:
-            conds.append("route = ?")
-            params.append(route)
-        return (" WHERE " + " AND ".join(conds)) if conds else "", params
+            conds.append(requests.c.route == route)
+        return conds
 
     def query(self, since: float | datetime | None = None, *,
               until: float | datetime | None = None, route: str | None = None,
               limit: int | None = None) -> list[LedgerEntry]:
         """Rows with ``since <= ts < until`` (unix seconds or datetimes), oldest first."""
-        where, params = self._where(since, until, route)
-        sql = f"SELECT id, {', '.join(_COLUMNS)} FROM requests{where} ORDER BY ts, id"
+        r = requests.c
+        stmt = (sa.select(r.id, *(r[c] for c in _COLUMNS))
+                .where(*self._where(since, until, route)).order_by(r.ts, r.id))
         if limit is not None:
-            sql += " LIMIT ?"
-            params.append(int(limit))
+            stmt = stmt.limit(int(limit))
         out = []
-        for r in self._select(sql, params):
-            d = dict(r)
+        for row in self._rows(stmt):
+            d = dict(row)
             d["pii"] = json.loads(d["pii"])
             d["flags"] = json.loads(d["flags"])
             out.append(LedgerEntry(**d))
         return out
 
     def count(self) -> int:
-        return int(self._select("SELECT count(*) FROM requests", ())[0][0])
+        return int(self._rows(sa.select(sa.func.count().label("n"))
+                              .select_from(requests))[0]["n"])
+
+    def spend(self, tenant: str, since: float) -> float:
+        """USD spent upstream (rows with an ``upstream``) by ``tenant`` since ``since`` (unix
+        seconds), everything recorded so far included: what a budget is checked against."""
+        r = requests.c
+        stmt = (sa.select(sa.func.coalesce(sa.func.sum(r.cost_usd), 0.0).label("usd"))
+                .where(r.upstream.is_not(None), r.tenant == tenant, r.ts >= since))
+        return float(self._rows(stmt)[0]["usd"] or 0.0)
 
     def savings(self, since: float | datetime | None = None, *,
                 until: float | datetime | None = None, route: str | None = None
@@ -382,16 +400,20 @@ class Ledger:
         actual = local (rows answered here: ``upstream`` NULL) + upstream cost.
         share_escalated: (large + fallback) / requests, i.e. the policy chose the large model.
         """
-        where, params = self._where(since, until, route)
-        rows = self._select(
-            "SELECT route, decision, count(*) AS n, sum(cost_usd) AS cost, "
-            "sum(CASE WHEN upstream IS NULL THEN cost_usd ELSE 0 END) AS local_cost, "
-            "sum(coalesce(baseline_cost_usd, cost_usd)) AS baseline, "
-            "sum(baseline_cost_usd IS NULL) AS no_baseline, "
-            "sum(prompt_tokens) AS pt, sum(completion_tokens) AS ct, "
-            "sum(flags LIKE '%\"usage_estimated\"%') AS estimated, "
-            "min(ts) AS first_ts, max(ts) AS last_ts "
-            f"FROM requests{where} GROUP BY route, decision", params)
+        r = requests.c
+        f = sa.func
+        rows = self._rows(
+            sa.select(r.route, r.decision, f.count().label("n"), f.sum(r.cost_usd).label("cost"),
+                      f.sum(sa.case((r.upstream.is_(None), r.cost_usd), else_=0.0))
+                      .label("local_cost"),
+                      f.sum(f.coalesce(r.baseline_cost_usd, r.cost_usd)).label("baseline"),
+                      f.sum(sa.case((r.baseline_cost_usd.is_(None), 1), else_=0))
+                      .label("no_baseline"),
+                      f.sum(r.prompt_tokens).label("pt"), f.sum(r.completion_tokens).label("ct"),
+                      f.sum(sa.case((r.flags.contains('"usage_estimated"', autoescape=True), 1),
+                                    else_=0)).label("estimated"),
+                      f.min(r.ts).label("first_ts"), f.max(r.ts).label("last_ts"))
+            .where(*self._where(since, until, route)).group_by(r.route, r.decision))
 
         def empty() -> dict[str, Any]:
             return {"requests": 0, "decisions": dict.fromkeys(DECISIONS, 0),
@@ -401,20 +423,21 @@ class Ledger:
         total = empty() | {"usage_estimated": 0, "rows_without_baseline": 0,
                            "first_ts": None, "last_ts": None}
         by_route: dict[str, dict[str, Any]] = {}
-        for r in rows:
-            for agg in (total, by_route.setdefault(r["route"], empty())):
-                agg["requests"] += r["n"]
-                agg["decisions"][r["decision"]] += r["n"]
-                agg["actual_cost_usd"] += r["cost"] or 0.0
-                agg["local_cost_usd"] += r["local_cost"] or 0.0
-                agg["upstream_cost_usd"] += (r["cost"] or 0.0) - (r["local_cost"] or 0.0)
-                agg["baseline_cost_usd"] += r["baseline"] or 0.0
-                agg["prompt_tokens"] += r["pt"] or 0
-                agg["completion_tokens"] += r["ct"] or 0
-            total["usage_estimated"] += r["estimated"] or 0
-            total["rows_without_baseline"] += r["no_baseline"] or 0
+        for row in rows:
+            x = {k: _num(v) for k, v in row.items()}
+            for agg in (total, by_route.setdefault(x["route"], empty())):
+                agg["requests"] += int(x["n"])
+                agg["decisions"][x["decision"]] += int(x["n"])
+                agg["actual_cost_usd"] += x["cost"] or 0.0
+                agg["local_cost_usd"] += x["local_cost"] or 0.0
+                agg["upstream_cost_usd"] += (x["cost"] or 0.0) - (x["local_cost"] or 0.0)
+                agg["baseline_cost_usd"] += x["baseline"] or 0.0
+                agg["prompt_tokens"] += int(x["pt"] or 0)
+                agg["completion_tokens"] += int(x["ct"] or 0)
+            total["usage_estimated"] += int(x["estimated"] or 0)
+            total["rows_without_baseline"] += int(x["no_baseline"] or 0)
             for k, pick in (("first_ts", min), ("last_ts", max)):
-                total[k] = r[k] if total[k] is None else pick(total[k], r[k])
+                total[k] = x[k] if total[k] is None else pick(total[k], x[k])
         for agg in (total, *by_route.values()):
             d, n = agg["decisions"], agg["requests"]
             agg["share_escalated"] = (d["large"] + d["fallback"]) / n if n else 0.0
@@ -432,17 +455,30 @@ class Ledger:
         ``points`` rows ``(last ts in the bucket, actual USD, baseline USD)``, the buckets
         evenly spaced between the first and the last row (what a plot over time needs,
         without reading every row)."""
-        where, params = self._where(since, until, route)
-        first, last = self._select(f"SELECT min(ts), max(ts) FROM requests{where}", params)[0]
-        if first is None:
+        r = requests.c
+        where = self._where(since, until, route)
+        span = self._rows(sa.select(sa.func.min(r.ts).label("first"),
+                                    sa.func.max(r.ts).label("last")).where(*where))[0]
+        if span["first"] is None:
             return []
-        width = max((last - first) / max(points, 1), 1e-9)
-        rows = self._select(
-            "SELECT CAST((ts - ?) / ? AS INTEGER) AS bucket, max(ts) AS ts, "
-            "sum(cost_usd) AS cost, sum(coalesce(baseline_cost_usd, cost_usd)) AS baseline "
-            f"FROM requests{where} GROUP BY bucket ORDER BY bucket", [first, width, *params])
-        return [(float(r["ts"]), float(r["cost"] or 0.0), float(r["baseline"] or 0.0))
-                for r in rows]
+        first, last = float(span["first"]), float(span["last"])
+        points = max(points, 1)
+        width = max((last - first) / points, 1e-9)
+        # floor, not CAST: PostgreSQL's CAST to an integer rounds (SQLAlchemy gives SQLite a
+        # floor function); the last row joins the last bucket rather than making one more
+        index = sa.func.floor((r.ts - first) / width)
+        bucket = sa.case((index >= points, points - 1), else_=index)
+        sub = (sa.select(bucket.label("bucket"), r.ts,
+                         r.cost_usd, sa.func.coalesce(r.baseline_cost_usd, r.cost_usd)
+                         .label("baseline"))
+               .where(*where).subquery())
+        rows = self._rows(
+            sa.select(sub.c.bucket, sa.func.max(sub.c.ts).label("ts"),
+                      sa.func.sum(sub.c.cost_usd).label("cost"),
+                      sa.func.sum(sub.c.baseline).label("baseline"))
+            .group_by(sub.c.bucket).order_by(sub.c.bucket))
+        return [(float(x["ts"]), float(x["cost"] or 0.0), float(x["baseline"] or 0.0))
+                for x in rows]
 
 
 def _stop_writer(q: queue.Queue[Any], writer: threading.Thread, timeout: float = 10.0) -> None:

@@ -65,22 +65,24 @@ def plot_cost_over_time(series: Sequence[tuple[float, float, float]], path: str 
 
 @dataclass
 class Savings:
-    """What :meth:`Ledger.savings` returned for the window (``summary``), the ledger's path,
-    and the plot written (None without one, or without rows)."""
+    """What :meth:`Ledger.savings` returned for the window (``summary``), where the ledger
+    is (its file, or the store's masked URL), and the plot written (None without one, or
+    without rows)."""
 
     summary: dict[str, Any]
-    ledger: Path
+    ledger: Path | str
     plot: Path | None
 
 
 def savings(ledger: Path | None, since: str | None, route: str | None,
-            plot: Path | None) -> Savings:
-    """The savings in ``ledger`` (default: the data folder's) since ``since`` for ``route``
-    (all when None); with ``plot``, the cost-over-time PNG there."""
+            plot: Path | None, state_db: str | None = None) -> Savings:
+    """The savings in the ledger file ``ledger``, else in the state store ``state_db``
+    (default: $FLEETLM_STATE_DB, else the data folder's state.db) since ``since`` for
+    ``route`` (all when None); with ``plot``, the cost-over-time PNG there."""
     from fleetlm.router.ledger import open_readonly
 
     since_ts = parse_since(since) if since is not None else None
-    with open_readonly(ledger) as led:
+    with open_readonly(ledger, state_db) as led:
         s = led.savings(since_ts, route=route)
         series = led.cost_over_time(since_ts, route=route) if plot is not None else []
         path = led.path

@@ -8,6 +8,11 @@
     GET    /v1/adapters/{name}   one entry
     DELETE /v1/adapters/{name}   unpin (if pinned) and remove from the store
 
+Listing needs a key (its tenant sees the adapters its patterns allow); loading, uploading,
+replacing, pinning and deleting need an admin key, and each is recorded in the audit log
+(``adapter.load``, ``adapter.pin``, ``adapter.add``, ``adapter.replace``,
+``adapter.delete``) with its outcome, refused or failed ones too (:mod:`fleetlm.server.auth`).
+
 Validation, atomic copies and tiers are the store's (:class:`~fleetlm.adapters.store.
 AdapterStore`); the hot tier is the engine's. This module only translates between HTTP and
 those calls, and runs the blocking ones (disk, tensor loads) off the event loop so serving
@@ -29,16 +34,17 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, ValidationError
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
-from fleetlm.adapters.errors import AdapterError
+from fleetlm.adapters.errors import AdapterError, AdapterNotFound
 from fleetlm.adapters.store import AdapterInfo
 from fleetlm.engine.engine import Engine
+from fleetlm.server.auth import Gateway, caller_of
 from fleetlm.server.errors import INVALID_REQUEST, APIError, api_error
 
 # a file part's name, after dropping any directories the client sent with it
@@ -78,36 +84,67 @@ class AdaptersAPI:
     """The adapter endpoints over ``engine.store`` (which must be set); ``model_name`` is
     each entry's parent. The blocking work runs in a thread, off the event loop."""
 
-    def __init__(self, engine: Engine, model_name: str, max_upload_bytes: int) -> None:
+    def __init__(self, engine: Engine, model_name: str, max_upload_bytes: int,
+                 gateway: Gateway | None = None) -> None:
         assert engine.store is not None, "adapters_router needs an engine with an adapter store"
         self.engine, self.store, self.model_name = engine, engine.store, model_name
         self.max_upload_bytes = max_upload_bytes
+        self.gateway = gateway or Gateway(None)
 
     def router(self) -> APIRouter:
-        r = APIRouter()
-        r.add_api_route(UPLOAD_PATH, self.list_adapters, methods=["GET"])
-        r.add_api_route(UPLOAD_PATH + "/{name}", self.get_adapter, methods=["GET"])
-        r.add_api_route(UPLOAD_PATH, self.post_adapter, methods=["POST"], status_code=201)
-        r.add_api_route(UPLOAD_PATH + "/{name}", self.delete_adapter, methods=["DELETE"])
+        r, g = APIRouter(), self.gateway
+        user, admin = [Depends(g.authenticate)], [Depends(g.admin)]
+        r.add_api_route(UPLOAD_PATH, self.list_adapters, methods=["GET"], dependencies=user)
+        r.add_api_route(UPLOAD_PATH + "/{name}", self.get_adapter, methods=["GET"],
+                        dependencies=user)
+        r.add_api_route(UPLOAD_PATH, self.post_adapter, methods=["POST"], status_code=201,
+                        dependencies=admin)
+        r.add_api_route(UPLOAD_PATH + "/{name}", self.delete_adapter, methods=["DELETE"],
+                        dependencies=admin)
         return r
 
     # -- the handlers --------------------------------------------------------------------
 
-    async def list_adapters(self) -> dict[str, Any]:
+    async def list_adapters(self, request: Request) -> dict[str, Any]:
+        policy = caller_of(request).policy
         infos = await run_in_threadpool(self.store.list)
-        return {"object": "list", "data": [self.entry(i) for i in infos]}
+        return {"object": "list", "data": [self.entry(i) for i in infos
+                                           if policy is None or policy.allows_adapter(i.name)]}
 
-    async def get_adapter(self, name: str) -> dict[str, Any]:
+    async def get_adapter(self, name: str, request: Request) -> dict[str, Any]:
+        policy = caller_of(request).policy
         try:
+            if policy is not None and not policy.allows_adapter(name):
+                raise AdapterNotFound(name, "no such adapter for this key's tenant")
             info = await run_in_threadpool(self.store.validate, name)
         except AdapterError as e:
             raise api_error(e, adapter_param="name") from e
         return self.entry(info)
 
     async def post_adapter(self, request: Request) -> dict[str, Any]:
-        ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-        if ctype == "multipart/form-data":
-            return await self.upload(request)
+        action, detail = "adapter.load", dict[str, Any]()  # for the audit log, filled as it goes
+        try:
+            ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+            if ctype == "multipart/form-data":
+                action = "adapter.add"
+                entry = await self.upload(request, detail)
+                action = "adapter.replace" if detail.pop("replaced") else action
+            else:
+                entry = await self.load_json(request, detail)
+                action = "adapter.pin" if entry["pinned"] else action
+        except Exception as e:
+            err = api_error(e, adapter_param="name")
+            target = str(detail.pop("name", "?"))
+            await self.gateway.record(request, action, target, "error",
+                                      {**detail, "status": err.status, "code": err.code})
+            raise
+        detail.pop("name", None)
+        await self.gateway.record(request, action, entry["id"], "ok", detail)
+        return entry
+
+    async def load_json(self, request: Request, detail: dict[str, Any]) -> dict[str, Any]:
+        """``POST /v1/adapters`` with JSON: load (and maybe pin) a folder under the root;
+        ``detail`` gets the name once it is read."""
         try:
             body = LoadAdapterRequest.model_validate(json.loads(await request.body() or b"null"))
         except (ValueError, ValidationError) as e:
@@ -120,9 +157,12 @@ class AdaptersAPI:
                                 f"folder under the adapter store, or multipart/form-data with "
                                 f"a name field and the PEFT files)", INVALID_REQUEST,
                            param) from e
+        detail["name"] = body.name
         return self.entry(await run_in_threadpool(self.load, body.name, body.pin))
 
-    async def upload(self, request: Request) -> dict[str, Any]:
+    async def upload(self, request: Request, detail: dict[str, Any]) -> dict[str, Any]:
+        """A multipart upload: its entry; ``detail`` gets what the audit log records of it
+        (the name, files and sizes) as it is read."""
         tmp = Path(await run_in_threadpool(tempfile.mkdtemp, None, "fleetlm-upload-"))
         try:
             folder = tmp / "adapter"
@@ -130,13 +170,23 @@ class AdaptersAPI:
             form = MultipartUpload(folder, self.max_upload_bytes)
             await form.read(request)
             name, pin, overwrite = _upload_form(form)
+            replaced = overwrite and await run_in_threadpool(self.store.exists, name)
+            detail.update(name=name, bytes=form.file_bytes, pin=pin, overwrite=overwrite,
+                          files=sorted(b for _, b in form.files), replaced=replaced)
             info = await run_in_threadpool(self.add, folder, name, pin, overwrite)
         finally:  # refused, failed or cancelled: the temporary folder goes too
             await asyncio.shield(run_in_threadpool(shutil.rmtree, tmp, True))
         return self.entry(info)
 
-    async def delete_adapter(self, name: str) -> dict[str, Any]:
-        await run_in_threadpool(self.remove, name)
+    async def delete_adapter(self, name: str, request: Request) -> dict[str, Any]:
+        try:
+            await run_in_threadpool(self.remove, name)
+        except Exception as e:
+            err = api_error(e, adapter_param="name")
+            await self.gateway.record(request, "adapter.delete", name, "error",
+                                      {"status": err.status, "code": err.code})
+            raise
+        await self.gateway.record(request, "adapter.delete", name, "ok")
         return {"id": name, "object": "adapter", "deleted": True}
 
     # -- the store and engine calls (blocking: run in a thread) ---------------------------
@@ -197,10 +247,12 @@ class AdaptersAPI:
             raise api_error(e, adapter_param="name") from e
 
 
-def adapters_router(engine: Engine, model_name: str, max_upload_bytes: int) -> APIRouter:
+def adapters_router(engine: Engine, model_name: str, max_upload_bytes: int,
+                    gateway: Gateway | None = None) -> APIRouter:
     """Routes over ``engine.store`` (which must be set); ``model_name`` is each entry's parent;
-    an upload's files may total ``max_upload_bytes``."""
-    return AdaptersAPI(engine, model_name, max_upload_bytes).router()
+    an upload's files may total ``max_upload_bytes``; ``gateway`` checks keys and records
+    admin actions (None: an open server without an audit log)."""
+    return AdaptersAPI(engine, model_name, max_upload_bytes, gateway).router()
 
 
 class MultipartUpload:

@@ -26,7 +26,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
@@ -38,6 +38,8 @@ from fleetlm.server.adapters_api import (
     size_text,
     upload_too_large,
 )
+from fleetlm.server.audit_api import audit_router
+from fleetlm.server.auth import Gateway
 from fleetlm.server.errors import (
     INVALID_REQUEST,
     APIError,
@@ -69,23 +71,28 @@ Send = Callable[[Message], Awaitable[None]]
 
 def create_app(engine: Engine, model_name: str, routes: Router | None = None, *,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> FastAPI:
+               max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+               gateway: Gateway | None = None) -> FastAPI:
     """The API over ``engine``; with ``routes`` (``fleetlm serve --config``) the route names
     are models too, answered by :class:`fleetlm.server.hybrid.Router`. ``max_body_bytes``
-    bounds every request body, ``max_upload_bytes`` the files of one adapter upload."""
-    lifespan = None
-    if routes is not None:
-        router = routes
+    bounds every request body, ``max_upload_bytes`` the files of one adapter upload.
+    ``gateway`` checks keys, tenants' limits and records the audit log (None: an open
+    server with no state store, as in tests and benchmarks)."""
+    gateway = gateway or Gateway(None)
 
-        @contextlib.asynccontextmanager
-        async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-            yield
-            await router.aclose()  # the upstream connections; the ledger is closed by its owner
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if routes is not None:
+            await routes.aclose()  # the upstream connections; the ledger is closed by its owner
+        await gateway.aclose()  # audit rows still being written
 
-    app = FastAPI(title="fleetlm", docs_url=None, redoc_url=None, lifespan=lifespan)
+    # the OpenAPI document needs a key like everything but /health: served below
+    app = FastAPI(title="fleetlm", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan)
     metrics = ServerMetrics()
     local = LocalModel(engine, model_name, metrics)
-    openai = OpenAIRoutes(engine, model_name, local, metrics, routes)
+    openai = OpenAIRoutes(engine, model_name, local, metrics, routes, gateway)
     _add_error_handlers(app, metrics, openai.label)
 
     def refused(path: str, status: int) -> None:
@@ -95,10 +102,17 @@ def create_app(engine: Engine, model_name: str, routes: Router | None = None, *,
     app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes,  # type: ignore[arg-type]
                        max_upload_bytes=max_upload_bytes, on_refused=refused)
     if engine.store is not None:
-        app.include_router(adapters_router(engine, model_name, max_upload_bytes))
+        app.include_router(adapters_router(engine, model_name, max_upload_bytes, gateway))
     if routes is not None:
-        routes.attach(metrics)
+        routes.attach(metrics, gateway)
     app.include_router(openai.router())
+    app.include_router(audit_router(gateway))
+
+    @app.get("/openapi.json", include_in_schema=False,
+             dependencies=[Depends(gateway.authenticate)])
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
     return app
 
 

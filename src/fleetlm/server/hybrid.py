@@ -39,7 +39,6 @@ from the adapter's task card (:mod:`fleetlm.adapters.task_card`): it knows nothi
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import math
 import time
@@ -78,6 +77,7 @@ from fleetlm.router.upstream import (
     UpstreamStream,
     UpstreamUnavailable,
 )
+from fleetlm.server.auth import Gateway, caller_of
 from fleetlm.server.errors import (
     INVALID_REQUEST,
     APIError,
@@ -85,13 +85,21 @@ from fleetlm.server.errors import (
     error_body,
     generation_failed,
 )
-from fleetlm.server.local import CLIENT_CLOSED, ClientGone, LocalModel, adapter_of
+from fleetlm.server.limits import Budgets, budget_error
+from fleetlm.server.local import (
+    CLIENT_CLOSED,
+    DEFAULT_MAX_TOKENS,
+    ClientGone,
+    LocalModel,
+    adapter_of,
+)
 from fleetlm.server.protocol import ChatCompletionRequest, ChatMessage, sse
 
 if TYPE_CHECKING:
     from fleetlm.privacy.mapping import PiiMapping
     from fleetlm.privacy.pii import PiiRedactor
     from fleetlm.server.metrics import ServerMetrics
+    from fleetlm.state.tenants import TenantPolicy
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +144,7 @@ class _Request:
 
     route: Route
     request_id: str
-    tenant: str
+    tenant: str  # from the caller's key ("" on an open server), never from a header
     client: Request | None = None  # the HTTP request: a non-streaming answer watches it
     started: float = field(default_factory=time.perf_counter)
     overhead_s: float = 0.0  # the router's own time: scoring, PII, restoring (no model time)
@@ -152,6 +160,7 @@ class _Request:
     flags: list[str] = field(default_factory=list)
     recorded: bool = False  # its ledger row is written
     upstream_messages: list[dict[str, Any]] | None = None  # task: adapter -- what goes upstream
+    policy: TenantPolicy | None = None  # the caller's tenant's limits (None: none)
 
     def header(self) -> str:
         score = "none" if self.score is None else f"{self.score:.4f}"
@@ -178,6 +187,7 @@ class Router:
         self.config, self.routes, self.upstreams, self.ledger = config, routes, upstreams, ledger
         self.metrics: ServerMetrics | None = None
         self.skipped: Counter | None = None  # upstreams skipped (open circuit), once attached
+        self.gateway: Gateway | None = None  # tenants' rates and budgets, once attached
 
     @classmethod
     def build(cls, config: RoutesConfig, *, served: Iterable[str],
@@ -223,8 +233,10 @@ class Router:
                    ledger or Ledger(config.ledger_path))
 
     @classmethod
-    def for_server(cls, config: RoutesConfig, model_name: str, store: Any) -> Router:
-        """The router of a server running ``model_name`` with the adapter ``store``."""
+    def for_server(cls, config: RoutesConfig, model_name: str, store: Any,
+                   ledger: Ledger | None = None) -> Router:
+        """The router of a server running ``model_name`` with the adapter ``store``, writing
+        to ``ledger`` (None: the routes config's ledger_path, else the state store's)."""
         from fleetlm.errors import ConfigError
 
         def check_small(model: str) -> None:
@@ -240,11 +252,16 @@ class Router:
             return read_task_card(store.resolve(adapter))
 
         served = [model_name] + ([a.name for a in store.list()] if store is not None else [])
-        return cls.build(config, served=served, check_small=check_small, task_card=task_card)
+        return cls.build(config, served=served, check_small=check_small, task_card=task_card,
+                         ledger=ledger)
 
-    def attach(self, metrics: ServerMetrics) -> None:
-        """Count into ``metrics``, and add the upstreams' circuit gauges to its registry."""
-        self.metrics = metrics
+    def attach(self, metrics: ServerMetrics, gateway: Gateway | None = None) -> None:
+        """Count into ``metrics``, and add the upstreams' circuit gauges to its registry;
+        count tenants' tokens into ``gateway``'s limiter and check their budgets against
+        this router's ledger."""
+        self.metrics, self.gateway = metrics, gateway
+        if gateway is not None:
+            gateway.budgets = Budgets(self.ledger.spend)
         self.skipped = Counter("fleetlm_upstream_skipped", "Large upstreams skipped without a "
                                "request because their circuit breaker was open",
                                ["route", "upstream"], registry=metrics.registry)
@@ -264,9 +281,13 @@ class Router:
 
     async def chat(self, req: ChatCompletionRequest, request: Request, local: LocalModel) -> Any:
         route = self.routes[req.model]
-        rr = _Request(route, request_id=f"route-{uuid.uuid4().hex[:16]}", tenant=_tenant(request),
-                      client=request)
+        caller = caller_of(request)
+        rr = _Request(route, request_id=f"route-{uuid.uuid4().hex[:16]}", tenant=caller.tenant,
+                      client=request, policy=caller.policy)
         small_req = req.model_copy(update={"model": route.cfg.small})
+        cap = caller.policy.max_tokens if caller.policy is not None else None
+        if cap is not None and req.max_tokens is None and req.max_completion_tokens is None:
+            small_req.max_tokens = min(cap, DEFAULT_MAX_TOKENS)  # the tenant's cap
         if route.cfg.labels and req.response_format is None:
             small_req = small_req.model_copy(update={"response_format": {
                 "type": "choice", "choices": list(route.cfg.labels)}})
@@ -317,6 +338,14 @@ class Router:
                                     f"to upstream {name!r}, which allows at most {cap} "
                                     f"(upstreams.{name}.max_tokens in the routes config); send "
                                     f"{field_name} <= {cap}", INVALID_REQUEST, field_name)
+
+    def _default_max_tokens(self, route: Route, policy: TenantPolicy | None) -> int | None:
+        """What goes upstream as ``max_tokens`` for a request that sets none: the smallest
+        of the tenant's cap and the chain's upstream caps (None: no cap anywhere)."""
+        caps = [self.upstreams.upstreams[n].max_tokens for n in route.cfg.large]
+        caps.append(policy.max_tokens if policy is not None else None)
+        known = [c for c in caps if c is not None]
+        return min(known) if known else None
 
     @staticmethod
     def _task_request(rr: _Request, req: ChatCompletionRequest,
@@ -436,8 +465,23 @@ class Router:
                         small_req: ChatCompletionRequest, request: Request, local: LocalModel,
                         answer: tuple[list[int], list[EngineEvent], None] | None) -> Any:
         route = rr.route
+        over = None
+        if self.gateway is not None and self.gateway.budgets is not None:
+            over = await self.gateway.budgets.exceeded(rr.tenant, rr.policy)
+        if over is not None:
+            assert rr.policy is not None
+            reason = f"over_{over}_budget"  # over_daily_budget / over_monthly_budget
+            if route.cfg.over_budget == "error":
+                rr.decision = "blocked"
+                rr.flags.append(reason)
+                raise budget_error(rr.tenant, over, rr.policy)
+            return await self._fallback(rr, small_req, local, answer, reason)
         rr.decision = "large"
         body = await _client_body(request, req)
+        if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+            limit = self._default_max_tokens(route, rr.policy)
+            if limit is not None:  # never uncapped when a cap exists
+                body["max_tokens"] = limit
         if rr.upstream_messages is not None:  # task: adapter -- the task, labels listed
             body["messages"] = rr.upstream_messages
         mapping: PiiMapping | None = None
@@ -585,6 +629,10 @@ class Router:
             self.ledger.record(entry)
         except Exception as e:  # noqa: BLE001 -- the answer must not fail for the ledger
             log.error("route %s: ledger row not recorded: %s", rr.route.name, e)
+        if self.gateway is not None and rr.policy is not None:
+            self.gateway.limiter.add_tokens(rr.tenant, rr.prompt_tokens + rr.completion_tokens)
+            if self.gateway.budgets is not None and rr.upstream_cost:
+                self.gateway.budgets.add(rr.tenant, rr.upstream_cost)
         if self.metrics is not None:
             self.metrics.route_requests.labels(route=rr.route.name, decision=decision).inc()
             self.metrics.router_overhead.labels(route=rr.route.name).observe(rr.overhead_s)
@@ -622,18 +670,6 @@ def _slow(policy: Policy) -> bool:
         return False
     # the policy sees a PromptScorer; a TrainedRouter also names its embedding model
     return not str(getattr(policy.router, "embedding_model", "")).endswith(":static")
-
-
-def _tenant(request: Request) -> str:
-    """Who sent the request: the x-fleetlm-tenant header, else a hash of the API key (never
-    the key), else ""."""
-    tenant = request.headers.get("x-fleetlm-tenant")
-    if tenant:
-        return tenant[:64]
-    auth = request.headers.get("authorization", "")
-    if auth.lower().startswith("bearer ") and auth[7:].strip():
-        return "key-" + hashlib.sha256(auth[7:].strip().encode()).hexdigest()[:12]
-    return ""
 
 
 async def _client_body(request: Request, req: ChatCompletionRequest) -> dict[str, Any]:

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
     from fleetlm.engine.engine import Engine
     from fleetlm.server.hybrid import Router
+    from fleetlm.state.db import StateDB
 
 
 class ServeSettings(StrictModel):
@@ -52,6 +53,9 @@ class ServeSettings(StrictModel):
     # them a request is refused with 413 (docs/limits.md)
     max_body_mb: float = Field(4.0, gt=0)
     max_upload_mb: float = Field(512.0, gt=0)
+    # keys, tenants, the audit log and the cost ledger: None = $FLEETLM_STATE_DB, else
+    # $FLEETLM_HOME/state.db (SQLite); postgresql://... when replicas share it
+    state_db: str | None = None
 
 
 @dataclass
@@ -64,6 +68,7 @@ class Served:
     engine: Engine
     app: FastAPI
     router: Router | None
+    state: StateDB
 
 
 def build(settings: ServeSettings, say: Callable[[str], None]) -> Served:
@@ -74,6 +79,8 @@ def build(settings: ServeSettings, say: Callable[[str], None]) -> Served:
     from fleetlm.models.loader import load_model
     from fleetlm.paths import default_adapters_dir
     from fleetlm.server.app import create_app
+    from fleetlm.server.auth import Gateway, is_loopback
+    from fleetlm.state.db import open_state
 
     s = settings
     routes_cfg = None
@@ -81,6 +88,9 @@ def build(settings: ServeSettings, say: Callable[[str], None]) -> Served:
         from fleetlm.router.config import load_routes
 
         routes_cfg = load_routes(s.config)  # before the model: a bad file fails at once
+    state = open_state(s.state_db)  # before the model too: a bad URL fails at once
+    gateway = Gateway(state, require_keys=not is_loopback(s.host))
+    say(f"fleetlm: state store {state.display_url}; {gateway.describe()}")
     lm = load_model(s.model, dtype=s.dtype, quantize=s.quantize)
     root = s.adapters_dir or default_adapters_dir()
     store = AdapterStore(root, lm.config, dtype=lm.model.dtype, max_rank=s.max_lora_rank)
@@ -90,15 +100,18 @@ def build(settings: ServeSettings, say: Callable[[str], None]) -> Served:
     name = s.model if "/" not in s.model and not s.model.endswith(".gguf") else lm.name
     router = None
     if routes_cfg is not None:
+        from fleetlm.router.ledger import Ledger
         from fleetlm.server.hybrid import Router
 
-        router = Router.for_server(routes_cfg, name, store)
+        # the routes file's ledger_path, else the ledger table of the state store
+        ledger = Ledger(routes_cfg.ledger_path if routes_cfg.ledger_path else state)
+        router = Router.for_server(routes_cfg, name, store, ledger=ledger)
         for warning in router.upstreams.missing_keys():
             say(f"fleetlm: warning: {warning}")
         say(f"fleetlm: routes {', '.join(router.routes)}; ledger {router.ledger.path}")
     app = create_app(engine, name, router, max_body_bytes=int(s.max_body_mb * (1 << 20)),
-                     max_upload_bytes=int(s.max_upload_mb * (1 << 20)))
-    return Served(s, name, root, engine, app, router)
+                     max_upload_bytes=int(s.max_upload_mb * (1 << 20)), gateway=gateway)
+    return Served(s, name, root, engine, app, router, state)
 
 
 def run(served: Served) -> None:
@@ -126,6 +139,7 @@ def run(served: Served) -> None:
         served.engine.shutdown(timeout=s.grace_s)
         if served.router is not None:
             served.router.ledger.close()  # every row recorded so far is committed
+        served.state.close()
     if not server.started:
         raise FleetLMError(f"--host {s.host} --port {s.port}: the HTTP server did not start "
                            "(is the port in use? see the message above)")
