@@ -352,14 +352,15 @@ def test_the_openai_sdk_works_with_a_key(gw):
 # -- when keys are needed -----------------------------------------------------------------
 
 
-def test_an_open_server_closes_once_a_key_exists(gw, tmp_path):
+def test_an_open_server_closes_once_a_key_exists(gw, state_url):
+    """On SQLite and on PostgreSQL: the store is what the gateway reads keys from."""
     import asyncio
 
     from fleetlm.server.app import create_app
     from fleetlm.server.auth import Gateway
     from fleetlm.state import KeyStore, TenantStore, open_state
 
-    db = open_state(tmp_path / "state.db")
+    db = open_state(state_url)
     try:
         gateway = Gateway(db, cache_ttl_s=0.0)
         assert "open" in gateway.describe()
@@ -373,9 +374,12 @@ def test_an_open_server_closes_once_a_key_exists(gw, tmp_path):
         assert asyncio.run(get({})).status_code == 200
         assert asyncio.run(get(auth("sk-anything"))).status_code == 200  # ignored while open
         TenantStore(db).create("ops")
-        secret, _ = KeyStore(db).create("ops", "admin")
+        secret, key = KeyStore(db).create("ops", "admin")
         assert asyncio.run(get({})).status_code == 401
         assert asyncio.run(get(auth(secret))).status_code == 200
+        KeyStore(db).revoke(key.id)  # the last key revoked: still closed, not open again
+        assert asyncio.run(get({})).status_code == 401
+        assert asyncio.run(get(auth(secret))).json()["error"]["code"] == "revoked_api_key"
     finally:
         db.close()
 

@@ -6,10 +6,10 @@
     await gateway.record(request, "adapter.add", "b77", "ok", {"overwrite": False})
 
 Clients send ``Authorization: Bearer flm-...`` (the OpenAI SDK's ``api_key``). A server is
-*open* (every request is an anonymous admin, as before keys existed) only while no key is
-active and it listens on a loopback address; once a key exists, or on any other address,
-every endpoint but ``/health`` needs a key, and an open server ignores whatever key a client
-sends. Refusals are 401 (missing, unknown, revoked, expired key: ``WWW-Authenticate:
+*open* (every request is an anonymous admin, as before keys existed) only while its store
+has never held a key and it listens on a loopback address; once a key exists (revoking or
+expiring every key does not open it again), or on any other address, every endpoint but
+``/health`` needs a key, and an open server ignores whatever key a client sends. Refusals are 401 (missing, unknown, revoked, expired key: ``WWW-Authenticate:
 Bearer``) and 403 (a user key on an admin endpoint), OpenAI-shaped.
 
 Keys are looked up by their SHA-256 (:mod:`fleetlm.state.keys`); a known key and its
@@ -139,7 +139,8 @@ class Gateway:
         self.budgets: Budgets | None = None  # set by the router, which owns the ledger
         self._keys = _TTLCache(cache_ttl_s)  # key hash -> (ApiKey | None, TenantPolicy | None)
         self._active = self.keys.count_active() if self.keys is not None else 0
-        self._active_at = time.monotonic()
+        self._keys_made = self.keys.count() if self.keys is not None else 0
+        self._checked_at = time.monotonic()
         self._audit_allowance, self._audit_at, self._suppressed = audit_per_s, 0.0, 0
         self._audit_per_s = audit_per_s
         self._tasks: set[asyncio.Task[None]] = set()
@@ -147,28 +148,28 @@ class Gateway:
     # -- who is calling --------------------------------------------------------------------
 
     async def keys_required(self) -> bool:
-        """Whether requests need a key now: always off loopback, else once a key is active
-        (re-read every ``cache_ttl_s``)."""
-        if self.require_keys:
+        """Whether requests need a key now: always off loopback, else once the store holds a
+        key, active or not (re-read every ``cache_ttl_s`` until then)."""
+        if self.require_keys or self._keys_made:
             return True
         if self.keys is None:
             return False
-        if time.monotonic() - self._active_at > self.cache_ttl_s:
-            self._active_at = time.monotonic()
-            self._active = await asyncio.to_thread(self.keys.count_active)
-        return self._active > 0
+        if time.monotonic() - self._checked_at > self.cache_ttl_s:
+            self._checked_at = time.monotonic()
+            self._keys_made = await asyncio.to_thread(self.keys.count)
+        return self._keys_made > 0
 
     def describe(self) -> str:
         """The start-up line about access."""
-        if self._active == 0 and not self.require_keys:
+        if self._keys_made == 0 and not self.require_keys:
             return ("no API keys: the server is open to anyone who can reach it (loopback "
                     "only); create one with `fleetlm keys create --tenant NAME --role admin` "
                     "and every endpoint but /health will need a key")
-        if self._active == 0:
+        if self._keys_made == 0:
             return ("API keys required (not a loopback address) and none exists yet: every "
                     "request but /health is refused until you run `fleetlm tenants create "
                     "NAME` and `fleetlm keys create --tenant NAME --role admin`")
-        return f"API keys required ({self._active} active)"
+        return f"API keys required ({self._active} active of {self._keys_made})"
 
     async def authenticate(self, request: Request,
                            credentials: HTTPAuthorizationCredentials | None = Security(_bearer)

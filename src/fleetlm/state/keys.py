@@ -181,6 +181,12 @@ class KeyStore:
         with self.db.write() as conn:
             return revoke_in(conn, key_id)
 
+    def count(self) -> int:
+        """Every key ever created, revoked and expired ones included."""
+        with self.db.read() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(api_keys)).scalar()
+                       or 0)
+
     def count_active(self, now: float | None = None) -> int:
         now = time.time() if now is None else now
         q = (sa.select(sa.func.count()).select_from(api_keys)
