@@ -62,12 +62,22 @@ def environment() -> dict[str, Any]:
     }
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name" and "cpu" not in info:
+                info["cpu"] = value.strip()
+            elif key in ("flags", "Features") and "cpu_flags" not in info:
+                # the vector extensions the fast paths choose between (x86 flags, ARM features)
+                info["cpu_flags"] = sorted(f for f in value.split() if f in _SIMD_FLAGS)
     except OSError:
         pass
     return info
+
+
+_SIMD_FLAGS = frozenset({
+    "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+    "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8",
+    "asimd", "asimddp", "sve", "sve2", "bf16", "i8mm"})
 
 
 def write_json(data: dict[str, Any], out: Path | None) -> None:
