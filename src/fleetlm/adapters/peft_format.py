@@ -131,10 +131,15 @@ class FolderSpec:
         return str(base) if base else None
 
 
+def valid_adapter_name(name: object) -> bool:
+    """Whether ``name`` can name an adapter (see :func:`check_name`)."""
+    return isinstance(name, str) and bool(_NAME.fullmatch(name)) and not name.startswith(".")
+
+
 def check_name(name: str) -> None:
     """Adapter names are ``[A-Za-z0-9._-]{1,64}``; a leading '.' is reserved for the
     store's temporary folders (and keeps '.' and '..' out)."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name) or name.startswith("."):
+    if not valid_adapter_name(name):
         raise AdapterError(
             str(name),
             "invalid adapter name: use 1-64 letters, digits, '.', '_' or '-', not starting "

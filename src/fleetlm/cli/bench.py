@@ -185,3 +185,58 @@ def bench_pii(
         run(PiiBenchConfig(data=data, limit=limit), out)
     except (FleetLMError, ValueError) as e:
         fail(e)
+
+
+@app.command("fuzz")
+def bench_fuzz(
+    out: OutOpt = None,
+    cases: Annotated[int, typer.Option(help="Generated requests in all (schema-valid and schema-violating), over every operation.")] = 2000,
+    seed: Annotated[int, typer.Option(help="Hypothesis seed: the same seed generates the same requests.")] = 0,
+    model: Annotated[str, typer.Option("--model", "-m", help="tiny (smollm2-135m's tokenizer and chat template on random 2-layer weights: the HTTP edge is fuzzed, not the weights) or any model `fleetlm serve` takes.")] = "tiny",
+    max_len: Annotated[int, typer.Option(help="The engine's prompt + generated tokens per sequence.")] = 128,
+) -> None:
+    """Schemathesis against the server's own OpenAPI document: no 5xx, answers as declared
+    and OpenAI-shaped, the server healthy afterwards (needs the dev extra)."""
+    try:
+        import schemathesis  # noqa: F401
+    except ImportError:
+        fail(FleetLMError("bench fuzz needs schemathesis: pip install -e '.[dev]' (or make install)"))
+    from fleetlm.bench.fuzz import FuzzBenchConfig, run
+
+    try:
+        run(FuzzBenchConfig(model=model, cases=cases, seed=seed, max_len=max_len), out)
+    except (FleetLMError, ValueError) as e:
+        fail(e)
+
+
+@app.command("soak")
+def bench_soak(
+    out: OutOpt = None,
+    minutes: Annotated[float | None, typer.Option(help="Length of the whole run (warm-up 10%, then without and with hostile clients, 45% each).")] = None,
+    seconds: Annotated[float | None, typer.Option(help="The same in seconds (short checks); instead of --minutes.")] = None,
+    clients: Annotated[int, typer.Option(help="Well-behaved closed-loop clients, in every phase.")] = 4,
+    hostile: Annotated[float, typer.Option(help="Hostile clients per well-behaved one, added in the hostile phase (rounded up).")] = 0.1,
+    model: ModelOpt = "smollm2-135m",
+    dtype: DTypeArg = DTypeOpt.auto,
+    adapters: Annotated[int, typer.Option(help="Random adapters in the server's store.")] = 3,
+    max_tokens: Annotated[int, typer.Option(help="Tokens per well-behaved request.")] = 24,
+    deadline_s: Annotated[float, typer.Option(help="A request with no answer after this long is hung.")] = 120.0,
+) -> None:
+    """A real server under load for minutes, with and without hostile clients: RSS growth,
+    lost and hung requests, TTFT with and without, throughput (targets pass/fail)."""
+    from pydantic import ValidationError
+
+    from fleetlm.bench.soak import SoakBenchConfig, run
+
+    if (minutes is None) == (seconds is None):
+        fail(FleetLMError("give the length as --minutes N or --seconds N (one of them)"))
+    length = seconds if seconds is not None else 60 * (minutes or 0)
+    try:
+        run(SoakBenchConfig(model=model, dtype=dtype.value, seconds=length,
+                            clients=clients, hostile=hostile, adapters=adapters,
+                            max_tokens=max_tokens, deadline_s=deadline_s), out)
+    except ValidationError as e:
+        fail(FleetLMError("; ".join(f"--{'-'.join(str(x) for x in err['loc'])}: {err['msg']}"
+                                    for err in e.errors())))
+    except (FleetLMError, ValueError) as e:
+        fail(e)

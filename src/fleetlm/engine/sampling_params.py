@@ -27,10 +27,14 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 
 
+# temperatures under this are greedy decoding (the limit of sampling as T -> 0)
+GREEDY_BELOW = 1e-6
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 256
-    temperature: float = 1.0  # 0 -> greedy
+    temperature: float = 1.0  # 0 (or below GREEDY_BELOW) -> greedy
     top_k: int = 0  # 0 -> off
     top_p: float = 1.0  # 1 -> off
     min_p: float = 0.0  # 0 -> off
@@ -56,7 +60,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        # a temperature this small samples the top token anyway, and one that is 0 in float32
+        # (below ~1e-45) would divide by zero in the sampler
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
 
     def validate(self, vocab_size: int | None = None) -> SamplingParams:
         """Raise one ConfigError listing every invalid field (``param``: the first of them);

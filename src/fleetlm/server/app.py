@@ -22,13 +22,16 @@ tokens, batching and adapters are the engine's.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from fleetlm.engine.engine import Engine
 from fleetlm.errors import FleetLMError
@@ -45,6 +48,7 @@ from fleetlm.server.errors import (
     APIError,
     api_error,
     error_body,
+    http_error,
     validation_error,
 )
 from fleetlm.server.local import LocalModel
@@ -62,6 +66,9 @@ DEFAULT_MAX_BODY_BYTES = 4 * MIB
 DEFAULT_MAX_UPLOAD_BYTES = 512 * MIB
 # room for the multipart framing around the files (part headers, the name/pin fields)
 _MULTIPART_SLACK = 1 * MIB
+# after a 413, the rest of the body read and dropped, at most this much for this long
+LINGER_BYTES = 16 * MIB
+LINGER_S = 2.0
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -137,6 +144,12 @@ def _add_error_handlers(app: FastAPI, metrics: ServerMetrics,
     async def on_validation(request: Request, e: RequestValidationError) -> JSONResponse:
         return respond(request, validation_error(e))
 
+    @app.exception_handler(HTTPException)  # Starlette's: 404, 405, an unreadable body
+    async def on_http(request: Request, e: HTTPException) -> JSONResponse:
+        err = http_error(e.status_code, e.detail, request.method, request.url.path)
+        err.headers.update(e.headers or {})
+        return respond(request, err)
+
     @app.exception_handler(FleetLMError)
     async def on_fleetlm(request: Request, e: FleetLMError) -> JSONResponse:
         return respond(request, api_error(e))
@@ -183,7 +196,8 @@ class BodyLimit:
         limit, err = self.limit(scope)
         declared = dict(scope.get("headers") or ()).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await self.refuse(scope, receive, send, err)
+            # a body too large to drain is left unread: the client may see a reset
+            await self.refuse(scope, receive, send, err, linger=int(declared) <= LINGER_BYTES)
             return
         received, over, started = 0, False, False
 
@@ -214,10 +228,28 @@ class BodyLimit:
         if over and not started:
             await self.refuse(scope, receive, send, err)
 
-    async def refuse(self, scope: Scope, receive: Receive, send: Send, err: APIError) -> None:
-        """The 413, then the connection closes (the rest of the body is never read)."""
+    async def refuse(self, scope: Scope, receive: Receive, send: Send, err: APIError, *,
+                     linger: bool = True) -> None:
+        """The 413, then (``linger``) a lingering close: the rest of the body is read and dropped, at most
+        ``LINGER_BYTES`` of it for at most ``LINGER_S``, so a client still sending gets to
+        read the answer. Closing with unread bytes in the socket makes the kernel send a
+        reset, and the client would see a broken connection instead of the 413."""
         if self.on_refused is not None:
             self.on_refused(scope["path"], err.status)
         response = JSONResponse(error_body(err), status_code=err.status,
                                 headers={"Connection": "close"})
         await response(scope, receive, send)
+        if not linger:
+            return
+        drained, end = 0, time.monotonic() + LINGER_S
+        with contextlib.suppress(Exception):
+            while drained < LINGER_BYTES:
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                message = await asyncio.wait_for(receive(), left)
+                if message["type"] != "http.request":
+                    break
+                drained += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    break

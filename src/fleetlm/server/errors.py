@@ -71,10 +71,33 @@ def generation_failed(error: BaseException | None) -> APIError:
 
 def validation_error(e: RequestValidationError) -> APIError:
     """A request body that does not fit its schema: 400, every problem listed, ``param`` the
-    first problem's field (``messages.0.role``)."""
+    first problem's field (``messages.0.role``). A body that is not JSON names the character
+    where parsing stopped, and no field."""
     errs = e.errors()
+    if errs and errs[0].get("type") == "json_invalid":
+        at = [x for x in errs[0].get("loc", ()) if x != "body"]
+        where = f" at character {at[0]}" if at else ""
+        return APIError(400, f"the request body is not valid JSON{where} "
+                             f"({errs[0].get('ctx', {}).get('error', 'JSON decode error')})",
+                        INVALID_REQUEST, None, "invalid_json")
     first = errs[0] if errs else {}
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
     msg = "; ".join(f"{'.'.join(str(x) for x in er.get('loc', ()) if x != 'body')}: {er.get('msg')}"
                     for er in errs)
     return APIError(400, msg, INVALID_REQUEST, ".".join(loc) or None)
+
+
+def http_error(status: int, detail: Any, method: str, path: str) -> APIError:
+    """Starlette's own HTTP errors (no such path, method not allowed, a body it could not
+    read) as OpenAI errors."""
+    if status == 404:
+        return APIError(404, f"{method} {path}: no such endpoint (see /openapi.json for the "
+                             "endpoints this server has)", INVALID_REQUEST, None, "not_found")
+    if status == 405:
+        return APIError(405, f"{method} {path}: method not allowed on this endpoint",
+                        INVALID_REQUEST, None, "method_not_allowed")
+    if status == 400:
+        return APIError(400, f"the request body could not be read ({detail}); send UTF-8 JSON",
+                        INVALID_REQUEST, None, "invalid_json")
+    kind = INVALID_REQUEST if status < 500 else "server_error"
+    return APIError(status, str(detail), kind)

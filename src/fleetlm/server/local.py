@@ -25,6 +25,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
+from fleetlm.adapters.peft_format import valid_adapter_name
 from fleetlm.engine.engine import Engine, EngineEvent
 from fleetlm.engine.sampling_params import SamplingParams
 from fleetlm.models.chat import chat_ids, has_chat_template
@@ -75,6 +76,10 @@ def adapter_of(model: str, model_name: str, store: Any) -> str | None:
         raise APIError(404, f"model {model!r} does not exist; this server serves "
                             f"{model_name!r} and no adapters", INVALID_REQUEST,
                        "model", "model_not_found")
+    if not valid_adapter_name(adapter):  # cannot be in the store: no model of that name
+        raise APIError(404, f"model {model[:100]!r} does not exist (GET /v1/models lists the "
+                            "models this server serves)", INVALID_REQUEST, "model",
+                       "model_not_found")
     return str(adapter)
 
 
