@@ -3,8 +3,9 @@
 Two servers over one engine (the embedded model), in one process: one open (no keys), one
 with a state store, a key and a tenant whose every limit is set (patterns, caps, requests
 and tokens per minute, budgets) but never reached. The same requests go to both,
-interleaved (A, B, A, B, ...), so drift on a busy 2-core machine hits both alike; the
-overhead is the difference of the medians, per endpoint:
+interleaved in pairs (A B, B A, ...), so drift on a busy 2-core machine hits both alike;
+the overhead is the median of the pairs' differences (keyed minus open), per endpoint,
+beside the two medians:
 
     GET  /v1/models            auth + the tenant's pattern filter, no generation
     POST /v1/completions       auth + patterns + caps + rate window, 1 generated token
@@ -122,12 +123,13 @@ def run_gateway(requests: int = 1000, model: str = "smollm2-135m",
                     if i >= 20:
                         update(i - 19)
                 open_ms, keyed_ms = (1e3 * median(t) for t in times)
+                paired = 1e3 * median([b - a for a, b in zip(*times, strict=True)])
                 result["endpoints"][name] = {
                     "open_p50_ms": open_ms, "keyed_p50_ms": keyed_ms,
                     "open_p99_ms": 1e3 * (percentile(times[0], 99) or 0.0),
                     "keyed_p99_ms": 1e3 * (percentile(times[1], 99) or 0.0),
-                    "overhead_p50_ms": keyed_ms - open_ms,
-                    "pass": keyed_ms - open_ms <= TARGET_MS}
+                    "overhead_p50_ms": paired, "difference_of_medians_ms": keyed_ms - open_ms,
+                    "pass": paired <= TARGET_MS}
         result["in_process"] = _in_process(keyed, secret, policy, 20_000)
     finally:
         for srv, thread, _ in servers:

@@ -240,3 +240,25 @@ def bench_soak(
                                     for err in e.errors())))
     except (FleetLMError, ValueError) as e:
         fail(e)
+
+
+@app.command("gateway")
+def bench_gateway(
+    out: OutOpt = None,
+    requests: Annotated[int, typer.Option(help="Requests per endpoint to each server (interleaved).")] = 1000,
+    model: ModelOpt = "smollm2-135m",
+) -> None:
+    """What keys and tenants' limits add to a request: an open and a keyed server over one
+    engine, the same requests interleaved, the difference of the medians (target <= 0.5 ms)."""
+    import json
+
+    from fleetlm.bench.gateway import run_gateway
+
+    if requests < 10:
+        fail(FleetLMError(f"--requests {requests}: send at least 10 per endpoint"))
+    try:
+        result = run_gateway(requests=requests, model=model, out=out)
+    except (FleetLMError, ValueError) as e:
+        fail(e)
+        return
+    typer.echo(json.dumps({k: result[k] for k in ("endpoints", "in_process", "pass")}, indent=2))
