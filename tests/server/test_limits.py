@@ -128,10 +128,10 @@ def test_a_chunked_body_without_length_is_cut_off_at_the_limit(env):
 
 
 def test_a_client_still_sending_reads_the_413_rather_than_a_reset(env):
-    """Lingering close: after the 413 the server reads and drops the rest of a moderately
-    oversized body instead of closing with unread bytes, which makes the kernel reset the
-    connection and throw away the 413 before the client reads it (found by `fleetlm bench
-    soak`: 3 of 74 chunked oversized bodies saw a reset)."""
+    """Lingering close: before the 413 the server reads and drops the rest of a moderately
+    oversized body (until the client pauses) instead of closing with unread bytes, which
+    makes the kernel reset the connection and throw away the 413 before the client reads it
+    (found by `fleetlm bench soak`: 3 of 74 chunked oversized bodies saw a reset)."""
     import socket
 
     host, port = env["url"].removeprefix("http://").split(":")
@@ -143,7 +143,7 @@ def test_a_client_still_sending_reads_the_413_rather_than_a_reset(env):
             chunk = b"z" * (64 << 10)
             for _ in range(16):  # 1 MiB, 16 times the limit, still "more to come"
                 sock.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
-            time.sleep(0.5)  # the server has answered by now, and (before the fix) closed
+            time.sleep(0.5)  # a pause: the server answers now (before the fix: it had closed)
             answer = sock.recv(65536)
         finally:
             sock.close()

@@ -66,9 +66,10 @@ DEFAULT_MAX_BODY_BYTES = 4 * MIB
 DEFAULT_MAX_UPLOAD_BYTES = 512 * MIB
 # room for the multipart framing around the files (part headers, the name/pin fields)
 _MULTIPART_SLACK = 1 * MIB
-# after a 413, the rest of the body read and dropped, at most this much for this long
+# before a 413, the rest of the body read and dropped, at most this much for this long
 LINGER_BYTES = 16 * MIB
 LINGER_S = 2.0
+LINGER_IDLE_S = 0.25  # ... or until the client has sent nothing for this long
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -230,26 +231,32 @@ class BodyLimit:
 
     async def refuse(self, scope: Scope, receive: Receive, send: Send, err: APIError, *,
                      linger: bool = True) -> None:
-        """The 413, then (``linger``) a lingering close: the rest of the body is read and dropped, at most
-        ``LINGER_BYTES`` of it for at most ``LINGER_S``, so a client still sending gets to
-        read the answer. Closing with unread bytes in the socket makes the kernel send a
-        reset, and the client would see a broken connection instead of the 413."""
+        """The 413, then the connection closes. With ``linger``, the rest of the body is
+        first read and dropped (at most ``LINGER_BYTES``, for at most ``LINGER_S``, until the
+        client pauses ``LINGER_IDLE_S``): closing with unread bytes in the socket makes the
+        kernel reset the connection, and a client still sending would see a reset instead of
+        the 413. (It must come first: once the response is sent, the server reads nothing
+        more of the request.)"""
         if self.on_refused is not None:
             self.on_refused(scope["path"], err.status)
+        if linger:
+            await _drain(receive)
         response = JSONResponse(error_body(err), status_code=err.status,
                                 headers={"Connection": "close"})
         await response(scope, receive, send)
-        if not linger:
-            return
-        drained, end = 0, time.monotonic() + LINGER_S
-        with contextlib.suppress(Exception):
-            while drained < LINGER_BYTES:
-                left = end - time.monotonic()
-                if left <= 0:
-                    break
-                message = await asyncio.wait_for(receive(), left)
-                if message["type"] != "http.request":
-                    break
-                drained += len(message.get("body", b""))
-                if not message.get("more_body", False):
-                    break
+
+
+async def _drain(receive: Receive) -> None:
+    """Read and drop what is left of a request body (bounded, see :meth:`BodyLimit.refuse`)."""
+    drained, end = 0, time.monotonic() + LINGER_S
+    with contextlib.suppress(Exception):  # a timeout or a disconnect: stop draining
+        while drained < LINGER_BYTES:
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            message = await asyncio.wait_for(receive(), min(left, LINGER_IDLE_S))
+            if message["type"] != "http.request":
+                return
+            drained += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
