@@ -31,7 +31,14 @@ from typing import Any
 import httpx
 import pytest
 
-from fleetlm.bench.fuzz import FuzzTarget, fuzz, fuzz_target, health_problems, load_schema
+from fleetlm.bench.fuzz import (
+    FuzzTarget,
+    fuzz,
+    fuzz_target,
+    health_problems,
+    keyed_app,
+    load_schema,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -91,23 +98,6 @@ FOUND_BUGS: list[tuple[str, Callable[[Any], bool], dict[str, Any], str]] = [
 ]
 
 
-def _keyed(workdir: Any) -> tuple[Callable[..., Any], dict[str, str], Any]:
-    """A gateway over a new state store: an admin key of a tenant with every limit set high
-    (the checks run on every request, none refuses); ``(make_app, headers, db)``."""
-    from fleetlm.server.app import create_app
-    from fleetlm.server.auth import Gateway
-    from fleetlm.state import KeyStore, TenantPolicy, TenantStore, open_state
-
-    db = open_state(workdir / "state.db")
-    TenantStore(db).create("fuzz", TenantPolicy(rpm=10**9, tpm=10**9, budget_daily_usd=1e9,
-                                                max_tokens=10**6, max_n=16))
-    secret, _ = KeyStore(db).create("fuzz", "admin", name="fuzz")
-
-    def make_app(engine: Any, name: str, router: Any) -> Any:
-        return create_app(engine, name, router, gateway=Gateway(db))
-    return make_app, {"Authorization": f"Bearer {secret}"}, db
-
-
 @pytest.fixture(scope="module", params=VARIANTS, ids=lambda v: v.name)
 def target(request: pytest.FixtureRequest, tiny_base: Any,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzTarget]:
@@ -115,7 +105,7 @@ def target(request: pytest.FixtureRequest, tiny_base: Any,
     workdir = tmp_path_factory.mktemp("fuzz")
     make_app, headers, db = variant.make_app, variant.headers, None
     if variant.name == "keyed":
-        make_app, headers, db = _keyed(workdir)
+        make_app, headers, db = keyed_app(workdir)
     try:
         with fuzz_target(tiny_base, workdir, name="tiny", max_len=96, make_app=make_app,
                          headers=headers) as t:

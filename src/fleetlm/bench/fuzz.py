@@ -72,9 +72,28 @@ class FuzzBenchConfig(StrictModel):
     max_len: int = Field(128, ge=16)  # prompt + generated tokens: short answers, fast cases
     request_timeout_s: float = Field(60.0, gt=0)  # no answer within it: a hung request
     route: bool = True  # also a route over a stub upstream (the hybrid router's path)
+    keys: bool = False  # a state store and an admin key on every request (the gateway's path)
 
 
 # -- the target --------------------------------------------------------------------------
+
+
+def keyed_app(workdir: Path) -> tuple[AppFactory, dict[str, str], Any]:
+    """A gateway over a new state store under ``workdir``: an admin key of a tenant with
+    every limit set high (the checks run on every request, none refuses). Returns
+    ``(make_app, headers, db)``; the caller closes ``db``."""
+    from fleetlm.server.app import create_app
+    from fleetlm.server.auth import Gateway
+    from fleetlm.state import KeyStore, TenantPolicy, TenantStore, open_state
+
+    db = open_state(workdir / "state.db")
+    TenantStore(db).create("fuzz", TenantPolicy(rpm=10**9, tpm=10**9, budget_daily_usd=1e9,
+                                                max_tokens=10**6, max_n=16))
+    secret, _ = KeyStore(db).create("fuzz", "admin", name="fuzz")
+
+    def make_app(engine: Any, name: str, router: Any) -> Any:
+        return create_app(engine, name, router, gateway=Gateway(db))
+    return make_app, {"Authorization": f"Bearer {secret}"}, db
 
 
 @dataclass
@@ -610,8 +629,13 @@ def run(cfg: FuzzBenchConfig, out: Path | None) -> dict[str, Any]:
         if cfg.model == "tiny":
             p.say("bench fuzz: writing the tiny model (smollm2-135m's tokenizer, random weights)")
             model = tiny_model(work / "tiny")
-        with fuzz_target(model, work, name=name, dtype=cfg.dtype, max_len=cfg.max_len,
-                         route=cfg.route) as target:
+        make_app, headers, db = keyed_app(work) if cfg.keys else (None, None, None)
+        with contextlib.ExitStack() as stack:
+            if db is not None:
+                stack.callback(db.close)
+            target = stack.enter_context(fuzz_target(
+                model, work, name=name, dtype=cfg.dtype, max_len=cfg.max_len, route=cfg.route,
+                make_app=make_app, headers=headers))
             schema = load_schema(target, request_timeout_s=cfg.request_timeout_s)
             started = time.perf_counter()
             stats = fuzz(schema, target, cfg.cases, cfg.seed, cfg.request_timeout_s,

@@ -194,6 +194,7 @@ def bench_fuzz(
     seed: Annotated[int, typer.Option(help="Hypothesis seed: the same seed generates the same requests.")] = 0,
     model: Annotated[str, typer.Option("--model", "-m", help="tiny (smollm2-135m's tokenizer and chat template on random 2-layer weights: the HTTP edge is fuzzed, not the weights) or any model `fleetlm serve` takes.")] = "tiny",
     max_len: Annotated[int, typer.Option(help="The engine's prompt + generated tokens per sequence.")] = 128,
+    keys: Annotated[bool, typer.Option("--keys/--no-keys", help="Serve with a state store and send an admin key with every case (the gateway on every request's path).")] = False,
 ) -> None:
     """Schemathesis against the server's own OpenAPI document: no 5xx, answers as declared
     and OpenAI-shaped, the server healthy afterwards (needs the dev extra)."""
@@ -204,7 +205,8 @@ def bench_fuzz(
     from fleetlm.bench.fuzz import FuzzBenchConfig, run
 
     try:
-        run(FuzzBenchConfig(model=model, cases=cases, seed=seed, max_len=max_len), out)
+        run(FuzzBenchConfig(model=model, cases=cases, seed=seed, max_len=max_len, keys=keys),
+            out)
     except (FleetLMError, ValueError) as e:
         fail(e)
 
