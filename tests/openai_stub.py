@@ -3,8 +3,8 @@
 
 A plain ``http.server`` in a thread answers POST /v1/chat/completions with whatever a
 test's ``reply(body, index)`` returns: a :class:`Reply` (status, delay, headers, the
-answer in pieces, usage, and for streams a role chunk, a gap between pieces or a
-connection that dies mid-answer) or a plain string (the answer). It records every
+answer in pieces, tool calls or a legacy function call, usage, and for streams a role
+chunk, a gap between pieces or a connection that dies mid-answer) or a plain string (the answer). It records every
 request's body, headers and arrival time. It exists to test parsing, budgets, retries,
 timeouts and failover; end-to-end tests use a real fleetlm server instead.
 """
@@ -35,10 +35,24 @@ class Reply:
     role_chunk: bool = True  # streaming: a role-only delta first
     die_after: int | None = None  # streaming: close the connection after this many pieces
     gap_s: float = 0.0  # streaming: pause before each piece after the first
+    # tool calls after the answer's text: {"id", "name", "arguments"} each (finish_reason
+    # "tool_calls"); streamed as OpenAI does: id and name first, then the arguments in pieces
+    # of arg_chars characters (0: whole)
+    tool_calls: tuple[dict[str, str], ...] = ()
+    function_call: dict[str, str] | None = None  # legacy: {"name", "arguments"}, same way
+    arg_chars: int = 0
 
     def __post_init__(self) -> None:
         if self.content is not None:
             self.pieces = (self.content,)
+
+
+def _finish(r: Reply) -> str:
+    return "tool_calls" if r.tool_calls else "function_call" if r.function_call else "stop"
+
+
+def _split(text: str, size: int) -> list[str]:
+    return [text[i:i + size] for i in range(0, len(text), size)] if size > 0 else [text]
 
 
 ReplyFn = Callable[[dict[str, Any], int], "Reply | str"]
@@ -77,10 +91,18 @@ class Stub:
                 elif body.get("stream"):
                     self._stream(body, r)
                 else:
+                    message: dict[str, Any] = {"role": "assistant", "content": "".join(r.pieces)}
+                    if r.tool_calls:
+                        message["tool_calls"] = [
+                            {"id": c["id"], "type": "function",
+                             "function": {"name": c["name"], "arguments": c["arguments"]}}
+                            for c in r.tool_calls]
+                    if r.function_call is not None:
+                        message["function_call"] = dict(r.function_call)
                     out: dict[str, Any] = {
                         "id": f"c{index}", "object": "chat.completion", "model": body.get("model"),
-                        "choices": [{"index": 0, "finish_reason": "stop", "message": {
-                            "role": "assistant", "content": "".join(r.pieces)}}]}
+                        "choices": [{"index": 0, "finish_reason": _finish(r),
+                                     "message": message}]}
                     if r.usage is not None:
                         out["usage"] = r.usage
                     self._send(200, out, r.headers)
@@ -115,7 +137,16 @@ class Stub:
                     if i and r.gap_s and stub.stop.wait(r.gap_s):
                         return
                     event({"content": piece})
-                event({}, "stop")
+                for k, c in enumerate(r.tool_calls):
+                    event({"tool_calls": [{"index": k, "id": c["id"], "type": "function",
+                                           "function": {"name": c["name"], "arguments": ""}}]})
+                    for part in _split(c["arguments"], r.arg_chars):
+                        event({"tool_calls": [{"index": k, "function": {"arguments": part}}]})
+                if r.function_call is not None:
+                    event({"function_call": {"name": r.function_call["name"], "arguments": ""}})
+                    for part in _split(r.function_call["arguments"], r.arg_chars):
+                        event({"function_call": {"arguments": part}})
+                event({}, _finish(r))
                 if r.usage is not None and (body.get("stream_options") or {}).get("include_usage"):
                     usage = {"id": "s", "choices": [], "usage": r.usage}
                     self.wfile.write(f"data: {json.dumps(usage)}\n\n".encode())

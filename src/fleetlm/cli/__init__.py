@@ -10,6 +10,7 @@
     keys.py       fleetlm keys ...          API keys: create (shown once), list, revoke (state/)
     tenants.py    fleetlm tenants ...       tenants and their policies: create, list, set (state/)
     audit.py      fleetlm audit             the audit log (state/audit)
+    privacy.py    fleetlm privacy train     the learned PII recognizer's weights (privacy/learned)
     options.py    the options several commands share, and ``fail`` (error -> exit code 2)
 
 Each command declares its options, calls into the package that does the work, prints, and
@@ -22,7 +23,19 @@ from __future__ import annotations
 
 import typer
 
-from fleetlm.cli import adapters, audit, bench, generate, keys, report, route, serve, tenants, tune
+from fleetlm.cli import (
+    adapters,
+    audit,
+    bench,
+    generate,
+    keys,
+    privacy,
+    report,
+    route,
+    serve,
+    tenants,
+    tune,
+)
 
 app = typer.Typer(
     help="fleetlm: serve, route and tune small language models.",
@@ -42,6 +55,7 @@ app.add_typer(route.app, name="route")
 app.add_typer(report.app, name="report")
 app.add_typer(keys.app, name="keys")
 app.add_typer(tenants.app, name="tenants")
+app.add_typer(privacy.app, name="privacy")
 
 
 def main() -> None:  # pragma: no cover - console entry point

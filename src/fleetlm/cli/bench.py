@@ -174,15 +174,26 @@ def bench_adapters(
 @app.command("pii")
 def bench_pii(
     out: OutOpt = None,
-    limit: Annotated[int | None, typer.Option(help="Only the first N sentences.")] = None,
-    data: Annotated[Path | None, typer.Option(help="presidio's synth_dataset_v2_train.json "
-                                                   "(default: ../shared/data/pii/ beside the repo).")] = None,
+    data: Annotated[list[str] | None, typer.Option(
+        help="A data set, repeatable: synthetic-val, support-v1 (the two defaults), "
+             "synthetic-train, synthetic-all, or the path of a file in presidio's "
+             "synthetic-set format (scored whole).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N examples of each set.")] = None,
+    latency_messages: Annotated[int, typer.Option(help="100-word messages timed per set.")] = 200,
+    chat_requests: Annotated[int, typer.Option(help="Chat-request round trips (redact + restore) timed per set.")] = 200,
+    pii_config: Annotated[Path | None, typer.Option(help="A YAML file of PiiConfig keys (default: PiiConfig()).")] = None,
 ) -> None:
-    """PII detection precision, recall and F2 per entity type on a labelled dataset."""
-    from fleetlm.bench.pii import PiiBenchConfig, run
+    """PII detection per data set: precision, recall and F2 per entity type, the share of
+    personal data left in the clear, detection latency per 100-word message, and the
+    redact + restore cost of an escalated request."""
+    from fleetlm.bench.pii import DEFAULT_SETS, PiiBenchConfig, load_pii_config, run
 
     try:
-        run(PiiBenchConfig(data=data, limit=limit), out)
+        pii = load_pii_config(pii_config) if pii_config is not None else None
+        cfg = PiiBenchConfig(data=data or list(DEFAULT_SETS), limit=limit,
+                             latency_messages=latency_messages, chat_requests=chat_requests,
+                             **({"pii": pii} if pii is not None else {}))
+        run(cfg, out)
     except (FleetLMError, ValueError) as e:
         fail(e)
 

@@ -7,7 +7,8 @@ the machine (router escalation, tuning data), restore the values in what comes b
     answer = restore(remote_answer, mapping)       # or StreamRestorer(mapping) for streams
 
 Importing this package imports neither presidio nor spaCy. Privacy knows text, entity
-types and placeholders; it knows nothing about models, routes, HTTP or where the text goes.
+types and placeholders; it knows nothing about the served models, routes, HTTP or where the text goes (its own
+learned recognizer, in learned/, is a detector like spaCy).
 """
 
 from fleetlm.privacy.config import DEFAULT_ENTITIES, PiiConfig

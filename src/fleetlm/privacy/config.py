@@ -60,6 +60,15 @@ class PiiConfig(StrictModel):
     # also replace exact repeats (whole-word, case-sensitive) of a value already
     # detected in the same request, where the detector missed that occurrence
     redact_repeats: bool = True
+    # what finds names, places, organisations, dates and nationalities: spaCy's small NER
+    # model ("spacy"), fleetlm's learned recognizer ("learned": all-MiniLM-L6-v2 with a LoRA
+    # adapter trained on presidio's synthetic set, shipped in the package; spaCy then only
+    # tokenises for the context words), or both ("both": a span either finds is redacted).
+    # The pattern recognizers (e-mail, phone, cards, IBAN, ...) run in every mode.
+    ner: Literal["spacy", "learned", "both"] = "spacy"
+    # the learned recognizer's weights: a .safetensors file, or the --out folder of
+    # `fleetlm privacy train`; None = the file shipped in fleetlm.privacy.learned
+    learned_model: str | None = None
 
     @field_validator("entities")
     @classmethod

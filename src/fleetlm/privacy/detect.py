@@ -11,6 +11,11 @@ package and handed to presidio already loaded (presidio's own loader would call
 the e-mail recognizer checks domains against tldextract's bundled public-suffix
 snapshot instead of fetching the list from the internet on first use.
 
+Names, places, organisations, dates and nationalities come from spaCy's NER, from the
+learned recognizer (``PiiConfig.ner``: "learned" or "both"; fleetlm.privacy.learned,
+a fine-tuned MiniLM run batched outside the analyzer's lock, which refuses a text over
+its size cap with PiiDetectionError), or from both.
+
 Overlapping detections are merged into one span covering all of them (labelled with
 the type of the highest-scoring, then longest, member): a character that any
 recognizer flagged is never left in the clear.
@@ -22,12 +27,15 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fleetlm.errors import FleetLMError
 from fleetlm.privacy.config import PiiConfig
+
+# defined in errors.py (the learned recognizer raises them too); importable from here
+from fleetlm.privacy.errors import PiiDetectionError, PiiModelNotInstalled
 
 # Tried in order when PiiConfig.spacy_model is None. The first is the PyPI upload of
 # spaCy's en_core_web_sm 3.8.0 (a pinned dependency); the second is what
@@ -50,14 +58,6 @@ SPACY_TO_PRESIDIO = {
 }
 SPACY_IGNORED = ("CARDINAL", "EVENT", "LANGUAGE", "LAW", "MONEY", "ORDINAL", "PERCENT",
                  "PRODUCT", "QUANTITY", "WORK_OF_ART")
-
-
-class PiiDetectionError(FleetLMError):
-    """Detection failed, so the text was not redacted: it must not be sent on or stored."""
-
-
-class PiiModelNotInstalled(PiiDetectionError):
-    """The spaCy model is not installed; the message says which package to install."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,14 +113,18 @@ def resolve_spacy_model(name: str | None) -> str:
 
 
 class _Analyzer:
-    """One presidio AnalyzerEngine on one loaded spaCy pipeline, used under a lock."""
+    """One presidio AnalyzerEngine on one loaded spaCy pipeline, used under a lock, and
+    the learned recognizer's model when ``ner`` asks for it (run outside that lock)."""
 
-    def __init__(self, language: str, model: str) -> None:
+    def __init__(self, language: str, model: str, ner_mode: str = "spacy",
+                 learned_model: str | None = None) -> None:
         import spacy
         from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
         from presidio_analyzer.nlp_engine import NerModelConfiguration, SpacyNlpEngine
 
-        nlp = spacy.load(model)
+        # without spaCy's NER, spaCy only tokenises and lemmatises (for context words):
+        # its parser and entity recognizer are not run at all
+        nlp = spacy.load(model, exclude=["parser", "ner"] if ner_mode == "learned" else [])
         ner = NerModelConfiguration(model_to_presidio_entity_mapping=dict(SPACY_TO_PRESIDIO),
                                     labels_to_ignore=list(SPACY_IGNORED))
         engine = SpacyNlpEngine(models=[{"lang_code": language, "model_name": model}],
@@ -131,6 +135,15 @@ class _Analyzer:
         registry.load_predefined_recognizers(languages=[language], nlp_engine=engine)
         registry.remove_recognizer("EmailRecognizer")
         registry.add_recognizer(_offline_email_recognizer(language))
+        self.learned: Any = None
+        if ner_mode != "spacy":
+            from fleetlm.privacy.learned.model import load_learned
+            from fleetlm.privacy.learned.recognizer import LearnedRecognizer
+
+            self.learned = LearnedRecognizer(load_learned(learned_model), language)
+            registry.add_recognizer(self.learned)
+            if ner_mode == "learned":
+                registry.remove_recognizer("SpacyRecognizer")
         self.analyzer = AnalyzerEngine(registry=registry, nlp_engine=engine,
                                        supported_languages=[language])
         self.nlp_engine = engine
@@ -148,7 +161,12 @@ class _Analyzer:
 
     def analyze(self, texts: list[str], cfg: PiiConfig) -> list[list[PiiSpan]]:
         out: list[list[PiiSpan]] = []
-        with self.lock:
+        # the learned model runs batched and outside the lock; its spans are handed to
+        # its recognizer for presidio's per-text loop below
+        handover: Any = nullcontext()
+        if self.learned is not None:
+            handover = self.learned.precomputed(texts, self.learned.ner.predict(texts))
+        with self.lock, handover:
             artifacts = self.nlp_engine.process_batch(texts, self.language,
                                                       batch_size=cfg.batch_size)
             for text, item in zip(texts, artifacts, strict=True):
@@ -182,7 +200,7 @@ def _offline_email_recognizer(language: str) -> Any:
     return OfflineEmailRecognizer(supported_language=language)
 
 
-_ANALYZERS: dict[tuple[str, str], _Analyzer] = {}
+_ANALYZERS: dict[tuple[str, str, str, str | None], _Analyzer] = {}
 _ANALYZERS_LOCK = threading.Lock()
 
 
@@ -192,10 +210,11 @@ def get_analyzer(cfg: PiiConfig) -> _Analyzer:
     with _ANALYZERS_LOCK:
         try:
             model = resolve_spacy_model(cfg.spacy_model)
-            key = (cfg.language, model)
+            key = (cfg.language, model, cfg.ner, cfg.learned_model)
             analyzer = _ANALYZERS.get(key)
             if analyzer is None:
-                analyzer = _ANALYZERS[key] = _Analyzer(cfg.language, model)
+                analyzer = _ANALYZERS[key] = _Analyzer(cfg.language, model, cfg.ner,
+                                                       cfg.learned_model)
         except PiiDetectionError:
             raise
         except Exception as e:

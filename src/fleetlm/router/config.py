@@ -221,6 +221,10 @@ class RouteConfig(StrictModel):
     pii: PiiMode = "redact"
     # presidio entity types to redact/block; None = fleetlm.privacy.DEFAULT_ENTITIES
     pii_entities: list[str] | None = None
+    # pii redact|block: content parts that are not text (image_url, input_audio, file) cannot
+    # be scanned, so an escalated request carrying one is refused (400 naming the part) or
+    # sent without them (drop); never sent unscanned
+    non_text_parts: Literal["refuse", "drop"] = "refuse"
     # when every large upstream failed: answer with the small model (flagged) or an error
     on_large_failure: Literal["fallback", "error"] = "fallback"
     # when the caller's tenant has spent its daily or monthly budget for escalations: answer
@@ -353,6 +357,10 @@ class RouteConfig(StrictModel):
         if self.pii_entities is not None and self.pii == "off":
             problems.append(("pii_entities", "pii is off, so pii_entities is unused; remove it "
                                              "or set pii: redact|block"))
+        if "non_text_parts" in self.model_fields_set and self.pii == "off":
+            problems.append(("non_text_parts", "pii is off, so non_text_parts is unused (parts "
+                                               "go upstream as sent); remove it or set pii: "
+                                               "redact|block"))
         if problems:
             raise Problems(problems)
         return self

@@ -8,6 +8,9 @@ In request-path order:
                       /v1/completions
     hybrid.py         Router: a route's policy, PII redaction, upstreams, the ledger
                       (``fleetlm serve --config``)
+    upstream_body.py  what an escalated request sends: an allow-list of the validated fields
+    pii_fields.py     every free-text field of it redacted, every placeholder of the answer
+                      restored (whole or streamed, tool calls included)
     local.py          LocalModel: the local model's path, request in, engine events out,
                       OpenAI JSON and chunks back
     adapters_api.py   /v1/adapters: list, load or upload, and delete adapters in the store

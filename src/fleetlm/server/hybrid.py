@@ -10,11 +10,16 @@ A chat request whose ``model`` names a route goes through :meth:`Router.chat`:
    held back only for what the policy reads: ``buffer_tokens`` tokens, or the whole answer
    when it scores a label or sets no buffer;
 2. ``decide(score, threshold)``: small answers locally; large goes up the route's chain of
-   upstreams. Before anything leaves, with ``pii: redact`` the messages' personal data
-   becomes ``<TYPE_N>`` placeholders (one mapping per request, held only in this request's
-   memory) and the answer, streamed or not, gets the values back; with ``pii: block`` a
-   request with personal data is refused. Detection failing never lets a text out: ``block``
-   answers 503, ``redact`` answers with the small model, flagged;
+   upstreams. What goes up is built from the validated request, never the raw body
+   (:mod:`~fleetlm.server.upstream_body`). Before anything leaves, with ``pii: redact``
+   every free-text field of it (:mod:`~fleetlm.server.pii_fields`: messages, names, tool-call
+   arguments, ``user``, ``metadata``, tool descriptions...) has its personal data replaced by
+   ``<TYPE_N>`` placeholders (one mapping per request, held only in this request's memory)
+   and the answer, streamed or not, gets the values back, tool calls included; with ``pii:
+   block`` a request with personal data is refused. Parts that cannot be scanned (images,
+   audio, files) are refused or dropped (``non_text_parts``). Detection failing or too much
+   text to scan never lets a text out: ``block`` answers 503, ``redact`` answers with the
+   small model, flagged;
 3. when every upstream fails (down, timing out, 5xx after retries, or skipped because its
    circuit breaker is open), the small model's answer is sent, flagged as a fallback (or an
    error with ``on_large_failure: error``): never a hang;
@@ -93,7 +98,14 @@ from fleetlm.server.local import (
     LocalModel,
     adapter_of,
 )
+from fleetlm.server.pii_fields import (
+    AnswerRestorer,
+    PiiInputTooLarge,
+    redact_body,
+    restore_answer,
+)
 from fleetlm.server.protocol import ChatCompletionRequest, ChatMessage, sse
+from fleetlm.server.upstream_body import upstream_body
 
 if TYPE_CHECKING:
     from fleetlm.privacy.mapping import PiiMapping
@@ -105,8 +117,7 @@ log = logging.getLogger(__name__)
 
 ROUTE_HEADER = "x-fleetlm-route"
 FALLBACK_HEADER = "x-fleetlm-fallback"
-# request fields that only fleetlm understands: never sent to an upstream
-_LOCAL_ONLY = ("ignore_eos",)
+_NOT_REASONS = ("fallback", "non_text_dropped")  # flags the fallback header does not list
 
 
 def build_policy(cfg: RouteConfig) -> Policy:
@@ -171,7 +182,8 @@ class _Request:
     def headers(self) -> dict[str, str]:
         h = {ROUTE_HEADER: self.header()}
         if self.decision == "fallback":
-            h[FALLBACK_HEADER] = ",".join(f for f in self.flags if f != "fallback") or "fallback"
+            h[FALLBACK_HEADER] = ",".join(f for f in self.flags if f not in _NOT_REASONS) \
+                or "fallback"
         return h
 
     def info(self) -> dict[str, Any]:
@@ -477,40 +489,48 @@ class Router:
                 raise budget_error(rr.tenant, over, rr.policy)
             return await self._fallback(rr, small_req, local, answer, reason)
         rr.decision = "large"
-        body = await _client_body(request, req)
+        pii_on = route.redactor is not None
+        messages = None if rr.upstream_messages is None else \
+            [ChatMessage(**m) for m in rr.upstream_messages]  # task: adapter, labels listed
+        body, dropped = upstream_body(req, messages,
+                                      non_text=route.cfg.non_text_parts if pii_on else None)
+        if dropped:
+            rr.flags.append("non_text_dropped")
         if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
             limit = self._default_max_tokens(route, rr.policy)
             if limit is not None:  # never uncapped when a cap exists
                 body["max_tokens"] = limit
-        if rr.upstream_messages is not None:  # task: adapter -- the task, labels listed
-            body["messages"] = rr.upstream_messages
         mapping: PiiMapping | None = None
         if route.redactor is not None:
             t = time.perf_counter()
             try:
-                body["messages"], redacted = await asyncio.to_thread(
-                    _redact_messages, route.redactor, body.get("messages") or [])
+                redacted, hits = await asyncio.to_thread(_redact_body, route.redactor, body)
             except Exception as e:  # noqa: BLE001 -- fail closed: nothing leaves
                 rr.overhead_s += time.perf_counter() - t
+                reason = "pii_input_too_large" if isinstance(e, PiiInputTooLarge) \
+                    else "pii_detection_failed"
                 log.error("route %s: personal-data detection failed (%s: %s); nothing escalated",
                           route.name, type(e).__name__, e)
                 if route.cfg.pii == "block":
                     rr.decision = "blocked"
-                    rr.flags.append("pii_detection_failed")
-                    raise APIError(503, f"route {route.name!r}: personal-data detection failed, "
-                                        "so the request was not sent to the large model "
-                                        "(pii: block); retry later or contact the operator",
-                                   "server_error", None, "pii_detection_failed") from None
-                return await self._fallback(rr, small_req, local, answer, "pii_detection_failed")
+                    rr.flags.append(reason)
+                    raise APIError(503, f"route {route.name!r}: personal-data detection failed "
+                                        f"({reason}), so the request was not sent to the large "
+                                        "model (pii: block); retry later, send less text, or "
+                                        "contact the operator", "server_error", None,
+                                   "pii_detection_failed") from None
+                return await self._fallback(rr, small_req, local, answer, reason)
             rr.overhead_s += time.perf_counter() - t
             mapping, rr.pii = redacted, redacted.counts()
             if route.cfg.pii == "block" and rr.pii:
                 rr.decision = "blocked"
                 found = ", ".join(f"{k} x{v}" for k, v in sorted(rr.pii.items()))
-                raise APIError(400, f"messages: route {route.name!r} escalates this request, "
-                                    f"and it contains personal data ({found}); with pii: block "
-                                    "it is not sent. Remove the personal data, or use a route "
-                                    "with pii: redact", INVALID_REQUEST, "messages",
+                fields = ", ".join(dict.fromkeys(hits))
+                first = hits[0].split(".")[0] if hits else "messages"
+                raise APIError(400, f"{first}: route {route.name!r} escalates this request, "
+                                    f"and it contains personal data ({found}) in {fields}; "
+                                    "with pii: block it is not sent. Remove the personal data, "
+                                    "or use a route with pii: redact", INVALID_REQUEST, first,
                                "pii_blocked")
         try:
             result = await self.upstreams.first_available(
@@ -537,18 +557,8 @@ class Router:
         data = result.response
         rr.model = f"{result.upstream}/{data.get('model') or self.upstreams.upstreams[result.upstream].model}"
         if mapping is not None:
-            from fleetlm.privacy.restore import restore
-
             t = time.perf_counter()
-            for choice in data.get("choices") or []:
-                msg = choice.get("message") if isinstance(choice, dict) else None
-                if isinstance(msg, dict):
-                    if isinstance(msg.get("content"), str):
-                        msg["content"] = restore(msg["content"], mapping)
-                    for call in msg.get("tool_calls") or []:
-                        fn = call.get("function") if isinstance(call, dict) else None
-                        if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
-                            fn["arguments"] = restore(fn["arguments"], mapping)
+            restore_answer(data, mapping)
             rr.overhead_s += time.perf_counter() - t
         self._usage(rr, result)
         self._record(rr)
@@ -557,23 +567,17 @@ class Router:
 
     async def _large_chunks(self, rr: _Request, stream: UpstreamStream,
                             mapping: PiiMapping | None) -> AsyncIterator[dict[str, Any]]:
-        from fleetlm.privacy.restore import StreamRestorer
-
-        restorers: dict[int, StreamRestorer] = {}
+        restorer = AnswerRestorer(mapping) if mapping is not None else None
         try:
             async for chunk in stream:
-                if mapping is not None:
+                if restorer is not None:
                     t = time.perf_counter()
-                    for c in chunk.get("choices") or []:
-                        _restore_delta(c, restorers, mapping)
+                    restorer.feed(chunk)
                     rr.overhead_s += time.perf_counter() - t
                 yield chunk
-            tails = {i: r.flush() for i, r in restorers.items()}
-            tails = {i: s for i, s in tails.items() if s}
-            if tails:  # an unfinished placeholder at the very end: sent as it came
-                yield {"object": "chat.completion.chunk", "choices": [
-                    {"index": i, "delta": {"content": s}, "finish_reason": None}
-                    for i, s in sorted(tails.items())]}
+            last = restorer.flush() if restorer is not None else None
+            if last is not None:  # an unfinished placeholder at the very end: sent as it came
+                yield last
         except StreamInterrupted as e:
             log.warning("route %s: %s", rr.route.name, e)
             rr.flags.append("stream_interrupted")
@@ -672,63 +676,14 @@ def _slow(policy: Policy) -> bool:
     return not str(getattr(policy.router, "embedding_model", "")).endswith(":static")
 
 
-async def _client_body(request: Request, req: ChatCompletionRequest) -> dict[str, Any]:
-    """The client's JSON as sent (OpenAI fields fleetlm does not read are passed on), less
-    what only fleetlm understands, with the fields fleetlm checked as it read them (``"n":
-    "2"`` goes up as 2); the upstream client sets ``model``."""
-    body = dict(await request.json())
-    for k in ("max_tokens", "max_completion_tokens", "n"):
-        if k in body:
-            body[k] = getattr(req, k)
-    for k in _LOCAL_ONLY:
-        body.pop(k, None)
-    rf = body.get("response_format")
-    if isinstance(rf, dict) and rf.get("type") == "choice":
-        body.pop("response_format")  # fleetlm's own; the messages say what to answer
-    return body
-
-
-def _redact_messages(redactor: PiiRedactor, messages: list[Any]) -> tuple[list[Any], PiiMapping]:
-    """The messages with every text part redacted under one mapping (runs in a thread)."""
+def _redact_body(redactor: PiiRedactor, body: dict[str, Any]) -> tuple[PiiMapping, list[str]]:
+    """Every free-text field of ``body`` redacted in place under one new mapping (runs in a
+    thread); the mapping and the paths of the fields that held personal data."""
     from fleetlm.privacy.mapping import PiiMapping
 
     mapping = PiiMapping()
-    out = []
-    for m in messages:
-        if not isinstance(m, dict):
-            out.append(m)
-            continue
-        m = dict(m)
-        content = m.get("content")
-        if isinstance(content, str):
-            m["content"] = redactor.redact(content, mapping)[0]
-        elif isinstance(content, list):
-            parts = []
-            for p in content:
-                if isinstance(p, dict) and isinstance(p.get("text"), str):
-                    p = {**p, "text": redactor.redact(p["text"], mapping)[0]}
-                parts.append(p)
-            m["content"] = parts
-        out.append(m)
-    return out, mapping
-
-
-def _restore_delta(choice: Any, restorers: dict[int, Any], mapping: PiiMapping) -> None:
-    from fleetlm.privacy.restore import StreamRestorer
-
-    if not isinstance(choice, dict):
-        return
-    i = choice.get("index", 0)
-    r = restorers.setdefault(i, StreamRestorer(mapping))
-    delta = choice.get("delta")
-    if isinstance(delta, dict) and isinstance(delta.get("content"), str):
-        delta["content"] = r.feed(delta["content"])
-    if choice.get("finish_reason") is not None:
-        tail = r.flush()
-        if tail:
-            if not isinstance(delta, dict):
-                delta = choice["delta"] = {}
-            delta["content"] = (delta.get("content") or "") + tail
+    hits = redact_body(body, lambda text: redactor.redact(text, mapping)[0])
+    return mapping, hits
 
 
 async def _chain(held: list[EngineEvent], rest: AsyncIterator[EngineEvent] | None

@@ -1,9 +1,11 @@
 """The OpenAI shapes at the HTTP edge: request bodies (pydantic) and response framing.
 
 Requests: :class:`ChatCompletionRequest` (/v1/chat/completions) and
-:class:`CompletionRequest` (/v1/completions). Only the fields fleetlm acts on are declared;
-other OpenAI fields are accepted and ignored (clients send many), so one SDK works
-unmodified. Range checks live in :class:`~fleetlm.engine.sampling_params.SamplingParams`,
+:class:`CompletionRequest` (/v1/completions). The fields fleetlm acts on are declared, and
+so are the OpenAI chat fields a route may send on to a large upstream (tools, functions,
+``metadata``, a message's ``name``, ``tool_calls``...): what goes upstream is built from
+these declared fields only (:mod:`fleetlm.server.upstream_body`). Other OpenAI fields are
+accepted and ignored (clients send many), so one SDK works unmodified. Range checks live in :class:`~fleetlm.engine.sampling_params.SamplingParams`,
 whose errors name the field. Responses: the ``usage`` object and server-sent events
 (``data: {json}`` per chunk, then ``data: [DONE]``).
 
@@ -45,10 +47,48 @@ class _Common(BaseModel):
     response_format: dict[str, Any] | None = None
 
 
+class FunctionCall(BaseModel):
+    """A call the assistant made: ``arguments`` is a JSON text (free text: redacted)."""
+
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    arguments: str = ""
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str
+    type: str = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(BaseModel):
+    """A function the model may call (``tools[].function``, or legacy ``functions[]``)."""
+
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str = "function"  # only "function" tools can go to an upstream
+    function: FunctionDefinition | None = None
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: str
+    # a string, or content parts: {"type": "text", "text"}, {"type": "image_url", ...},
+    # {"type": "input_audio", ...}, {"type": "file", ...}, {"type": "refusal", "refusal"}
     content: str | list[dict[str, Any]] | None = None
+    name: str | None = None  # a participant's name (personal data: redacted upstream)
+    tool_calls: list[ToolCall] | None = None  # assistant
+    tool_call_id: str | None = None  # tool: the call this message answers
+    function_call: FunctionCall | None = None  # assistant, legacy functions
+    refusal: str | None = None  # assistant
 
     def text(self) -> str:
         if isinstance(self.content, list):  # content parts: keep the text ones
@@ -61,6 +101,15 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # read only when a route sends the request upstream (server/upstream_body.py): the local
+    # model does not call tools
+    tools: list[Tool] | None = None
+    tool_choice: str | dict[str, Any] | None = None  # "none" | "auto" | "required" | a function
+    parallel_tool_calls: bool | None = None
+    functions: list[FunctionDefinition] | None = None  # legacy tools
+    function_call: str | dict[str, Any] | None = None  # legacy tool_choice
+    metadata: dict[str, str] | None = None
+    logit_bias: dict[str, float] | None = None
 
 
 class CompletionRequest(_Common):

@@ -1,0 +1,121 @@
+"""The learned recognizer on its real weights: the shipped file loads offline, finds a
+name and a city, fails closed on an over-size text, plugs into the presidio detector
+behind ``PiiConfig.ner``, and ``fleetlm privacy train`` runs end to end on a handful of
+rows."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+from typer.testing import CliRunner
+
+from fleetlm.privacy import PiiConfig, PiiDetectionError, PiiRedactor
+from fleetlm.privacy.learned.model import MAX_CHARS, WEIGHTS_NAME, LearnedNer, load_learned
+
+SENTENCE = "Hello, I am Maria Fernández and I moved to Rotterdam last spring."
+
+
+@pytest.fixture(scope="module")
+def ner() -> LearnedNer:
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    mp.setenv("TRANSFORMERS_OFFLINE", "1")
+    try:
+        return load_learned()  # the shipped weights, ~2 s
+    finally:
+        mp.undo()
+
+
+def _found(text: str, spans) -> set[tuple[str, str]]:
+    return {(text[s.start:s.end], s.entity_type) for s in spans}
+
+
+def test_shipped_weights_find_a_name_and_a_city(ner):
+    spans = ner.predict([SENTENCE, "", "Nothing personal here."])
+    assert ("Maria Fernández", "PERSON") in _found(SENTENCE, spans[0])
+    assert ("Rotterdam", "LOCATION") in _found(SENTENCE, spans[0])
+    assert spans[1] == [] and spans[2] == []
+    assert all(0.0 < s.score <= 1.0 for s in spans[0])
+
+
+def test_batch_equals_one_by_one_and_long_texts_are_windowed(ner):
+    texts = [SENTENCE, "Call Peter Jones in Leeds.", SENTENCE + " filler words." * 150]
+    batch = ner.predict(texts)
+    for text, spans in zip(texts[:2], batch, strict=False):  # padding moves the rounding only
+        alone = ner.predict([text])[0]
+        assert [(s.start, s.end, s.entity_type) for s in spans] == [
+            (s.start, s.end, s.entity_type) for s in alone]
+        assert [s.score for s in spans] == pytest.approx([s.score for s in alone], abs=1e-4)
+    assert len(texts[2]) > 2000  # several windows of 256 pieces
+    assert _found(texts[2], batch[2]) >= {("Maria Fernández", "PERSON"), ("Rotterdam", "LOCATION")}
+
+
+def test_over_size_input_fails_closed(ner):
+    with pytest.raises(PiiDetectionError, match=f"cap of {MAX_CHARS}"):
+        ner.predict(["fine", "x" * (MAX_CHARS + 1)])
+
+
+def test_detector_with_the_learned_recognizer(monkeypatch):
+    calls: list[object] = []
+
+    def refuse(*args, **kwargs):
+        calls.append(args)
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    redactor = PiiRedactor(PiiConfig(ner="learned"))
+    text = SENTENCE + " Mail me at maria.f@example.com."
+    redacted, mapping = redactor.redact(text)
+    assert redacted == ("Hello, I am <PERSON_1> and I moved to <LOCATION_1> last spring. "
+                        "Mail me at <EMAIL_ADDRESS_1>.")
+    assert calls == []
+    with pytest.raises(PiiDetectionError, match="cap of"):
+        redactor.redact("y" * (MAX_CHARS + 1))
+    # both: spaCy's and the model's spans, merged
+    both, _ = PiiRedactor(PiiConfig(ner="both")).redact(text)
+    assert "Maria" not in both and "Rotterdam" not in both
+
+
+def _tiny_dataset(path) -> None:
+    rows = []
+    names = ["Anna Berg", "Tomas Novak", "Li Wei", "Sara Cohen", "Omar Haddad", "Ken Ito"]
+    cities = ["Oslo", "Prague", "Chengdu", "Haifa", "Beirut", "Osaka"]
+    for i, (name, city) in enumerate(zip(names, cities, strict=True)):
+        text = f"{name} lives in {city}."
+        rows.append({"full_text": text, "template_id": i, "spans": [
+            {"entity_type": "PERSON", "start_position": 0, "end_position": len(name)},
+            {"entity_type": "GPE", "start_position": text.index(city),
+             "end_position": text.index(city) + len(city)}]})
+    path.write_text(json.dumps(rows), encoding="utf-8")
+
+
+def test_privacy_train_runs_end_to_end(tmp_path, monkeypatch):
+    from fleetlm.cli import app
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = tmp_path / "tiny.json"
+    _tiny_dataset(data)
+    out = tmp_path / "model"
+    result = CliRunner().invoke(app, ["privacy", "train", "--data", str(data), "--out", str(out),
+                                      "--epochs", "1", "--batch-size", "4"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    assert summary["weights"] == str(out / WEIGHTS_NAME)
+    assert summary["train_rows"] + summary["validation"]["rows"] == 6
+    assert summary["steps"] >= 1 and summary["bytes"] < 2_000_000
+    assert "overall" in summary["validation"]["scores"]
+    spans = load_learned(out).predict(["Anna Berg lives in Oslo."])
+    assert all(0 <= s.start < s.end <= 24 for s in spans[0])
+
+
+def test_privacy_train_refuses_bad_flags(tmp_path):
+    from fleetlm.cli import app
+
+    result = CliRunner().invoke(app, ["privacy", "train", "--data", str(tmp_path / "none.json"),
+                                      "--epochs", "0", "--lr", "3"])
+    assert result.exit_code == 2
+    for flag in ("--data", "--epochs=0", "--lr=3"):
+        assert flag in result.output
