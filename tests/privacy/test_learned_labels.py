@@ -75,14 +75,30 @@ def test_decode_grows_to_whole_words_and_joins_blank_separated_pieces():
     spans = decode(TEXT, OFFSETS, _onehot(tags), LABELS)
     assert [(TEXT[s.start:s.end], s.entity_type) for s in spans] == [
         ("Jo Ann Smith", "PERSON"), ("450 Main St", "LOCATION"), ("Oslo", "LOCATION")]
-    assert all(s.score == pytest.approx(0.9) for s in spans)
+    assert all(s.score == pytest.approx(0.91) for s in spans)  # B- plus I- probability
 
 
-def test_decode_i_tag_of_another_type_starts_a_span():
+def test_decode_i_tag_of_another_type_continues_the_span_typed_by_vote():
+    # a tie: the opening tag's type
     tags = ["O", "B-PERSON", "I-LOCATION", "O", "O", "O", "O", "O", "O", "O", "O", "O", "O", "O"]
     spans = decode(TEXT, OFFSETS, _onehot(tags), LABELS)
-    assert [(s.start, s.end, s.entity_type) for s in spans] == [(0, 2, "PERSON"),
-                                                                  (3, 6, "LOCATION")]
+    assert [(s.start, s.end, s.entity_type) for s in spans] == [(0, 6, "PERSON")]
+    # "John" B-PERSON 0.92, "Smith" I-ORGANIZATION 0.52 / I-PERSON 0.33: one PERSON
+    rows = _onehot(tags)
+    rows[1] = [0.0] * len(LABELS)
+    rows[1][LABELS.index("B-PERSON")] = 0.92
+    rows[1][LABELS.index("B-ORGANIZATION")] = 0.08
+    rows[2] = [0.0] * len(LABELS)
+    rows[2][LABELS.index("I-ORGANIZATION")] = 0.52
+    rows[2][LABELS.index("I-PERSON")] = 0.33
+    rows[2][LABELS.index("O")] = 0.15
+    spans = decode(TEXT, OFFSETS, rows, LABELS)
+    assert [(s.start, s.end, s.entity_type) for s in spans] == [(0, 6, "PERSON")]
+    assert spans[0].score == pytest.approx((0.92 + 0.33) / 2)
+    # an I- tag after O opens a span of its own type
+    tags = ["O", "O", "I-LOCATION", "O", "O", "O", "O", "O", "O", "O", "O", "O", "O", "O"]
+    spans = decode(TEXT, OFFSETS, _onehot(tags), LABELS)
+    assert [(s.start, s.end, s.entity_type) for s in spans] == [(3, 6, "LOCATION")]
 
 
 def test_span_scores_overlap_rule():
@@ -95,8 +111,11 @@ def test_span_scores_overlap_rule():
     assert s["overall"]["gold"] == 3 and s["overall"]["precision"] == pytest.approx(2 / 3)
 
 
-def test_config_ner_option_is_typed_and_off_by_default():
-    assert PiiConfig().ner == "spacy" and PiiConfig().learned_model is None
+def test_config_ner_option_is_typed_and_learned_by_default():
+    assert PiiConfig().ner == "learned" and PiiConfig().learned_model is None
+    assert PiiConfig().learned_precision == "int8"
+    with pytest.raises(pydantic.ValidationError, match="learned_precision"):
+        PiiConfig(learned_precision="int4")
     assert PiiConfig(ner="both").ner == "both"
     with pytest.raises(pydantic.ValidationError, match="ner"):
         PiiConfig(ner="bert")

@@ -52,6 +52,56 @@ def test_batch_equals_one_by_one_and_long_texts_are_windowed(ner):
     assert _found(texts[2], batch[2]) >= {("Maria Fernández", "PERSON"), ("Rotterdam", "LOCATION")}
 
 
+def test_int8_model_agrees_with_the_float32_reference(ner):
+    """The fast path (PyTorch's dynamic int8 linear, kernel chosen for this CPU) against
+    its slow twin on the same weights: nearly every span identical on real text."""
+    import torch
+
+    int8 = load_learned(precision="int8")
+    assert int8.precision == "int8" and ner.precision == "float32"
+    quantized = [m for m in int8.model.modules() if "quantized" in type(m).__module__]
+    assert quantized, "no linear layer was quantised"
+    engine = torch.backends.quantized.engine
+    assert engine in torch.backends.quantized.supported_engines
+    from fleetlm.privacy.eval import support_v1_path
+
+    rows = json.loads(support_v1_path().read_text(encoding="utf-8"))[:120]
+    texts = [r["full_text"] for r in rows]
+    ref, fast = ner.predict(texts), int8.predict(texts)
+
+    def agreed(a, b) -> tuple[int, int]:  # spans of a with a same-type overlapping span in b
+        hits = sum(any(x.entity_type == y.entity_type and x.start < y.end and y.start < x.end
+                       for y in bs) for xs, bs in zip(a, b, strict=True) for x in xs)
+        return hits, sum(len(xs) for xs in a)
+
+    for (hits, total) in (agreed(ref, fast), agreed(fast, ref)):
+        assert total > 150
+        assert hits / total >= 0.9, (engine, hits, total)
+    with pytest.raises(ValueError, match="precision"):
+        LearnedNer(ner.path, "int4")
+
+
+def test_int8_runs_traced_and_tracing_falls_back_to_eager(ner, caplog):
+    import torch
+
+    from fleetlm.privacy.learned.model import trace_checked
+
+    int8 = load_learned(precision="int8")
+    assert isinstance(int8.forward, torch.jit.ScriptModule)  # traced on this machine
+    assert not isinstance(ner.forward, torch.jit.ScriptModule)  # float32: eager reference
+
+    class Untraceable(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+            if float(input_ids.sum()) > 0:  # data-dependent Python: traces to a wrong graph
+                return torch.zeros(1)
+            raise RuntimeError("cannot trace")
+
+    with caplog.at_level("WARNING"):
+        fallback = trace_checked(Untraceable(), int8._example())
+    assert not isinstance(fallback, torch.jit.ScriptModule)
+    assert "runs eagerly" in caplog.text
+
+
 def test_over_size_input_fails_closed(ner):
     with pytest.raises(PiiDetectionError, match=f"cap of {MAX_CHARS}"):
         ner.predict(["fine", "x" * (MAX_CHARS + 1)])
@@ -100,14 +150,18 @@ def test_privacy_train_runs_end_to_end(tmp_path, monkeypatch):
     _tiny_dataset(data)
     out = tmp_path / "model"
     result = CliRunner().invoke(app, ["privacy", "train", "--data", str(data), "--out", str(out),
-                                      "--epochs", "1", "--batch-size", "4"])
+                                      "--epochs", "1", "--batch-size", "4", "--layers", "2",
+                                      "--augment", "8"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout[result.stdout.index("{"):])
     assert summary["weights"] == str(out / WEIGHTS_NAME)
-    assert summary["train_rows"] + summary["validation"]["rows"] == 6
+    assert summary["train_rows"] - 8 + summary["validation"]["rows"] == 6
+    assert summary["settings"]["layers"] == 2
     assert summary["steps"] >= 1 and summary["bytes"] < 2_000_000
     assert "overall" in summary["validation"]["scores"]
-    spans = load_learned(out).predict(["Anna Berg lives in Oslo."])
+    model = load_learned(out)
+    assert model.meta.layers == 2 and len(model.model.bert.encoder.layer) == 2
+    spans = model.predict(["Anna Berg lives in Oslo."])
     assert all(0 <= s.start < s.end <= 24 for s in spans[0])
 
 
@@ -115,7 +169,8 @@ def test_privacy_train_refuses_bad_flags(tmp_path):
     from fleetlm.cli import app
 
     result = CliRunner().invoke(app, ["privacy", "train", "--data", str(tmp_path / "none.json"),
-                                      "--epochs", "0", "--lr", "3"])
+                                      "--epochs", "0", "--lr", "3", "--layers", "7",
+                                      "--augment", "-1"])
     assert result.exit_code == 2
-    for flag in ("--data", "--epochs=0", "--lr=3"):
+    for flag in ("--data", "--epochs=0", "--lr=3", "--layers=7", "--augment=-1"):
         assert flag in result.output

@@ -1,5 +1,6 @@
-"""PiiRedactor on the real spaCy small model: round trips, consistent placeholders,
-the batch path against the one-text path, failing closed, and no network."""
+"""PiiRedactor on the real detector (the default: pattern recognizers and the learned
+recognizer; spaCy's small model where a test says so): round trips, consistent
+placeholders, the batch path against the one-text path, failing closed, and no network."""
 
 from __future__ import annotations
 
@@ -74,14 +75,16 @@ def test_texts_sharing_a_mapping_share_placeholders(redactor):
     assert restore(second, mapping) == "Maria Garcia will call John Smith tomorrow."
 
 
-def test_a_known_value_is_replaced_even_where_the_detector_misses_it(redactor):
-    assert redactor.redact("Smith")[0] == "Smith"  # spaCy alone misses a bare surname
+def test_a_known_value_is_replaced_even_where_the_detector_misses_it():
+    # spaCy's NER, because it misses a bare surname (the learned recognizer finds it)
+    redactor = PiiRedactor(PiiConfig(ner="spacy"))
+    assert redactor.redact("Smith")[0] == "Smith"
     mapping = PiiMapping()
     assert redactor.redact("Ask Mr. Smith about it.", mapping)[0] == "Ask Mr. <PERSON_1> about it."
     assert redactor.redact("Smith", mapping)[0] == "<PERSON_1>"
     assert redactor.redact("the Smithsonian Institution", mapping)[0] == (
         "the Smithsonian Institution")  # whole words only
-    no_repeats = PiiRedactor(PiiConfig(redact_repeats=False))
+    no_repeats = PiiRedactor(PiiConfig(ner="spacy", redact_repeats=False))
     assert no_repeats.redact("Smith", mapping)[0] == "Smith"
 
 
@@ -112,6 +115,35 @@ def test_iter_spans_are_what_redact_replaces(redactor):
         redacted, _ = redactor.redact(text)
         assert len(PLACEHOLDER_RE.findall(redacted)) == len(spans)
         assert all(a.end <= b.start for a, b in zip(spans, spans[1:], strict=False))
+
+
+def test_allow_list_keeps_listed_values_in_the_clear():
+    text = "Maria Garcia from Northwind asked Peter Jones about Northwind's London office."
+    plain, _ = PiiRedactor().redact(text)
+    assert "Maria Garcia" not in plain and "London" not in plain
+    allowed = PiiRedactor(PiiConfig(allow_list=("london", "Peter Jones"))).redact(text)[0]
+    assert "London" in allowed and "Peter Jones" in allowed  # case-insensitive, exact
+    assert "Maria Garcia" not in allowed
+
+
+def test_pattern_spans_keep_their_type_inside_a_ner_span():
+    from fleetlm.privacy.detect import cut_around
+
+    text = "Unit 9, Box 21\nTel. (579)888-3058 office"
+    phone = PiiSpan(text.index("("), text.index(" office"), "PHONE_NUMBER", 0.4)
+    place = PiiSpan(0, len(text), "LOCATION", 0.9)  # a learned span over the whole block
+    cut = cut_around(text, [place], [phone])
+    assert [(text[s.start:s.end], s.entity_type) for s in cut] == [
+        ("Unit 9, Box 21\nTel", "LOCATION"), ("office", "LOCATION")]
+    merged = merge_overlaps([*cut, phone])
+    assert [(text[s.start:s.end], s.entity_type) for s in merged] == [
+        ("Unit 9, Box 21\nTel", "LOCATION"), ("(579)888-3058", "PHONE_NUMBER"),
+        ("office", "LOCATION")]
+    covered = {i for s in merged for i in range(s.start, s.end)}
+    assert all(i in covered for i, c in enumerate(text) if c.isalnum())  # nothing uncovered
+    assert cut_around(text, [place], []) == [place]
+    inside = PiiSpan(0, 4, "PERSON", 0.9)  # wholly inside a pattern span: gone
+    assert cut_around(text, [inside], [PiiSpan(0, 14, "IBAN_CODE", 1.0)]) == []
 
 
 def test_merge_overlaps_covers_the_union_with_the_best_type():

@@ -177,12 +177,35 @@ def test_per_policy_options() -> None:
          "routes.s.pii_entities: pii is off"),
         (dict(large=["big"], threshold=0.5, pii_entities=["person"]),
          "routes.s.pii_entities:"),
+        (dict(large=["big"], threshold=0.5, pii_entities="lenient"), "routes.s.pii_entities:"),
+        (dict(large=["big"], threshold=0.5, pii="off", pii_allow=["Acme"]),
+         "routes.s.pii_allow: pii is off"),
+        (dict(large=["big"], threshold=0.5, pii="off", pii_ner="learned"),
+         "routes.s.pii_ner: pii is off"),
+        (dict(large=["big"], threshold=0.5, pii_ner="bert"), "routes.s.pii_ner:"),
+        (dict(large=["big"], threshold=0.5, pii_allow=[" "]), "routes.s.pii_allow:"),
         (dict(large=["big"], threshold=0.5, policy="smart"), "routes.s.policy:"),
     ]
     for kw, message in cases:
         with pytest.raises(ConfigError) as e:
             route(**dict(kw))
         assert any(line.startswith(message) for line in problems(e)), (kw, str(e.value))
+
+
+def test_pii_options_reach_the_route_pii_config() -> None:
+    from fleetlm.privacy.config import STRICT_ENTITIES, PiiConfig
+
+    up = {"big": {"base_url": "http://h/v1", "model": "m"}}
+
+    def route(**kw: object) -> RoutesConfig:
+        return parse_routes({"upstreams": up, "routes": {"s": {"small": "m", **kw}}})
+
+    cfg = route(large=["big"], threshold=0.5, pii_entities="strict", pii_allow=["Acme Ltd"],
+                pii_ner="both").routes["s"].pii_config()
+    assert cfg.entities == STRICT_ENTITIES and cfg.allow_list == ("Acme Ltd",)
+    assert cfg.ner == "both"
+    assert route(large=["big"], threshold=0.5).routes["s"].pii_config() == PiiConfig()
+    assert route(large=["big"], threshold=0.5, pii="off").routes["s"].pii_config() is None
 
 
 def test_classifier_path_resolved_and_checked(tmp_path: Path) -> None:

@@ -494,8 +494,9 @@ def test_detection_failing_or_too_much_text_sends_nothing(env, monkeypatch):
     def broken(*_a: Any, **_k: Any) -> Any:
         raise RuntimeError("detector down")
 
-    monkeypatch.setattr(env["router"].routes["redact"].redactor, "redact", broken)
-    monkeypatch.setattr(env["router"].routes["blocky"].redactor, "redact", broken)
+    for route in ("redact", "blocky"):
+        for method in ("redact", "redact_many", "iter_redact"):
+            monkeypatch.setattr(env["router"].routes[route].redactor, method, broken)
     r = _post(env, body)
     assert r.status_code == 200 and r.headers["x-fleetlm-fallback"] == "pii_detection_failed"
     _, chunks = _stream_post(env, {**body, "stream": True})

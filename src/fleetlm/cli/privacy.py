@@ -26,10 +26,14 @@ def privacy_train(
     data: Annotated[Path | None, typer.Option(help="presidio's synth_dataset_v2_train.json "
                                                    "(default: ../shared/data/pii/ beside the "
                                                    "repository); only its train split is used.")] = None,
-    epochs: Annotated[int, typer.Option(help="Passes over the training rows.")] = 6,
+    epochs: Annotated[int, typer.Option(help="Passes over the training rows.")] = 3,
     batch_size: Annotated[int, typer.Option(help="Windows per step.")] = 16,
     lr: Annotated[float, typer.Option(help="AdamW learning rate (peak, after warm-up).")] = 1e-3,
-    rank: Annotated[int, typer.Option(help="LoRA rank (alpha = 2 x rank).")] = 8,
+    rank: Annotated[int, typer.Option(help="LoRA rank (alpha = 2 x rank).")] = 16,
+    layers: Annotated[int, typer.Option(help="MiniLM's first N transformer layers (1-6): "
+                                             "fewer detect faster.")] = 3,
+    augment: Annotated[int, typer.Option(help="Generated support-style rows added to the "
+                                              "training rows (0: none).")] = 8000,
     seed: Annotated[int, typer.Option(help="Seed of the head's init and the shuffling.")] = 0,
     case_dropout: Annotated[float, typer.Option(help="Share of windows trained without the "
                                                       "capital-letter flag.")] = 0.1,
@@ -45,7 +49,7 @@ def privacy_train(
         from fleetlm.privacy.learned.train import TrainSettings, train
 
         settings = TrainSettings(data=data, out=out, epochs=epochs, batch_size=batch_size,
-                                 lr=lr, rank=rank, seed=seed, case_dropout=case_dropout,
+                                 lr=lr, rank=rank, layers=layers, augment=augment, seed=seed, case_dropout=case_dropout,
                                  limit=limit, eval_limit=eval_limit)
         with Progress("privacy train") as p:
             summary = train(settings, p.say, p.task)

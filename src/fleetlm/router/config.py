@@ -219,8 +219,12 @@ class RouteConfig(StrictModel):
     # a number in [0, 1] or the path of a `fleetlm route calibrate` JSON file
     threshold: Threshold | None = None
     pii: PiiMode = "redact"
-    # presidio entity types to redact/block; None = fleetlm.privacy.DEFAULT_ENTITIES
-    pii_entities: list[str] | None = None
+    # entity types to redact/block, or a preset ("default", "strict"); None = "default"
+    pii_entities: list[str] | str | None = None
+    # values never redacted on this route though detected (exact, case-insensitive)
+    pii_allow: list[str] | None = None
+    # what finds names, places, ...: the learned recognizer, spaCy's NER, or both (PiiConfig.ner)
+    pii_ner: Literal["learned", "spacy", "both"] | None = None
     # pii redact|block: content parts that are not text (image_url, input_audio, file) cannot
     # be scanned, so an escalated request carrying one is refused (400 naming the part) or
     # sent without them (drop); never sent unscanned
@@ -286,17 +290,19 @@ class RouteConfig(StrictModel):
     def _pii_off(cls, v: Any) -> Any:
         return "off" if v is False else v  # YAML reads a bare `off` as false
 
-    @field_validator("pii_entities")
+    @field_validator("pii_entities", "pii_allow")
     @classmethod
-    def _entities(cls, v: list[str] | None) -> list[str] | None:
+    def _pii_option(cls, v: list[str] | str | None, info: ValidationInfo
+                    ) -> list[str] | str | None:
         if v is not None:
             from fleetlm.privacy.config import PiiConfig
 
+            key = {"pii_entities": "entities", "pii_allow": "allow_list"}[str(info.field_name)]
             try:
-                PiiConfig(entities=tuple(v))
+                PiiConfig(**{key: v if isinstance(v, str) else tuple(v)})
             except ValidationError as e:  # its message names the bad entries
                 raise ValueError("; ".join(
-                    str(err["msg"]).removeprefix("Value error, ").removeprefix("entities: ")
+                    str(err["msg"]).removeprefix("Value error, ").removeprefix(f"{key}: ")
                     for err in e.errors())) from None
         return v
 
@@ -354,9 +360,10 @@ class RouteConfig(StrictModel):
         if self.task is not None and self.labels is not None:
             problems.append(("labels", "with task: adapter the labels are the adapter's own "
                                        "(its fleetlm_task.json); remove labels"))
-        if self.pii_entities is not None and self.pii == "off":
-            problems.append(("pii_entities", "pii is off, so pii_entities is unused; remove it "
-                                             "or set pii: redact|block"))
+        for name in ("pii_entities", "pii_allow", "pii_ner"):
+            if getattr(self, name) is not None and self.pii == "off":
+                problems.append((name, f"pii is off, so {name} is unused; remove it or set "
+                                       "pii: redact|block"))
         if "non_text_parts" in self.model_fields_set and self.pii == "off":
             problems.append(("non_text_parts", "pii is off, so non_text_parts is unused (parts "
                                                "go upstream as sent); remove it or set pii: "
@@ -377,8 +384,15 @@ class RouteConfig(StrictModel):
             return None
         from fleetlm.privacy.config import PiiConfig
 
-        return PiiConfig() if self.pii_entities is None else PiiConfig(
-            entities=tuple(self.pii_entities))
+        options: dict[str, Any] = {}
+        if self.pii_entities is not None:
+            options["entities"] = (self.pii_entities if isinstance(self.pii_entities, str)
+                                   else tuple(self.pii_entities))
+        if self.pii_allow is not None:
+            options["allow_list"] = tuple(self.pii_allow)
+        if self.pii_ner is not None:
+            options["ner"] = self.pii_ner
+        return PiiConfig(**options)
 
 
 class RoutesConfig(StrictModel):

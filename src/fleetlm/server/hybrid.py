@@ -678,11 +678,21 @@ def _slow(policy: Policy) -> bool:
 
 def _redact_body(redactor: PiiRedactor, body: dict[str, Any]) -> tuple[PiiMapping, list[str]]:
     """Every free-text field of ``body`` redacted in place under one new mapping (runs in a
-    thread); the mapping and the paths of the fields that held personal data."""
+    thread); the mapping and the paths of the fields that held personal data. The fields
+    are detected in one batch (one model forward for the whole request): a first walk
+    collects them, a second writes the redacted texts back in the same order."""
     from fleetlm.privacy.mapping import PiiMapping
 
+    texts: list[str] = []
+
+    def collect(text: str) -> str:
+        texts.append(text)
+        return text
+
+    redact_body(body, collect)  # collects the fields (and checks the size cap) unchanged
     mapping = PiiMapping()
-    hits = redact_body(body, lambda text: redactor.redact(text, mapping)[0])
+    redacted = iter(redactor.redact_many(texts, mapping))
+    hits = redact_body(body, lambda text: next(redacted))
     return mapping, hits
 
 

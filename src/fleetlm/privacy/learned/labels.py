@@ -16,11 +16,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-# The types presidio's patterns cannot find (free text: names, places, organisations,
-# dates, nationalities), dataset type -> presidio type. The structured types (e-mail,
-# phone, card, IBAN, SSN, IP, URL) stay with presidio's pattern recognizers, whose
-# checksums are exact. AGE, TITLE and ZIP_CODE have no presidio type, so a placeholder
-# for them could not be named or scored; they are tagged O.
+# The types pattern recognizers cannot find (free text: names, places, organisations,
+# dates, nationalities, titles), dataset type -> the type of the placeholder. The
+# structured types (e-mail, phone, card, IBAN, SSN, IP, URL, AGE, ZIP_CODE) stay with the
+# pattern recognizers (presidio's and fleetlm.privacy.patterns), whose checksums and
+# formats are exact; the model is trained to tag them O (not a name, not a place).
+# TITLE (honorifics and job titles, as presidio's synthetic set labels them) is not a
+# presidio type: it is fleetlm's, and redacted only when listed in PiiConfig.entities.
 GOLD_TO_LEARNED: Mapping[str, str] = {
     "PERSON": "PERSON",
     "GPE": "LOCATION",
@@ -28,8 +30,10 @@ GOLD_TO_LEARNED: Mapping[str, str] = {
     "ORGANIZATION": "ORGANIZATION",
     "DATE_TIME": "DATE_TIME",
     "NRP": "NRP",
+    "TITLE": "TITLE",
 }
-LEARNED_TYPES: tuple[str, ...] = ("PERSON", "LOCATION", "ORGANIZATION", "DATE_TIME", "NRP")
+LEARNED_TYPES: tuple[str, ...] = ("PERSON", "LOCATION", "ORGANIZATION", "DATE_TIME", "NRP",
+                                  "TITLE")
 IGNORE = -100  # the tag of special and padding pieces: no loss, no prediction
 
 
@@ -90,27 +94,36 @@ def case_flags(text: str, offsets: Sequence[tuple[int, int]]) -> list[int]:
 def decode(text: str, offsets: Sequence[tuple[int, int]], probs: Sequence[Sequence[float]],
            labels: Sequence[str]) -> list[CharSpan]:
     """Character spans from per-piece tag probabilities (rows aligned with ``offsets``;
-    special pieces are skipped). Lenient BIO: a piece's tag is its most probable one; an
-    I-T not continuing a T span starts one. Then each span grows to whole words (a
-    placeholder never leaves half a name in the clear) and spans of one type separated
-    only by blanks are joined ("450 Præstevænget 15" is one place)."""
-    pieces: list[tuple[int, int, str, float]] = []  # (start, end, type, prob) per span piece
-    spans: list[list[tuple[int, int, str, float]]] = []
+    special pieces are skipped). Lenient BIO: a piece whose most probable tag is not O is
+    part of an entity; a B- tag starts one, an I- tag continues the open one whatever its
+    type (or starts one). Each span is then typed by vote: the type with the most B- plus
+    I- probability summed over its pieces, so "John" (B-PERSON) "Smith" (I-ORGANIZATION
+    0.52, I-PERSON 0.33) is one PERSON, never a name cut in two with half of it typed as
+    something not redacted. Then each span grows to whole words (a placeholder never
+    leaves half a name in the clear) and spans of one type separated only by blanks are
+    joined ("450 Præstevænget 15" is one place)."""
+    types = sorted({name[2:] for name in labels if name != "O"})
+    columns = {t: [i for i, name in enumerate(labels) if name[2:] == t] for t in types}
+    spans: list[list[tuple[int, int, Sequence[float]]]] = []
+    open_span: list[tuple[int, int, Sequence[float]]] | None = None
     for (start, end), row in zip(offsets, probs, strict=True):
         if end <= start:
             continue
-        best = max(range(len(row)), key=row.__getitem__)
-        name = labels[best]
+        name = labels[max(range(len(row)), key=row.__getitem__)]
         if name == "O":
-            pieces = []
+            open_span = None
             continue
-        kind = name[2:]
-        if not (name.startswith("I-") and pieces and pieces[-1][2] == kind):
-            pieces = []
-            spans.append(pieces)
-        pieces.append((start, end, kind, row[best]))
-    out = [_whole_words(text, p[0][0], p[-1][1], p[0][2], sum(x[3] for x in p) / len(p))
-           for p in spans]
+        if not (name.startswith("I-") and open_span is not None):
+            open_span = []
+            spans.append(open_span)
+        open_span.append((start, end, row))
+    out = []
+    for pieces in spans:
+        mass = {t: sum(row[i] for _, _, row in pieces for i in columns[t]) for t in types}
+        first = labels[max(range(len(pieces[0][2])), key=pieces[0][2].__getitem__)][2:]
+        best = max(types, key=lambda t: (mass[t], t == first))  # a tie: the opening tag's
+        out.append(_whole_words(text, pieces[0][0], pieces[-1][1], best,
+                                min(1.0, mass[best] / len(pieces))))
     return _join_blank_separated(text, out)
 
 

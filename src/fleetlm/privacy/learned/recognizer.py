@@ -32,14 +32,16 @@ _PRECOMPUTED: ContextVar[dict[str, list[CharSpan]] | None] = ContextVar(
 
 
 class LearnedRecognizer(LocalRecognizer):  # type: ignore[misc]
-    """PERSON, LOCATION, ORGANIZATION, DATE_TIME and NRP from the fine-tuned MiniLM."""
+    """PERSON, LOCATION, ORGANIZATION, DATE_TIME, NRP and (in files trained since it was
+    added) TITLE from the fine-tuned MiniLM: the types its weights file was trained on."""
 
     NAME = "LearnedRecognizer"
     EXPLANATION = "Identified as {} by fleetlm's learned recognizer (MiniLM + LoRA)"
 
     def __init__(self, ner: LearnedNer, supported_language: str = "en") -> None:
         self.ner = ner
-        super().__init__(supported_entities=list(LEARNED_TYPES),
+        self.types = tuple(t for t in LEARNED_TYPES if f"B-{t}" in ner.meta.labels)
+        super().__init__(supported_entities=list(self.types),
                          supported_language=supported_language, name=self.NAME)
 
     def load(self) -> None:
@@ -61,7 +63,7 @@ class LearnedRecognizer(LocalRecognizer):  # type: ignore[misc]
         spans = table.get(text) if table is not None else None
         if spans is None:
             spans = self.ner.predict([text])[0]
-        wanted = set(entities) if entities else set(LEARNED_TYPES)
+        wanted = set(entities) if entities else set(self.types)
         return [RecognizerResult(
             entity_type=s.entity_type, start=s.start, end=s.end, score=s.score,
             analysis_explanation=AnalysisExplanation(

@@ -1,17 +1,20 @@
 """``fleetlm privacy train``: fine-tune the learned PII recognizer on the train part of
-presidio's synthetic set and write its weights file.
+presidio's synthetic set plus generated rows, and write its weights file.
 
 The split is :func:`fleetlm.privacy.eval.synthetic.synthetic_split` (disjoint by
-template): the model trains on ``train`` only, and ``val`` is used for nothing but the
-figures printed at the end (the model alone, overlap rule, see scoring.py). The
-hand-labelled ``support_v1`` set is never read here.
+template): the model trains on ``train`` plus ``augment`` rows of
+:func:`fleetlm.privacy.learned.generate.generate` (8,000 by default: support-style texts
+from templates of our own filled by Faker), and ``val`` is used for nothing but the figures
+printed at the end (the model alone, overlap rule, see scoring.py). The hand-labelled
+``support_v1`` set is never read here.
 
-What trains: LoRA (rank 8 by default) on every attention and MLP projection of
-all-MiniLM-L6-v2, the tag head, and BERT's two token-type vectors, which carry a "starts
-with a capital" flag (the encoder is uncased). AdamW, linear warm-up over the first
-tenth of the steps then linear decay, cross-entropy over the word pieces. With
-``case_dropout`` of the windows the flag is zeroed, so lower-case chat still works.
-Seeded: the same settings on the same machine give the same file.
+What trains: the first ``layers`` (3 by default) of all-MiniLM-L6-v2's six transformer
+layers, with LoRA (rank 16 by default) on every attention and MLP projection, the tag
+head, and BERT's two token-type vectors, which carry a "starts with a capital" flag (the
+encoder is uncased). AdamW, linear warm-up over the first tenth of the steps then linear
+decay, cross-entropy over the word pieces. With ``case_dropout`` of the windows the flag
+is zeroed, so lower-case chat still works. Seeded: the same settings on the same machine
+give the same file.
 
 The file is written under a temporary name and renamed, float16, with the settings in
 its metadata (model.py reads it). This module knows training; not presidio.
@@ -53,10 +56,12 @@ class TrainSettings(StrictModel):
 
     data: Path | None = None  # None = ../shared/data/pii/synth_dataset_v2_train.json
     out: Path = Path("pii-learned")
-    epochs: int = 6
+    epochs: int = 3
     batch_size: int = 16
     lr: float = 1e-3
-    rank: int = 8
+    rank: int = 16
+    layers: int = 3  # MiniLM's first N transformer layers (of 6): fewer = faster detection
+    augment: int = 8000  # generated rows (fleetlm.privacy.learned.generate) added to training
     seed: int = 0
     case_dropout: float = 0.1
     limit: int | None = None  # the first N training rows (smoke tests)
@@ -76,6 +81,10 @@ class TrainSettings(StrictModel):
                             ("--rank", self.rank)):
             if value < 1:
                 problems.append(f"{flag}={value}: must be >= 1")
+        if self.augment < 0:
+            problems.append(f"--augment={self.augment}: must be >= 0 (0: none)")
+        if not 1 <= self.layers <= 6:
+            problems.append(f"--layers={self.layers}: must be 1 to 6 (all-MiniLM-L6-v2 has 6)")
         if not 0 < self.lr < 1:
             problems.append(f"--lr={self.lr}: must be in (0, 1), e.g. 1e-3")
         if not 0 <= self.case_dropout < 1:
@@ -177,16 +186,21 @@ def train(s: TrainSettings, say: Say, task: Callable[[str, int], Update]) -> dic
     started = time.monotonic()
     train_rows, val_rows = synthetic_split(path)
     train_rows = train_rows[:s.limit] if s.limit is not None else train_rows
+    if s.augment:
+        from fleetlm.privacy.learned.generate import generate
+
+        train_rows = [*train_rows, *generate(s.augment, seed=s.seed)]
     val_rows = val_rows[:s.eval_limit] if s.eval_limit is not None else val_rows
     folder = minilm_folder()
-    meta = LearnedMeta(rank=s.rank, alpha=2 * s.rank,
+    meta = LearnedMeta(rank=s.rank, alpha=2 * s.rank, layers=s.layers,
                        base_bytes=(folder / "model.safetensors").stat().st_size)
     torch.manual_seed(s.seed)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = get_peft_model(base_model(folder, meta.labels), lora_config(meta))
+    model = get_peft_model(base_model(folder, meta.labels, meta.layers), lora_config(meta))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     windows = _windows(tokenizer, train_rows, meta)
-    say(f"{len(train_rows)} training rows ({len(windows)} windows), {len(val_rows)} "
+    say(f"{len(train_rows)} training rows ({s.augment} of them generated; {len(windows)} "
+        f"windows), {len(val_rows)} "
         f"validation rows held out, from {path}; {trainable:,} trainable parameters, "
         f"{torch.get_num_threads()} threads")
     steps = math.ceil(len(windows) / s.batch_size) * s.epochs
