@@ -10,7 +10,7 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 	-DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
 PIP    := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: install postgres serve test test-fast bench lint clean
+.PHONY: install postgres serve test test-fast bench llama-server lint clean
 
 install: $(STAMP)
 
@@ -58,6 +58,26 @@ $(VENV)/.installed-bench: $(STAMP)
 
 bench: install $(VENV)/.installed-bench
 	$(BIN)/fleetlm bench decode --out bench-results/decode.json
+
+# The speed anchor of `fleetlm bench serve`: llama.cpp's own batching server, built from the
+# llama.cpp source vendored in llama-cpp-python's source distribution (cmake target
+# llama-server), for this machine's CPU (-DGGML_NATIVE=ON: rebuild it on each machine;
+# `make -B llama-server`). Static, so the binary runs from build/llama-server/bin alone.
+# ~30 min on 2 cores; not part of `make test`.
+LLAMA_CPP_PY ?= 0.3.36
+LLAMA_SERVER_CMAKE_ARGS ?= -DGGML_NATIVE=ON
+LLAMA_SRC := build/llama-server/src/llama_cpp_python-$(LLAMA_CPP_PY)/vendor/llama.cpp
+llama-server: build/llama-server/bin/llama-server
+build/llama-server/bin/llama-server: | $(STAMP)
+	mkdir -p build/llama-server/src build/llama-server/bin
+	$(PIP) download -q --no-binary :all: --no-deps "llama-cpp-python==$(LLAMA_CPP_PY)" \
+		-d build/llama-server/src
+	tar -xzf build/llama-server/src/llama_cpp_python-$(LLAMA_CPP_PY).tar.gz -C build/llama-server/src
+	cmake -S $(LLAMA_SRC) -B build/llama-server/cmake -DCMAKE_BUILD_TYPE=Release \
+		-DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
+		-DLLAMA_BUILD_EXAMPLES=OFF $(LLAMA_SERVER_CMAKE_ARGS)
+	cmake --build build/llama-server/cmake --target llama-server -j$$(nproc)
+	cp build/llama-server/cmake/bin/llama-server $@
 
 lint: install
 	$(BIN)/ruff check src tests

@@ -127,7 +127,8 @@ def test_bench_serve_runs_the_real_server_and_writes_json(tmp_path):
 
     out = tmp_path / "serve.json"
     r = run("bench", "serve", "--dtype", "float32", "--num-requests", "4", "--concurrency", "1,2",
-            "--prompt-tokens", "8", "--max-new-tokens", "4", "--skip-llama-cpp", "--out", str(out))
+            "--prompt-tokens", "8", "--max-new-tokens", "4", "--skip-llama-cpp",
+            "--skip-llama-server", "--out", str(out))
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
     runs = {(x["system"], x["concurrency"]): x for x in data["runs"]}
@@ -136,3 +137,33 @@ def test_bench_serve_runs_the_real_server_and_writes_json(tmp_path):
         assert x["requests_completed"] >= 1 and x["tokens_per_s"] > 0
         assert x["generated_tokens"] == 4 * x["requests_completed"]  # every token came back
     assert len(data["ratios"]) == 2 and all(v > 0 for v in data["ratios"].values())
+    assert data["llama_server_skipped"] == "--skip-llama-server"
+
+
+def test_bench_serve_finds_and_checks_the_llama_server_binary(tmp_path, monkeypatch):
+    from fleetlm.bench import serve
+    from fleetlm.bench.serve import ServeBenchConfig, find_llama_server
+    from fleetlm.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)  # no build/llama-server here
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.delenv("FLEETLM_LLAMA_SERVER", raising=False)
+    assert find_llama_server(None) is None
+    plain = tmp_path / "llama-server.txt"
+    plain.write_text("not a program")
+    assert find_llama_server(plain) is None  # not executable
+    binary = tmp_path / "llama-server"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    assert find_llama_server(binary) == binary
+    monkeypatch.setenv("FLEETLM_LLAMA_SERVER", str(binary))
+    assert find_llama_server(None) == binary
+    monkeypatch.delenv("FLEETLM_LLAMA_SERVER")
+    built = tmp_path / serve.LLAMA_SERVER_BUILD
+    built.parent.mkdir(parents=True)
+    built.write_text("#!/bin/sh\n")
+    built.chmod(0o755)
+    assert find_llama_server(None) == serve.LLAMA_SERVER_BUILD  # `make llama-server`'s
+    with pytest.raises(ConfigError) as e:
+        ServeBenchConfig(llama_server=plain, llama_server_slots=0).check()
+    assert "--llama-server-slots=0" in str(e.value) and f"--llama-server {plain}" in str(e.value)

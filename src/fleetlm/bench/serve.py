@@ -47,6 +47,12 @@ class ServeBenchConfig(StrictModel):
     time_budget_s: float = 300.0  # per configuration; a run stops submitting after it
     llama_cpp: bool = True  # also llama-cpp-python's server on the same GGUF, if installed
     llama_cpp_threads: int = 2
+    # llama.cpp's own batching server (the speed anchor): the path of a llama-server binary;
+    # None = $FLEETLM_LLAMA_SERVER, else `llama-server` on PATH, else `make llama-server`'s
+    # build/llama-server/bin/llama-server; skipped (and said so) when there is none
+    llama_server: Path | None = None
+    llama_server_slots: int = 32  # --parallel: requests it batches together
+    skip_llama_server: bool = False
 
     def check(self) -> None:
         from fleetlm.errors import ConfigError
@@ -57,6 +63,11 @@ class ServeBenchConfig(StrictModel):
                 problems.append(f"--{name.replace('_', '-')}={getattr(self, name)}: must be >= 1")
         if not self.concurrency or min(self.concurrency) < 1:
             problems.append("--concurrency: positive integers, e.g. 1,32")
+        if self.llama_server_slots < 1:
+            problems.append(f"--llama-server-slots={self.llama_server_slots}: must be >= 1")
+        if self.llama_server is not None and find_llama_server(self.llama_server) != self.llama_server:
+            problems.append(f"--llama-server {self.llama_server}: not an executable file; build "
+                            "one with `make llama-server` or leave the flag out")
         if self.time_budget_s <= 0:
             problems.append("--time-budget-s: must be > 0")
         if problems:
@@ -78,10 +89,12 @@ def _summary(name: str, stamps: dict[int, list[float]], starts: dict[int, float]
 async def _http_run(url: str, model: str, prompts: list[Any], concurrency: int,
                     max_new_tokens: int, budget_s: float, name: str = "server",
                     extra: dict[str, Any] | None = None,
-                    progress: Update | None = None) -> dict[str, Any]:
+                    progress: Update | None = None, keepalive: bool = True) -> dict[str, Any]:
     """A closed loop of ``concurrency`` streaming /v1/completions clients; ``extra`` joins
     every request body (how each server is told to ignore end-of-sequence); ``progress``
-    hears the number of requests completed."""
+    hears the number of requests completed; ``keepalive=False`` opens a connection per
+    request (llama-server's HTTP library closes a kept-alive connection after a few
+    requests, and a client reusing it then sees "Server disconnected")."""
     import httpx
 
     stamps: dict[int, list[float]] = {}
@@ -114,7 +127,8 @@ async def _http_run(url: str, model: str, prompts: list[Any], concurrency: int,
             if progress is not None:
                 progress(completed)
 
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    limits = httpx.Limits(max_connections=concurrency,
+                          max_keepalive_connections=concurrency if keepalive else 0)
     async with httpx.AsyncClient(timeout=600, limits=limits) as http:
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
     wall = time.perf_counter() - t0
@@ -138,6 +152,31 @@ def serve_process(cfg: ServeBenchConfig, max_batch: int) -> contextlib.AbstractC
     cmd = [sys.executable, "-m", "fleetlm", "serve", "--model", cfg.model, "--dtype", cfg.dtype,
            "--port", str(port), "--max-batch", str(max_batch),
            "--max-len", str(cfg.prompt_tokens + cfg.max_new_tokens + 1)]
+    return _process(cmd, port, "/health")
+
+
+LLAMA_SERVER_BUILD = Path("build/llama-server/bin/llama-server")  # where `make llama-server` puts it
+
+
+def find_llama_server(path: Path | None) -> Path | None:
+    """The llama-server binary to run: ``path``, $FLEETLM_LLAMA_SERVER, ``llama-server`` on
+    PATH, or the Makefile's build output; None when there is none."""
+    for candidate in (path, os.environ.get("FLEETLM_LLAMA_SERVER"), shutil.which("llama-server"),
+                      LLAMA_SERVER_BUILD):
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return Path(candidate)
+    return None
+
+
+def llama_server_process(binary: Path, gguf: Path, ctx_per_slot: int, slots: int,
+                         threads: int) -> contextlib.AbstractContextManager[str]:
+    """llama.cpp's own server on the same GGUF: ``slots`` requests decoded together
+    (continuous batching), ``threads`` threads for decode and for prompt batches."""
+    port = _free_port()
+    cmd = [str(binary), "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+           "--threads", str(threads), "--threads-batch", str(threads),
+           "--parallel", str(slots), "--ctx-size", str(ctx_per_slot * slots),
+           "--cont-batching", "--no-webui"]
     return _process(cmd, port, "/health")
 
 
@@ -216,7 +255,8 @@ def run(cfg: ServeBenchConfig, out: Path | None) -> dict[str, Any]:
                                      max_waiting=cfg.num_requests + max(cfg.concurrency),
                                      max_len=cfg.prompt_tokens + cfg.max_new_tokens + 1,
                                      max_hot_adapters=0))
-    results: dict[str, Any] = {"config": cfg.model_dump(), "environment": environment(), "runs": []}
+    results: dict[str, Any] = {"config": cfg.model_dump(mode="json"), "environment": environment(),
+                               "runs": []}
     for c in cfg.concurrency:
         run_engine(engine, prompts[:c], [None] * c, c, 4, f"warm-{c}")
         n = min(cfg.num_requests, max(c * 4, 8))
@@ -242,8 +282,39 @@ def run(cfg: ServeBenchConfig, out: Path | None) -> dict[str, Any]:
             results["runs"].append(r)
             console.print(f"  server, {c:>3} concurrent: {r['tokens_per_s']:7.1f} tok/s")
 
+    binary = find_llama_server(cfg.llama_server)
+    gguf = _gguf_of(cfg.model)
+    if cfg.skip_llama_server:
+        results["llama_server_skipped"] = "--skip-llama-server"
+    elif binary is None or gguf is None:
+        results["llama_server_skipped"] = (
+            f"{cfg.model} has no GGUF file" if gguf is None else
+            "no llama-server binary: build one with `make llama-server`, or give "
+            "--llama-server PATH")
+        console.print(f"  llama-server skipped: {results['llama_server_skipped']}")
+    else:
+        texts = [tok.decode(p) for p in prompts]
+        ctx = 2 * (cfg.prompt_tokens + cfg.max_new_tokens)
+        results["llama_server"] = {"binary": str(binary), "gguf": gguf.name,
+                                   "slots": cfg.llama_server_slots,
+                                   "threads": cfg.llama_cpp_threads, "ctx_per_slot": ctx}
+        with llama_server_process(binary, gguf, ctx, cfg.llama_server_slots,
+                                  cfg.llama_cpp_threads) as url:
+            for c in cfg.concurrency:
+                n = min(cfg.num_requests, max(c * 4, 8))
+                asyncio.run(_http_run(url, cfg.model, texts[:c], c, 4, cfg.time_budget_s,
+                                      "llama-server", {"ignore_eos": True},
+                                      keepalive=False))  # warm
+                with Progress("bench serve") as p:
+                    r = asyncio.run(_http_run(
+                        url, cfg.model, texts[:n], c, cfg.max_new_tokens, cfg.time_budget_s,
+                        "llama-server", {"ignore_eos": True},
+                        p.task(f"llama-server, {c} concurrent", n), keepalive=False))
+                r.update(concurrency=c, system="llama-server")
+                results["runs"].append(r)
+                console.print(f"  llama-server, {c:>3} concurrent: {r['tokens_per_s']:7.1f} tok/s")
+
     if cfg.llama_cpp:
-        gguf = _gguf_of(cfg.model)
         if gguf is None or any(importlib.util.find_spec(m) is None
                                for m in ("llama_cpp", "sse_starlette", "starlette_context")):
             results["llama_cpp_skipped"] = ("llama-cpp-python[server] is not installed (make "
@@ -274,6 +345,10 @@ def run(cfg: ServeBenchConfig, out: Path | None) -> dict[str, Any]:
         f"server / engine throughput, {c} concurrent (target >= 0.90 at 32)":
             by[("server", c)]["tokens_per_s"] / by[("engine", c)]["tokens_per_s"]
         for c in cfg.concurrency}
+    results["ratios"].update({
+        f"server / llama-server throughput, {c} concurrent (targets: >= 1.2 at 1, >= 2 at 32)":
+            by[("server", c)]["tokens_per_s"] / by[("llama-server", c)]["tokens_per_s"]
+        for c in cfg.concurrency if ("llama-server", c) in by})
     results["ratios"].update({
         f"server / llama.cpp server throughput, {c} concurrent":
             by[("server", c)]["tokens_per_s"] / by[("llama.cpp server", c)]["tokens_per_s"]

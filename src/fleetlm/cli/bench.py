@@ -83,9 +83,15 @@ def bench_serve(
     max_new_tokens: Annotated[int, typer.Option(help="Greedy tokens per request.")] = 64,
     time_budget_s: Annotated[float, typer.Option(help="Seconds per configuration.")] = 300.0,
     skip_llama_cpp: Annotated[bool, typer.Option("--skip-llama-cpp", help="No llama-cpp-python server baseline.")] = False,
+    llama_server: Annotated[Path | None, typer.Option(help="A llama-server binary (default: "
+                                                           "$FLEETLM_LLAMA_SERVER, PATH, or "
+                                                           "`make llama-server`'s build).")] = None,
+    llama_server_slots: Annotated[int, typer.Option(help="llama-server --parallel.")] = 32,
+    skip_llama_server: Annotated[bool, typer.Option("--skip-llama-server", help="No llama-server baseline.")] = False,
 ) -> None:
-    """The HTTP server's overhead: the same workload in-process and over loopback HTTP, and
-    llama-cpp-python's OpenAI server on the same GGUF (when installed: EXTRAS=dev,bench)."""
+    """The HTTP server's overhead: the same workload in-process and over loopback HTTP;
+    llama.cpp's own batching server (llama-server, same GGUF, same threads, 32 slots) when a
+    binary is found; and llama-cpp-python's OpenAI server (when installed: EXTRAS=dev,bench)."""
     from fleetlm.bench.serve import ServeBenchConfig, run
 
     try:
@@ -96,7 +102,9 @@ def bench_serve(
         run(ServeBenchConfig(model=model, dtype=dtype.value, num_requests=num_requests,
                              concurrency=levels, prompt_tokens=prompt_tokens,
                              max_new_tokens=max_new_tokens, time_budget_s=time_budget_s,
-                             llama_cpp=not skip_llama_cpp), out)
+                             llama_cpp=not skip_llama_cpp, llama_server=llama_server,
+                             llama_server_slots=llama_server_slots,
+                             skip_llama_server=skip_llama_server), out)
     except (FleetLMError, ValueError) as e:
         fail(e)
 
