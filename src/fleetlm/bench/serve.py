@@ -236,6 +236,43 @@ def _gguf_of(model: str) -> Path | None:
     return path if path.suffix == ".gguf" and path.is_file() else None
 
 
+def _llama_server_runs(cfg: ServeBenchConfig, texts: list[str], results: dict[str, Any],
+                       console: Any) -> None:
+    """llama-server on the same prompts (as text), each concurrency; its runs and settings
+    go into ``results``, or why it was skipped."""
+    binary = find_llama_server(cfg.llama_server)
+    gguf = _gguf_of(cfg.model)
+    if cfg.skip_llama_server:
+        results["llama_server_skipped"] = "--skip-llama-server"
+    elif binary is None or gguf is None:
+        results["llama_server_skipped"] = (
+            f"{cfg.model} has no GGUF file" if gguf is None else
+            "no llama-server binary: build one with `make llama-server`, or give "
+            "--llama-server PATH")
+    if binary is None or gguf is None or cfg.skip_llama_server:
+        console.print(f"  llama-server skipped: {results['llama_server_skipped']}")
+        return
+    ctx = 2 * (cfg.prompt_tokens + cfg.max_new_tokens)
+    results["llama_server"] = {"binary": str(binary), "gguf": gguf.name,
+                               "slots": cfg.llama_server_slots,
+                               "threads": cfg.llama_cpp_threads, "ctx_per_slot": ctx}
+    with llama_server_process(binary, gguf, ctx, cfg.llama_server_slots,
+                              cfg.llama_cpp_threads) as url:
+        for c in cfg.concurrency:
+            n = min(cfg.num_requests, max(c * 4, 8))
+            asyncio.run(_http_run(url, cfg.model, texts[:c], c, 4, cfg.time_budget_s,
+                                  "llama-server", {"ignore_eos": True},
+                                  keepalive=False))  # warm
+            with Progress("bench serve") as p:
+                r = asyncio.run(_http_run(
+                    url, cfg.model, texts[:n], c, cfg.max_new_tokens, cfg.time_budget_s,
+                    "llama-server", {"ignore_eos": True},
+                    p.task(f"llama-server, {c} concurrent", n), keepalive=False))
+            r.update(concurrency=c, system="llama-server")
+            results["runs"].append(r)
+            console.print(f"  llama-server, {c:>3} concurrent: {r['tokens_per_s']:7.1f} tok/s")
+
+
 def run(cfg: ServeBenchConfig, out: Path | None) -> dict[str, Any]:
     import gc
 
@@ -282,39 +319,10 @@ def run(cfg: ServeBenchConfig, out: Path | None) -> dict[str, Any]:
             results["runs"].append(r)
             console.print(f"  server, {c:>3} concurrent: {r['tokens_per_s']:7.1f} tok/s")
 
-    binary = find_llama_server(cfg.llama_server)
-    gguf = _gguf_of(cfg.model)
-    if cfg.skip_llama_server:
-        results["llama_server_skipped"] = "--skip-llama-server"
-    elif binary is None or gguf is None:
-        results["llama_server_skipped"] = (
-            f"{cfg.model} has no GGUF file" if gguf is None else
-            "no llama-server binary: build one with `make llama-server`, or give "
-            "--llama-server PATH")
-        console.print(f"  llama-server skipped: {results['llama_server_skipped']}")
-    else:
-        texts = [tok.decode(p) for p in prompts]
-        ctx = 2 * (cfg.prompt_tokens + cfg.max_new_tokens)
-        results["llama_server"] = {"binary": str(binary), "gguf": gguf.name,
-                                   "slots": cfg.llama_server_slots,
-                                   "threads": cfg.llama_cpp_threads, "ctx_per_slot": ctx}
-        with llama_server_process(binary, gguf, ctx, cfg.llama_server_slots,
-                                  cfg.llama_cpp_threads) as url:
-            for c in cfg.concurrency:
-                n = min(cfg.num_requests, max(c * 4, 8))
-                asyncio.run(_http_run(url, cfg.model, texts[:c], c, 4, cfg.time_budget_s,
-                                      "llama-server", {"ignore_eos": True},
-                                      keepalive=False))  # warm
-                with Progress("bench serve") as p:
-                    r = asyncio.run(_http_run(
-                        url, cfg.model, texts[:n], c, cfg.max_new_tokens, cfg.time_budget_s,
-                        "llama-server", {"ignore_eos": True},
-                        p.task(f"llama-server, {c} concurrent", n), keepalive=False))
-                r.update(concurrency=c, system="llama-server")
-                results["runs"].append(r)
-                console.print(f"  llama-server, {c:>3} concurrent: {r['tokens_per_s']:7.1f} tok/s")
+    _llama_server_runs(cfg, [tok.decode(p) for p in prompts], results, console)
 
     if cfg.llama_cpp:
+        gguf = _gguf_of(cfg.model)
         if gguf is None or any(importlib.util.find_spec(m) is None
                                for m in ("llama_cpp", "sse_starlette", "starlette_context")):
             results["llama_cpp_skipped"] = ("llama-cpp-python[server] is not installed (make "
