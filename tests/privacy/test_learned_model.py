@@ -6,7 +6,6 @@ rows."""
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 from typer.testing import CliRunner
@@ -107,15 +106,8 @@ def test_over_size_input_fails_closed(ner):
         ner.predict(["fine", "x" * (MAX_CHARS + 1)])
 
 
-def test_detector_with_the_learned_recognizer(monkeypatch):
-    calls: list[object] = []
-
-    def refuse(*args, **kwargs):
-        calls.append(args)
-        raise OSError("network disabled in this test")
-
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
+def test_detector_with_the_learned_recognizer(network_calls):
+    calls = network_calls
     redactor = PiiRedactor(PiiConfig(ner="learned"))
     text = SENTENCE + " Mail me at maria.f@example.com."
     redacted, mapping = redactor.redact(text)

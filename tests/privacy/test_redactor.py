@@ -4,7 +4,6 @@ placeholders, the batch path against the one-text path, failing closed, and no n
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 
@@ -207,17 +206,9 @@ def test_bad_config_names_the_field(redactor):
         PiiConfig(score_treshold=0.5)  # type: ignore[call-arg]  # typo: rejected, not ignored
 
 
-def test_detection_never_touches_the_network(redactor, monkeypatch):
+def test_detection_never_touches_the_network(redactor, network_calls):
     # presidio's stock e-mail recognizer fetches the public-suffix list on first use
-    calls: list[object] = []
-
-    def refuse(*args, **kwargs):
-        calls.append(args)
-        raise OSError("network disabled in this test")
-
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
+    calls = network_calls
     redacted, _ = redactor.redact("Write to someone@example.co.uk or ada@example.org.")
     assert redacted == "Write to <EMAIL_ADDRESS_1> or <EMAIL_ADDRESS_2>."
     assert calls == []
