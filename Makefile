@@ -10,7 +10,7 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 	-DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
 PIP    := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: install postgres serve test test-fast bench llama-server lint clean
+.PHONY: install postgres arm-tools serve test test-fast bench llama-server lint clean
 
 install: $(STAMP)
 
@@ -45,10 +45,27 @@ postgres:
 		     "skipped (they fail when CI=true); install PostgreSQL and put initdb on PATH"; \
 	fi
 
-test: install postgres
+# An aarch64 cross compiler and qemu, so the kernels' NEON path is built and run (emulated)
+# on x86 machines too (tests/kernels/test_neon_emulated.py); on an ARM machine the NEON path
+# runs natively and this installs nothing. Best effort: without apt-get the test is skipped.
+arm-tools:
+	@if [ "$$(uname -m)" = aarch64 ] || { command -v aarch64-linux-gnu-g++ >/dev/null 2>&1 && \
+		command -v qemu-aarch64-static >/dev/null 2>&1; }; then \
+		:; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		echo "installing an aarch64 cross compiler and qemu for the NEON kernel tests"; \
+		$(SUDO) apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+			g++-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static || \
+		echo "warning: could not install them; the emulated NEON test will be skipped"; \
+	else \
+		echo "warning: no apt-get: the emulated NEON kernel test will be skipped"; \
+	fi
+
+test: install postgres arm-tools
 	$(BIN)/python -m pytest -q
 
-test-fast: install postgres
+test-fast: install postgres arm-tools
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # the benchmark's llama.cpp baseline (llama-cpp-python builds from source: a few minutes, once)

@@ -1,11 +1,19 @@
 """Shared lazy build of fleetlm's C++ custom ops (``torch.utils.cpp_extension.load``).
 
 A :class:`NativeKernel` compiles one ``csrc/*.cpp`` file the first time ``load()`` is
-called (ninja, ``-O3 -march=native -fopenmp``; cached under ``$TORCH_EXTENSIONS_DIR``, by
-default ``~/.cache/torch_extensions``), registers the op's fake (meta) kernel so it traces
-under ``torch.compile``, and remembers the outcome for the rest of the process. An
-environment variable (``FLEETLM_..._KERNEL=0``) disables it; a failed build logs one
-warning and makes ``load()`` return False, so callers keep their pure-PyTorch path.
+called (ninja, ``-O3 -fopenmp``; cached under ``$TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``), registers the op's fake (meta) kernel so it traces under
+``torch.compile``, and remembers the outcome for the rest of the process.
+
+The build targets the architecture's baseline (no ``-march=native``): the SIMD paths
+(AVX-512, AVX2+FMA on x86; NEON on aarch64; scalar) are compiled into every library with
+per-function ``#pragma GCC target`` and chosen when the op runs from what the CPU reports
+(``csrc/cpu_isa.h``; ``FLEETLM_CPU_ISA`` forces one, see ``fleetlm.kernels.cpu``). A cached
+build is therefore valid on any CPU of the same architecture; its name carries a hash of
+the sources only (:func:`build_tag`).
+
+An environment variable (``FLEETLM_..._KERNEL=0``) disables a kernel; a failed build logs
+one warning and makes ``load()`` return False, so callers keep their pure-PyTorch path.
 
 This module knows nothing about any particular op: each kernel module owns its source,
 its fake kernel and its Python wrapper.
@@ -43,24 +51,24 @@ def ensure_ninja_on_path() -> None:
     os.environ["PATH"] = os.pathsep.join([*dirs, os.environ.get("PATH", "")])
 
 
-def cpu_tag(source: Path) -> str:
-    """Short hash of this CPU's model and flags and of the source text.
+def build_tag(source: Path) -> str:
+    """Short hash of the machine architecture, the source and the shared headers.
 
-    The build uses ``-march=native``, so a cached build must never be reused on a
-    different CPU (shared home directories); hashing the source rebuilds on every edit.
+    The library no longer depends on the CPU model (the SIMD path is chosen at run time),
+    only on the architecture (x86_64 / aarch64: different code is compiled). Hashing the
+    source and every ``csrc/*.h`` / ``*.inc`` it may include rebuilds on every edit.
     """
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        key = "|".join(ln for ln in lines if ln.startswith(("model name", "flags")))[:8192]
-    except OSError:
-        key = platform.processor() or platform.machine()
-    return hashlib.sha256((key + source.read_text()).encode()).hexdigest()[:10]
+    texts = [platform.machine(), source.read_text()]
+    for header in sorted([*source.parent.glob("*.h"), *source.parent.glob("*.inc")]):
+        texts.append(header.name + "\0" + header.read_text())
+    return hashlib.sha256("\0".join(texts).encode()).hexdigest()[:10]
+
 
 
 class NativeKernel:
     """One lazily built C++ op library: ``load()`` once per process, thread-safe.
 
-    name:          build name prefix (the CPU tag is appended), e.g. ``fleetlm_int8_gemv``
+    name:          build name prefix (the build tag is appended), e.g. ``fleetlm_int8_gemv``
     source:        the .cpp file
     env_var:       ``<env_var>=0`` (or false/no/off) disables the kernel
     register_fake: called once after a successful build (fake kernels for torch.compile)
@@ -85,9 +93,9 @@ class NativeKernel:
 
         ensure_ninja_on_path()
         cpp_load(
-            name=f"{self.name}_{cpu_tag(self.source)}",
+            name=f"{self.name}_{build_tag(self.source)}",
             sources=[str(self.source)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_cflags=["-O3", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,

@@ -14,6 +14,11 @@ False -- after logging one warning -- when the build fails, and when the environ
 variable ``FLEETLM_INT8_KERNEL=0`` disables the kernel; callers then fall back to
 ``torch._weight_int8pack_mm``. A fake (meta) kernel is registered so the op traces
 under ``torch.compile(fullgraph=True)``.
+
+The library is built without ``-march=native`` and holds an AVX-512, an AVX2+FMA (x86),
+a NEON (aarch64) and a scalar path; the best one this CPU supports is picked at run time
+(``FLEETLM_CPU_ISA`` or ``fleetlm.kernels.cpu.set_kernel_isa`` force another; the op
+``fleetlm::int8_linear_isa()`` reports the one in use -- see ``fleetlm.kernels.cpu``).
 """
 
 from __future__ import annotations

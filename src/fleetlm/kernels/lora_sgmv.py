@@ -16,6 +16,12 @@ Built on first ``load()`` like every fleetlm kernel (see ``fleetlm.kernels._buil
 ``FLEETLM_LORA_KERNEL=0`` disables it, and a failed build logs one warning and returns
 False. Callers (``fleetlm.engine.lora.lora_delta``) then use the pure-PyTorch path. This
 module knows nothing about adapters or slots beyond the tensors it is given.
+
+The library is built without ``-march=native`` and holds AVX-512 (with AVX512_BF16
+rounding when the CPU has it), AVX2+FMA, NEON (aarch64) and scalar micro-kernels; the
+best one this CPU supports is picked at run time (``FLEETLM_CPU_ISA`` or
+``fleetlm.kernels.cpu.set_kernel_isa`` force another; ``fleetlm::lora_sgmv_isa()`` reports
+the one in use -- see ``fleetlm.kernels.cpu``).
 """
 
 from __future__ import annotations

@@ -15,7 +15,16 @@
 //           products of up to 4 tokens x 4 A rows (or 2 x 8), h[t, p, k] = scale * <x[t], A[k]>;
 //   expand: items (group, token chunk, part, column block); each Bt row segment is loaded
 //           (bf16 widened to fp32) once per 4 tokens and FMA'd into 4 x 64 accumulators.
-// The scalar path (no AVX-512, or -DFLEETLM_LORA_SCALAR) computes the same thing.
+//
+// Micro-kernel paths, chosen at run time (cpu_isa.h; the library is built without
+// -march=native), all behind the same driver (lora_sgmv_impl, templated on the path):
+//   avx512      AVX512F/BW/VL/DQ, 16-wide, masked tails; with AVX512_BF16 on the CPU the
+//               bf16 expand rounds with vcvtne2ps2bf16 (reported as "avx512+bf16")
+//   avx2        AVX2+FMA, 8-wide, scalar tails
+//   neon        aarch64 Advanced SIMD, 4-wide, scalar tails
+//   scalar      plain loops; -DFLEETLM_LORA_SCALAR builds only this one
+// Ops: `fleetlm::lora_sgmv_isa() -> str` (the path in use) and
+// `fleetlm::lora_sgmv_set_isa(str) -> str` (force one; see cpu_isa.h).
 //
 // The fake/meta kernel for torch.compile lives in fleetlm/kernels/lora_sgmv.py.
 
@@ -27,13 +36,19 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
-    !defined(FLEETLM_LORA_SCALAR)
-#define FLEETLM_LORA_AVX512 1
+#include "cpu_isa.h"
+
+#if defined(FLEETLM_X86) && !defined(FLEETLM_LORA_SCALAR)
+#define FLEETLM_LORA_X86 1
 #include <immintrin.h>
+#endif
+#if defined(__aarch64__) && !defined(FLEETLM_LORA_SCALAR)
+#define FLEETLM_LORA_NEON 1
+#include <arm_neon.h>
 #endif
 
 namespace fleetlm {
@@ -56,16 +71,28 @@ constexpr int64_t kWeightCost = 4;
 
 // ------------------------------------------------------------------ micro-kernels
 //
-// bf16 is widened to fp32 by bit shifts, 32 elements at a time: a 512-bit load of 32 bf16
-// holds element 2i in the low and 2i+1 in the high half of 32-bit lane i, so `<< 16` gives
-// the even elements and `& 0xFFFF0000` the odd ones as fp32 -- two cheap ops per 32 values
-// and no shuffles. A dot product does not care about element order, so the shrink splits x
-// and A alike; the expand keeps even and odd output columns in separate accumulators and
-// re-interleaves them when rounding to bf16. (vdpbf16ps measured 2x slower than this on
-// the development CPU: one instruction per 2 cycles against two FMAs per cycle; a fp32
-// copy of x made once per call cost more in memory traffic than it saved.)
+// Every path provides, for MB <= 4 tokens (x[m], h[m], y[m] are per-token row pointers):
+//   shrink_f32/shrink_bf16<MB, RB>(x, a, K, out): out[m * RB + j] = <x[m][0:K], a[j*K:(j+1)*K]>
+//   expand_f32/expand_bf16<MB>(h, bt, ldb, r, ncols, y):
+//       y[m][c] = sum_{k < r} h[m][k] * bt[k * ldb + c] for c < ncols (<= 64)
+//
+// bf16 is widened to fp32 by bit shifts, 32 elements at a time (AVX-512): a 512-bit load
+// of 32 bf16 holds element 2i in the low and 2i+1 in the high half of 32-bit lane i, so
+// `<< 16` gives the even elements and `& 0xFFFF0000` the odd ones as fp32 -- two cheap ops
+// per 32 values and no shuffles. A dot product does not care about element order, so the
+// shrink splits x and A alike; the expand keeps even and odd output columns in separate
+// accumulators and re-interleaves them when rounding to bf16. (vdpbf16ps measured 2x
+// slower than this on the development CPU: one instruction per 2 cycles against two FMAs
+// per cycle; a fp32 copy of x made once per call cost more in memory traffic than it
+// saved.) The AVX2 path uses the same even/odd split in the shrink and widens in order
+// (vpmovzxwd) in the expand.
 
-#if defined(FLEETLM_LORA_AVX512)
+#if defined(FLEETLM_LORA_X86)
+
+// ------------------------------------------------------------------ AVX-512
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+namespace avx512 {
 
 inline __mmask16 mask16(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
 inline __mmask32 mask32(int64_t n) {
@@ -85,25 +112,9 @@ inline __m512i round_bf16_hi(__m512 v) {
   return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
                                _mm512_set1_epi32(0x7FC00000));
 }
-// 32 bf16 from the even (columns 2i) and odd (2i+1) fp32 accumulators, in column order
-inline __m512i pack_bf16(__m512 even, __m512 odd) {
-#if defined(__AVX512BF16__)
-  // [even0..15, odd0..15] rounded by the hardware (RNE; it flushes bf16 denormals to zero,
-  // far below any LoRA delta), then interleaved
-  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
-                                       24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
-                                       16, 0);
-  return _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(odd, even));
-#else
-  return _mm512_or_si512(
-      _mm512_and_si512(round_bf16_hi(odd), _mm512_set1_epi32(int32_t(0xFFFF0000u))),
-      _mm512_srli_epi32(round_bf16_hi(even), 16));
-#endif
-}
-
 // out[m * RB + j] = <x[m][0:K], a[j * K : (j + 1) * K]> for m < MB, j < RB
 template <int MB, int RB>
-inline void shrink_block_f32(const float* const* x, const float* __restrict a, int64_t K,
+inline void shrink_f32(const float* const* x, const float* __restrict a, int64_t K,
                              float* out) {
   __m512 acc[MB][RB];
 #pragma GCC unroll 8
@@ -132,7 +143,7 @@ inline void shrink_block_f32(const float* const* x, const float* __restrict a, i
 
 // The same for bf16: x and A are both split into even/odd halves, 32 elements per step.
 template <int MB, int RB>
-inline void shrink_block_bf16(const bf16* const* x, const bf16* __restrict a, int64_t K,
+inline void shrink_bf16(const bf16* const* x, const bf16* __restrict a, int64_t K,
                               float* out) {
   __m512 acc[MB][RB];
 #pragma GCC unroll 8
@@ -198,44 +209,294 @@ inline void expand_block_f32(const float* const* h, const float* __restrict bt, 
       _mm512_mask_storeu_ps(y[m] + 16 * v, (v == NV - 1) ? last : __mmask16(0xFFFF), acc[m][v]);
 }
 
-template <int MB, int NV>  // NV vectors of 32 columns, even and odd columns apart
-inline void expand_block_bf16(const float* const* h, const bf16* __restrict bt, int64_t ldb,
-                              int64_t r, int64_t ncols, bf16* const* y) {
-  const __mmask32 last = mask32(ncols - (NV - 1) * 32);
-  __m512 ae[MB][NV], ao[MB][NV];
+// ncols (1..64) output columns for MB tokens
+template <int MB>
+inline void expand_f32(const float* const* h, const float* bt, int64_t ldb, int64_t r,
+                       int64_t ncols, float* const* y) {
+  switch ((ncols + 15) / 16) {
+    case 1: return expand_block_f32<MB, 1>(h, bt, ldb, r, ncols, y);
+    case 2: return expand_block_f32<MB, 2>(h, bt, ldb, r, ncols, y);
+    case 3: return expand_block_f32<MB, 3>(h, bt, ldb, r, ncols, y);
+    case 4: return expand_block_f32<MB, 4>(h, bt, ldb, r, ncols, y);
+    default: TORCH_INTERNAL_ASSERT(false, "fleetlm::lora_sgmv: bad column block ", ncols);
+  }
+}
+
+#include "lora_sgmv_avx512_bf16.inc"  // pack_bf16 (software rounding), expand_bf16
+
+}  // namespace avx512
+#pragma GCC pop_options
+
+// ------------------------------------------------------------------ AVX-512 + AVX512_BF16
+// Only the bf16 expand differs (hardware rounding); everything else is avx512's.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512bf16")
+namespace avx512bf16 {
+
+using avx512::even_f32;
+using avx512::mask32;
+using avx512::odd_f32;
+using avx512::round_bf16_hi;
+#define FLEETLM_LORA_HW_BF16 1
+#include "lora_sgmv_avx512_bf16.inc"  // pack_bf16 (vcvtne2ps2bf16), expand_bf16
+#undef FLEETLM_LORA_HW_BF16
+
+}  // namespace avx512bf16
+#pragma GCC pop_options
+
+// ------------------------------------------------------------------ AVX2 + FMA
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace avx2 {
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+// 16 bf16 in a 256-bit register: elements 2i / 2i+1 of lane i as fp32
+inline __m256 even_f32(__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
+inline __m256 odd_f32(__m256i v) {
+  return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int32_t(0xFFFF0000u))));
+}
+// 8 bf16 -> 8 fp32, in order
+inline __m256 load8_bf16(const bf16* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+// 8 fp32 -> 8 bf16 (round to nearest even, NaN -> 0x7FC0, as c10::BFloat16(float))
+inline __m128i to_bf16x8(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_srli_epi32(_mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC00000), nan), 16);
+  // [r0..3 r0..3 | r4..7 r4..7] as 16-bit -> quadwords 0 and 2
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08));
+}
+
+template <typename T, int MB, int RB>
+inline void shrink_tail(const T* const* x, const T* a, int64_t K, int64_t k0,
+                        const __m256 (&acc)[MB][RB], float* out) {
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < RB; ++j) {
+      float s = hsum(acc[m][j]);
+      for (int64_t k = k0; k < K; ++k)
+        s += static_cast<float>(x[m][k]) * static_cast<float>(a[j * K + k]);
+      out[m * RB + j] = s;
+    }
+}
+
+template <int MB, int RB>
+inline void shrink_f32(const float* const* x, const float* __restrict a, int64_t K,
+                       float* out) {
+  __m256 acc[MB][RB];
+#pragma GCC unroll 8
+  for (int m = 0; m < MB; ++m)
+#pragma GCC unroll 8
+    for (int j = 0; j < RB; ++j) acc[m][j] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 xv[MB];
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) xv[m] = _mm256_loadu_ps(x[m] + k);
+#pragma GCC unroll 8
+    for (int j = 0; j < RB; ++j) {
+      const __m256 av = _mm256_loadu_ps(a + j * K + k);
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) acc[m][j] = _mm256_fmadd_ps(xv[m], av, acc[m][j]);
+    }
+  }
+  shrink_tail<float, MB, RB>(x, a, K, k, acc, out);
+}
+
+template <int MB, int RB>
+inline void shrink_bf16(const bf16* const* x, const bf16* __restrict a, int64_t K,
+                        float* out) {
+  __m256 acc[MB][RB];
+#pragma GCC unroll 8
+  for (int m = 0; m < MB; ++m)
+#pragma GCC unroll 8
+    for (int j = 0; j < RB; ++j) acc[m][j] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m256 xe[MB], xo[MB];
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[m] + k));
+      xe[m] = even_f32(v);
+      xo[m] = odd_f32(v);
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < RB; ++j) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + j * K + k));
+      const __m256 ae = even_f32(v), ao = odd_f32(v);
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) {
+        acc[m][j] = _mm256_fmadd_ps(xe[m], ae, acc[m][j]);
+        acc[m][j] = _mm256_fmadd_ps(xo[m], ao, acc[m][j]);
+      }
+    }
+  }
+  shrink_tail<bf16, MB, RB>(x, a, K, k, acc, out);
+}
+
+// columns [c, c + 8 * NV) for MB tokens, each Bt row segment loaded once
+template <typename T, int MB, int NV>
+inline void expand_vec(const float* const* h, const T* __restrict bt, int64_t ldb, int64_t r,
+                       int64_t c, T* const* y) {
+  __m256 acc[MB][NV];
 #pragma GCC unroll 4
   for (int m = 0; m < MB; ++m)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) ae[m][v] = ao[m][v] = _mm512_setzero_ps();
+    for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_setzero_ps();
   for (int64_t k = 0; k < r; ++k) {
-    const bf16* row = bt + k * ldb;
-    __m512 be[NV], bo[NV];
+    const T* row = bt + k * ldb + c;
+    __m256 b[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
-      const __m512i raw = (v == NV - 1) ? _mm512_maskz_loadu_epi16(last, row + 32 * v)
-                                        : _mm512_loadu_si512(row + 32 * v);
-      be[v] = even_f32(raw);
-      bo[v] = odd_f32(raw);
+      if constexpr (std::is_same_v<T, bf16>)
+        b[v] = load8_bf16(row + 8 * v);
+      else
+        b[v] = _mm256_loadu_ps(row + 8 * v);
     }
 #pragma GCC unroll 4
     for (int m = 0; m < MB; ++m) {
-      const __m512 hv = _mm512_set1_ps(h[m][k]);
+      const __m256 hv = _mm256_set1_ps(h[m][k]);
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) {
-        ae[m][v] = _mm512_fmadd_ps(hv, be[v], ae[m][v]);
-        ao[m][v] = _mm512_fmadd_ps(hv, bo[v], ao[m][v]);
-      }
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_fmadd_ps(hv, b[v], acc[m][v]);
     }
   }
 #pragma GCC unroll 4
   for (int m = 0; m < MB; ++m)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v)
-      _mm512_mask_storeu_epi16(y[m] + 32 * v, (v == NV - 1) ? last : ~__mmask32(0),
-                               pack_bf16(ae[m][v], ao[m][v]));
+    for (int v = 0; v < NV; ++v) {
+      if constexpr (std::is_same_v<T, bf16>)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(y[m] + c + 8 * v), to_bf16x8(acc[m][v]));
+      else
+        _mm256_storeu_ps(y[m] + c + 8 * v, acc[m][v]);
+    }
 }
 
-#else  // scalar path: the same contract, plain loops
+template <typename T, int MB>
+inline void expand_any(const float* const* h, const T* bt, int64_t ldb, int64_t r,
+                       int64_t ncols, T* const* y) {
+  int64_t c = 0;
+  for (; c + 16 <= ncols; c += 16) expand_vec<T, MB, 2>(h, bt, ldb, r, c, y);
+  if (c + 8 <= ncols) {
+    expand_vec<T, MB, 1>(h, bt, ldb, r, c, y);
+    c += 8;
+  }
+  for (; c < ncols; ++c)  // the last < 8 columns
+    for (int m = 0; m < MB; ++m) {
+      float s = 0.f;
+      for (int64_t k = 0; k < r; ++k) s += h[m][k] * static_cast<float>(bt[k * ldb + c]);
+      y[m][c] = static_cast<T>(s);
+    }
+}
+template <int MB>
+inline void expand_f32(const float* const* h, const float* bt, int64_t ldb, int64_t r,
+                       int64_t ncols, float* const* y) {
+  expand_any<float, MB>(h, bt, ldb, r, ncols, y);
+}
+template <int MB>
+inline void expand_bf16(const float* const* h, const bf16* bt, int64_t ldb, int64_t r,
+                        int64_t ncols, bf16* const* y) {
+  expand_any<bf16, MB>(h, bt, ldb, r, ncols, y);
+}
+
+}  // namespace avx2
+#pragma GCC pop_options
+
+#endif  // FLEETLM_LORA_X86
+
+#if defined(FLEETLM_LORA_NEON)
+
+// ------------------------------------------------------------------ NEON (aarch64)
+namespace neon {
+
+inline float32x4_t load4(const float* p) { return vld1q_f32(p); }
+inline float32x4_t load4(const bf16* p) {  // 4 bf16 -> 4 fp32
+  return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(reinterpret_cast<const uint16_t*>(p)), 16));
+}
+
+template <typename T, int MB, int RB>
+inline void shrink_any(const T* const* x, const T* __restrict a, int64_t K, float* out) {
+  float32x4_t acc[MB][RB];
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < RB; ++j) acc[m][j] = vdupq_n_f32(0.f);
+  int64_t k = 0;
+  for (; k + 4 <= K; k += 4) {
+    float32x4_t xv[MB];
+    for (int m = 0; m < MB; ++m) xv[m] = load4(x[m] + k);
+    for (int j = 0; j < RB; ++j) {
+      const float32x4_t av = load4(a + j * K + k);
+      for (int m = 0; m < MB; ++m) acc[m][j] = vfmaq_f32(acc[m][j], xv[m], av);
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < RB; ++j) {
+      float s = vaddvq_f32(acc[m][j]);
+      for (int64_t t = k; t < K; ++t)
+        s += static_cast<float>(x[m][t]) * static_cast<float>(a[j * K + t]);
+      out[m * RB + j] = s;
+    }
+}
+template <int MB, int RB>
+inline void shrink_f32(const float* const* x, const float* a, int64_t K, float* out) {
+  shrink_any<float, MB, RB>(x, a, K, out);
+}
+template <int MB, int RB>
+inline void shrink_bf16(const bf16* const* x, const bf16* a, int64_t K, float* out) {
+  shrink_any<bf16, MB, RB>(x, a, K, out);
+}
+
+template <typename T, int MB>
+inline void expand_any(const float* const* h, const T* __restrict bt, int64_t ldb, int64_t r,
+                       int64_t ncols, T* const* y) {
+  int64_t c = 0;
+  for (; c + 8 <= ncols; c += 8) {  // 8 columns x MB tokens
+    float32x4_t acc[MB][2];
+    for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = vdupq_n_f32(0.f);
+    for (int64_t k = 0; k < r; ++k) {
+      const float32x4_t b0 = load4(bt + k * ldb + c), b1 = load4(bt + k * ldb + c + 4);
+      for (int m = 0; m < MB; ++m) {
+        acc[m][0] = vfmaq_n_f32(acc[m][0], b0, h[m][k]);
+        acc[m][1] = vfmaq_n_f32(acc[m][1], b1, h[m][k]);
+      }
+    }
+    for (int m = 0; m < MB; ++m) {
+      float tmp[8];
+      vst1q_f32(tmp, acc[m][0]);
+      vst1q_f32(tmp + 4, acc[m][1]);
+      for (int i = 0; i < 8; ++i) y[m][c + i] = static_cast<T>(tmp[i]);
+    }
+  }
+  for (; c < ncols; ++c)  // the last < 8 columns
+    for (int m = 0; m < MB; ++m) {
+      float s = 0.f;
+      for (int64_t k = 0; k < r; ++k) s += h[m][k] * static_cast<float>(bt[k * ldb + c]);
+      y[m][c] = static_cast<T>(s);
+    }
+}
+template <int MB>
+inline void expand_f32(const float* const* h, const float* bt, int64_t ldb, int64_t r,
+                       int64_t ncols, float* const* y) {
+  expand_any<float, MB>(h, bt, ldb, r, ncols, y);
+}
+template <int MB>
+inline void expand_bf16(const float* const* h, const bf16* bt, int64_t ldb, int64_t r,
+                        int64_t ncols, bf16* const* y) {
+  expand_any<bf16, MB>(h, bt, ldb, r, ncols, y);
+}
+
+}  // namespace neon
+
+#endif  // FLEETLM_LORA_NEON
+
+// ------------------------------------------------------------------ scalar
+namespace scalar {
 
 template <typename T, int MB, int RB>
 inline void shrink_block_scalar(const T* const* x, const T* __restrict a, int64_t K,
@@ -249,11 +510,11 @@ inline void shrink_block_scalar(const T* const* x, const T* __restrict a, int64_
     }
 }
 template <int MB, int RB>
-inline void shrink_block_f32(const float* const* x, const float* a, int64_t K, float* out) {
+inline void shrink_f32(const float* const* x, const float* a, int64_t K, float* out) {
   shrink_block_scalar<float, MB, RB>(x, a, K, out);
 }
 template <int MB, int RB>
-inline void shrink_block_bf16(const bf16* const* x, const bf16* a, int64_t K, float* out) {
+inline void shrink_bf16(const bf16* const* x, const bf16* a, int64_t K, float* out) {
   shrink_block_scalar<bf16, MB, RB>(x, a, K, out);
 }
 
@@ -271,92 +532,135 @@ inline void expand_block_scalar(const float* const* h, const T* __restrict bt, i
     for (int64_t c = 0; c < ncols; ++c) y[m][c] = static_cast<T>(acc[c]);
   }
 }
-template <int MB, int NV>
-inline void expand_block_f32(const float* const* h, const float* bt, int64_t ldb, int64_t r,
+template <int MB>
+inline void expand_f32(const float* const* h, const float* bt, int64_t ldb, int64_t r,
                              int64_t ncols, float* const* y) {
   expand_block_scalar<float, MB>(h, bt, ldb, r, ncols, y);
 }
-template <int MB, int NV>
-inline void expand_block_bf16(const float* const* h, const bf16* bt, int64_t ldb, int64_t r,
+template <int MB>
+inline void expand_bf16(const float* const* h, const bf16* bt, int64_t ldb, int64_t r,
                               int64_t ncols, bf16* const* y) {
   expand_block_scalar<bf16, MB>(h, bt, ldb, r, ncols, y);
 }
 
+}  // namespace scalar
+
+// ------------------------------------------------------------------ paths
+// kFewTokenRows: A rows per shrink micro-kernel call for 1-2 tokens (4 for 3-4 tokens).
+// The driver (compiled for the baseline ISA) calls the micro-kernels out of line.
+
+#define FLEETLM_LORA_PATH(NAME, NS, FEW_TOKEN_ROWS, EXPAND_BF16_NS)                        \
+  struct NAME {                                                                           \
+    static constexpr int64_t kFewTokenRows = FEW_TOKEN_ROWS;                              \
+    template <int MB, int RB>                                                             \
+    static void shrink(const float* const* x, const float* a, int64_t K, float* out) {    \
+      NS::shrink_f32<MB, RB>(x, a, K, out);                                               \
+    }                                                                                     \
+    template <int MB, int RB>                                                             \
+    static void shrink(const bf16* const* x, const bf16* a, int64_t K, float* out) {      \
+      NS::shrink_bf16<MB, RB>(x, a, K, out);                                              \
+    }                                                                                     \
+    template <int MB>                                                                     \
+    static void expand(const float* const* h, const float* bt, int64_t ldb, int64_t r,    \
+                       int64_t ncols, float* const* y) {                                  \
+      NS::expand_f32<MB>(h, bt, ldb, r, ncols, y);                                        \
+    }                                                                                     \
+    template <int MB>                                                                     \
+    static void expand(const float* const* h, const bf16* bt, int64_t ldb, int64_t r,     \
+                       int64_t ncols, bf16* const* y) {                                   \
+      EXPAND_BF16_NS::expand_bf16<MB>(h, bt, ldb, r, ncols, y);                           \
+    }                                                                                     \
+  };
+
+#if defined(FLEETLM_LORA_X86)
+FLEETLM_LORA_PATH(Avx512Path, avx512, 8, avx512)
+FLEETLM_LORA_PATH(Avx512Bf16Path, avx512, 8, avx512bf16)
+FLEETLM_LORA_PATH(Avx2Path, avx2, 4, avx2)
 #endif
+#if defined(FLEETLM_LORA_NEON)
+FLEETLM_LORA_PATH(NeonPath, neon, 8, neon)
+#endif
+FLEETLM_LORA_PATH(ScalarPath, scalar, 8, scalar)
+#undef FLEETLM_LORA_PATH
 
 // ------------------------------------------------------------------ dispatch to templates
 
-template <typename T, int MB, int RB>
-inline void shrink_fixed(const T* const* x, const T* a, int64_t K, float* out) {
-  if constexpr (std::is_same_v<T, bf16>)
-    shrink_block_bf16<MB, RB>(x, a, K, out);
-  else
-    shrink_block_f32<MB, RB>(x, a, K, out);
-}
-
 // rb rows of A (1..8 for MB <= 2, 1..4 otherwise) against MB tokens
-template <typename T, int MB>
+template <class Path, typename T, int MB>
 inline void shrink_rows(int64_t rb, const T* const* x, const T* a, int64_t K, float* out) {
   switch (rb) {
-    case 1: return shrink_fixed<T, MB, 1>(x, a, K, out);
-    case 2: return shrink_fixed<T, MB, 2>(x, a, K, out);
-    case 3: return shrink_fixed<T, MB, 3>(x, a, K, out);
-    case 4: return shrink_fixed<T, MB, 4>(x, a, K, out);
+    case 1: return Path::template shrink<MB, 1>(x, a, K, out);
+    case 2: return Path::template shrink<MB, 2>(x, a, K, out);
+    case 3: return Path::template shrink<MB, 3>(x, a, K, out);
+    case 4: return Path::template shrink<MB, 4>(x, a, K, out);
     default: break;
   }
   if constexpr (MB <= 2) {
     switch (rb) {
-      case 5: return shrink_fixed<T, MB, 5>(x, a, K, out);
-      case 6: return shrink_fixed<T, MB, 6>(x, a, K, out);
-      case 7: return shrink_fixed<T, MB, 7>(x, a, K, out);
-      case 8: return shrink_fixed<T, MB, 8>(x, a, K, out);
+      case 5: return Path::template shrink<MB, 5>(x, a, K, out);
+      case 6: return Path::template shrink<MB, 6>(x, a, K, out);
+      case 7: return Path::template shrink<MB, 7>(x, a, K, out);
+      case 8: return Path::template shrink<MB, 8>(x, a, K, out);
       default: break;
     }
   }
   TORCH_INTERNAL_ASSERT(false, "fleetlm::lora_sgmv: bad row block ", rb, " for ", MB, " tokens");
 }
 
-template <typename T>
+template <class Path, typename T>
 inline void shrink_tokens(int64_t mb, int64_t rb, const T* const* x, const T* a, int64_t K,
                           float* out) {
   switch (mb) {
-    case 1: return shrink_rows<T, 1>(rb, x, a, K, out);
-    case 2: return shrink_rows<T, 2>(rb, x, a, K, out);
-    case 3: return shrink_rows<T, 3>(rb, x, a, K, out);
-    case 4: return shrink_rows<T, 4>(rb, x, a, K, out);
+    case 1: return shrink_rows<Path, T, 1>(rb, x, a, K, out);
+    case 2: return shrink_rows<Path, T, 2>(rb, x, a, K, out);
+    case 3: return shrink_rows<Path, T, 3>(rb, x, a, K, out);
+    case 4: return shrink_rows<Path, T, 4>(rb, x, a, K, out);
     default: TORCH_INTERNAL_ASSERT(false, "fleetlm::lora_sgmv: bad token block ", mb);
   }
 }
 
-// ncols (1..64) output columns for MB tokens
-template <typename T, int MB>
-inline void expand_cols(const float* const* h, const T* bt, int64_t ldb, int64_t r,
-                        int64_t ncols, T* const* y) {
-  if constexpr (std::is_same_v<T, bf16>) {
-    if (ncols > 32)
-      expand_block_bf16<MB, 2>(h, bt, ldb, r, ncols, y);
-    else
-      expand_block_bf16<MB, 1>(h, bt, ldb, r, ncols, y);
-  } else {
-    switch ((ncols + 15) / 16) {
-      case 1: return expand_block_f32<MB, 1>(h, bt, ldb, r, ncols, y);
-      case 2: return expand_block_f32<MB, 2>(h, bt, ldb, r, ncols, y);
-      case 3: return expand_block_f32<MB, 3>(h, bt, ldb, r, ncols, y);
-      case 4: return expand_block_f32<MB, 4>(h, bt, ldb, r, ncols, y);
-      default: TORCH_INTERNAL_ASSERT(false, "fleetlm::lora_sgmv: bad column block ", ncols);
-    }
-  }
-}
-
-template <typename T>
+// ncols (1..64) output columns for mb tokens
+template <class Path, typename T>
 inline void expand_tokens(int64_t mb, const float* const* h, const T* bt, int64_t ldb, int64_t r,
                           int64_t ncols, T* const* y) {
   switch (mb) {
-    case 1: return expand_cols<T, 1>(h, bt, ldb, r, ncols, y);
-    case 2: return expand_cols<T, 2>(h, bt, ldb, r, ncols, y);
-    case 3: return expand_cols<T, 3>(h, bt, ldb, r, ncols, y);
-    case 4: return expand_cols<T, 4>(h, bt, ldb, r, ncols, y);
+    case 1: return Path::template expand<1>(h, bt, ldb, r, ncols, y);
+    case 2: return Path::template expand<2>(h, bt, ldb, r, ncols, y);
+    case 3: return Path::template expand<3>(h, bt, ldb, r, ncols, y);
+    case 4: return Path::template expand<4>(h, bt, ldb, r, ncols, y);
     default: TORCH_INTERNAL_ASSERT(false, "fleetlm::lora_sgmv: bad token block ", mb);
+  }
+}
+
+// ------------------------------------------------------------------ run-time choice
+
+enum class Choice { kScalar, kNeon, kAvx2, kAvx512, kAvx512Bf16 };
+
+// The path for this call: cpu::current() (only paths this CPU supports), the avx512 one
+// with hardware bf16 rounding when the CPU has AVX512_BF16; scalar when built that way.
+inline Choice current_path() {
+#if defined(FLEETLM_LORA_SCALAR)
+  return Choice::kScalar;
+#else
+  switch (cpu::current()) {
+    case cpu::Isa::kAvx512: {
+      static const bool bf16_hw = cpu::has_avx512_bf16();
+      return bf16_hw ? Choice::kAvx512Bf16 : Choice::kAvx512;
+    }
+    case cpu::Isa::kAvx2: return Choice::kAvx2;
+    case cpu::Isa::kNeon: return Choice::kNeon;
+    default: return Choice::kScalar;
+  }
+#endif
+}
+
+inline const char* path_name(Choice p) {
+  switch (p) {
+    case Choice::kAvx512Bf16: return "avx512+bf16";
+    case Choice::kAvx512: return "avx512";
+    case Choice::kAvx2: return "avx2";
+    case Choice::kNeon: return "neon";
+    default: return "scalar";
   }
 }
 
@@ -407,7 +711,7 @@ inline float* scratch(int64_t n) {
   return buf.data();
 }
 
-template <typename T>
+template <class Path, typename T>
 void lora_sgmv_impl(const T* x, int64_t T_, int64_t K, const T* a, const T* bt, int64_t P,
                     int64_t R, int64_t N, const int32_t* ranks, const float* scales,
                     const int64_t* offsets, const int64_t* slots, int64_t S, T* y) {
@@ -461,10 +765,10 @@ void lora_sgmv_impl(const T* x, int64_t T_, int64_t K, const T* a, const T* bt, 
         xp[m] = x + t * K;
         hp[m] = h + (t * P + p) * R;
       }
-      const int64_t rows = mb <= 2 ? 8 : 4;
+      const int64_t rows = mb <= 2 ? Path::kFewTokenRows : 4;
       for (int64_t k = it.lo; k < it.hi; k += rows) {
         const int64_t rb = std::min(rows, it.hi - k);
-        shrink_tokens<T>(mb, rb, xp, ap + k * K, K, out);
+        shrink_tokens<Path, T>(mb, rb, xp, ap + k * K, K, out);
         for (int64_t m = 0; m < mb; ++m)
           for (int64_t j = 0; j < rb; ++j) hp[m][k + j] = scale * out[m * rb + j];
       }
@@ -512,7 +816,7 @@ void lora_sgmv_impl(const T* x, int64_t T_, int64_t K, const T* a, const T* bt, 
       for (int64_t c = it.lo; c < it.hi; c += kExpandBlock) {
         const int64_t ncols = std::min(kExpandBlock, it.hi - c);
         for (int64_t m = 0; m < mb; ++m) yc[m] = yp[m] + c;
-        expand_tokens<T>(mb, hp, bp + c, N, r, ncols, yc);
+        expand_tokens<Path, T>(mb, hp, bp + c, N, r, ncols, yc);
       }
     }
   });
@@ -579,14 +883,37 @@ at::Tensor lora_sgmv_cpu(const at::Tensor& x_in, const at::Tensor& a, const at::
   if (K == 0 || R == 0 || S == 0) return y.zero_();
   const at::Tensor x = x_in.contiguous();
   const float* sc = scales.data_ptr<float>();
-  if (dtype == at::kFloat) {
-    lora_sgmv_impl<float>(x.data_ptr<float>(), T_, K, a.data_ptr<float>(), bt.data_ptr<float>(), P,
-                          R, N, rp, sc, op_, sp, S, y.data_ptr<float>());
-  } else {
-    lora_sgmv_impl<bf16>(x.data_ptr<bf16>(), T_, K, a.data_ptr<bf16>(), bt.data_ptr<bf16>(), P, R,
-                         N, rp, sc, op_, sp, S, y.data_ptr<bf16>());
+  const auto run = [&](auto path) {
+    using Path = decltype(path);
+    if (dtype == at::kFloat) {
+      lora_sgmv_impl<Path, float>(x.data_ptr<float>(), T_, K, a.data_ptr<float>(),
+                                  bt.data_ptr<float>(), P, R, N, rp, sc, op_, sp, S,
+                                  y.data_ptr<float>());
+    } else {
+      lora_sgmv_impl<Path, bf16>(x.data_ptr<bf16>(), T_, K, a.data_ptr<bf16>(),
+                                 bt.data_ptr<bf16>(), P, R, N, rp, sc, op_, sp, S,
+                                 y.data_ptr<bf16>());
+    }
+  };
+  switch (current_path()) {
+#if defined(FLEETLM_LORA_X86)
+    case Choice::kAvx512Bf16: run(Avx512Bf16Path{}); break;
+    case Choice::kAvx512: run(Avx512Path{}); break;
+    case Choice::kAvx2: run(Avx2Path{}); break;
+#endif
+#if defined(FLEETLM_LORA_NEON)
+    case Choice::kNeon: run(NeonPath{}); break;
+#endif
+    default: run(ScalarPath{}); break;
   }
   return y;
+}
+
+std::string lora_sgmv_isa() { return path_name(current_path()); }
+
+std::string lora_sgmv_set_isa(const std::string& isa) {
+  cpu::set_isa(isa);
+  return path_name(current_path());
 }
 
 }  // namespace
@@ -597,6 +924,8 @@ TORCH_LIBRARY_FRAGMENT(fleetlm, m) {
   m.def(
       "lora_sgmv(Tensor x, Tensor a, Tensor bt, Tensor ranks, Tensor scales, Tensor offsets, "
       "Tensor token_slots) -> Tensor");
+  m.def("lora_sgmv_isa() -> str", &fleetlm::lora_sgmv_isa);
+  m.def("lora_sgmv_set_isa(str isa) -> str", &fleetlm::lora_sgmv_set_isa);
 }
 
 TORCH_LIBRARY_IMPL(fleetlm, CPU, m) {
