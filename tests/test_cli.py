@@ -103,11 +103,12 @@ def test_bench_adapters_writes_json_with_every_baseline(tmp_path):
     r = run("bench", "adapters", "--num-requests", "6", "--concurrency", "3", "--prompt-tokens", "16",
             "--max-new-tokens", "4", "--adapter-counts", "1,3", "--popularities", "uniform,zipf",
             "--switching-requests", "2", "--mixed-requests", "3", "--continuous-requests", "3",
-            "--adapters-dir", str(tmp_path / "adapters"), "--out", str(out))
+            "--adapters-dir", str(tmp_path / "adapters"), "--no-compile", "--out", str(out))
     assert r.returncode == 0, r.stderr
     import json
 
     data = json.loads(out.read_text())
+    assert data["fleetlm"]["compiled"] is False and data["fleetlm"]["warmup_s"] == 0.0
     runs = {(e["num_adapters"], e["popularity"]): e for e in data["engine"]}
     assert set(runs) == {(0, None), (1, "uniform"), (1, "zipf"), (3, "uniform"), (3, "zipf")}
     for e in runs.values():
@@ -126,12 +127,19 @@ def test_bench_serve_runs_the_real_server_and_writes_json(tmp_path):
     import json
 
     out = tmp_path / "serve.json"
-    r = run("bench", "serve", "--dtype", "float32", "--num-requests", "4", "--concurrency", "1,2",
+    # serve's default int8 weights where this CPU has a vector path; compiled decode steps
+    # are tested on the engine (tests/engine/test_compiled_decode.py), not rebuilt here
+    r = run("bench", "serve", "--dtype", "float32", "--no-compile", "--num-requests", "4",
+            "--concurrency", "1,2",
             "--prompt-tokens", "8", "--max-new-tokens", "4", "--skip-llama-cpp",
             "--skip-llama-server", "--out", str(out))
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
     runs = {(x["system"], x["concurrency"]): x for x in data["runs"]}
+    from fleetlm.models.loader import resolve_quantize
+
+    assert data["fleetlm"] == {"dtype": "float32", "quantize": resolve_quantize("auto"),
+                               "compiled": False, "warmup_s": 0.0}
     assert set(runs) == {("engine", 1), ("engine", 2), ("server", 1), ("server", 2)}
     for x in runs.values():
         assert x["requests_completed"] >= 1 and x["tokens_per_s"] > 0

@@ -19,7 +19,7 @@ from tests.server.test_shutdown import _free_port, _wait_ready
 def _serve(config: Path, port: int, home: Path) -> subprocess.Popen[str]:
     env = {**os.environ, "FLEETLM_HOME": str(home)}
     return subprocess.Popen([sys.executable, "-m", "fleetlm", "serve", "--model", MODEL,
-                             "--dtype", "float32", "--port", str(port), "--max-batch", "2",
+                             "--dtype", "float32", "--no-compile", "--port", str(port), "--max-batch", "2",
                              "--max-len", "512", "--config", str(config)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
 

@@ -46,7 +46,7 @@ def test_sigterm_finishes_the_stream_in_flight_and_refuses_new_connections(tmp_p
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "FLEETLM_HOME": str(tmp_path / "home")}
     proc = subprocess.Popen([sys.executable, "-m", "fleetlm", "serve", "--model", MODEL,
-                             "--dtype", "float32", "--port", str(port), "--max-batch", "2",
+                             "--dtype", "float32", "--no-compile", "--port", str(port), "--max-batch", "2",
                              "--max-len", "512"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     try:

@@ -38,7 +38,8 @@ BASELINES = ("peft-switching", "peft-mixed", "hf-continuous")
 class AdaptersBenchConfig(StrictModel):
     model: str = "smollm2-135m"
     dtype: str = "auto"
-    quantize: str = "none"
+    quantize: str = "auto"  # fleetlm serve's defaults
+    compile: bool = True
     num_requests: int = 256
     concurrency: int = 32
     prompt_tokens: int = 64
@@ -181,9 +182,17 @@ def run(cfg: AdaptersBenchConfig, out: Path | None) -> dict[str, Any]:
     engine = Engine(lm, EngineConfig(
         max_running=cfg.concurrency, max_waiting=cfg.num_requests + cfg.concurrency,
         max_len=cfg.prompt_tokens + cfg.max_new_tokens + 1,
-        max_hot_adapters=cfg.max_hot_adapters, max_lora_rank=cfg.rank), store=store)
+        max_hot_adapters=cfg.max_hot_adapters, max_lora_rank=cfg.rank, compile=cfg.compile),
+        store=store)
+    warmup_s = engine.warmup()
+    console.print(f"  engine: {str(lm.dtype).removeprefix('torch.')}, weights {lm.quantize}, "
+                  f"compiled {lm.model.decode_compiled} (warm-up {warmup_s:.1f} s)")
     results: dict[str, Any] = {"config": {**cfg.model_dump(), "adapters_dir": str(root)},
                                "environment": environment(), "resident": resident,
+                               "fleetlm": {"dtype": str(lm.dtype).removeprefix("torch."),
+                                           "quantize": lm.quantize,
+                                           "compiled": lm.model.decode_compiled,
+                                           "warmup_s": round(warmup_s, 1)},
                                "hot_buffer_bytes": engine.runner.lora.nbytes() if engine.runner.lora else 0,
                                "engine": [], "baselines": []}
 

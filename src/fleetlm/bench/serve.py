@@ -40,6 +40,8 @@ from fleetlm.progress import Progress, Update
 class ServeBenchConfig(StrictModel):
     model: str = "smollm2-135m"
     dtype: str = "auto"
+    quantize: str = "auto"  # fleetlm serve's defaults, unless asked otherwise
+    compile: bool = True
     num_requests: int = 128
     concurrency: list[int] = Field(default_factory=lambda: [1, 32])
     prompt_tokens: int = 64
@@ -150,6 +152,7 @@ def serve_process(cfg: ServeBenchConfig, max_batch: int) -> contextlib.AbstractC
     stops it with SIGTERM (graceful shutdown) afterwards."""
     port = _free_port()
     cmd = [sys.executable, "-m", "fleetlm", "serve", "--model", cfg.model, "--dtype", cfg.dtype,
+           "--quantize", cfg.quantize, "--compile" if cfg.compile else "--no-compile",
            "--port", str(port), "--max-batch", str(max_batch),
            "--max-len", str(cfg.prompt_tokens + cfg.max_new_tokens + 1)]
     return _process(cmd, port, "/health")
@@ -286,14 +289,19 @@ def run(cfg: ServeBenchConfig, out: Path | None) -> dict[str, Any]:
 
     cfg.check()
     console = Console(stderr=True, width=max(120, Console(stderr=True).width))
-    lm = load_model(cfg.model, dtype=cfg.dtype)
+    lm = load_model(cfg.model, dtype=cfg.dtype, quantize=cfg.quantize)
     prompts = make_prompts(lm.tokenizer, cfg.num_requests, cfg.prompt_tokens, 0)
     engine = Engine(lm, EngineConfig(max_running=max(cfg.concurrency),
                                      max_waiting=cfg.num_requests + max(cfg.concurrency),
                                      max_len=cfg.prompt_tokens + cfg.max_new_tokens + 1,
-                                     max_hot_adapters=0))
-    results: dict[str, Any] = {"config": cfg.model_dump(mode="json"), "environment": environment(),
-                               "runs": []}
+                                     max_hot_adapters=0, compile=cfg.compile))
+    warmup_s = engine.warmup()  # what the server process also does before it answers
+    results: dict[str, Any] = {
+        "config": cfg.model_dump(mode="json"), "environment": environment(),
+        "fleetlm": {"dtype": str(lm.dtype).removeprefix("torch."), "quantize": lm.quantize,
+                    "compiled": lm.model.decode_compiled, "warmup_s": round(warmup_s, 1)},
+        "runs": []}
+    console.print(f"  fleetlm: {results['fleetlm']}")
     for c in cfg.concurrency:
         run_engine(engine, prompts[:c], [None] * c, c, 4, f"warm-{c}")
         n = min(cfg.num_requests, max(c * 4, 8))

@@ -77,6 +77,8 @@ def bench_serve(
     model: ModelOpt = "smollm2-135m",
     out: OutOpt = None,
     dtype: DTypeArg = DTypeOpt.auto,
+    quantize: QuantArg = QuantOpt.auto,
+    compile: Annotated[bool, typer.Option(help="Compiled decode steps, as `fleetlm serve` (its default).")] = True,
     num_requests: Annotated[int, typer.Option(help="Most requests per configuration.")] = 128,
     concurrency: Annotated[str, typer.Option(help="Comma-separated client counts.")] = "1,32",
     prompt_tokens: Annotated[int, typer.Option(help="Tokens per prompt.")] = 64,
@@ -99,7 +101,8 @@ def bench_serve(
             levels = [int(x) for x in concurrency.split(",") if x.strip()]
         except ValueError:
             raise typer.BadParameter(f"--concurrency {concurrency!r}: comma-separated integers") from None
-        run(ServeBenchConfig(model=model, dtype=dtype.value, num_requests=num_requests,
+        run(ServeBenchConfig(model=model, dtype=dtype.value, quantize=quantize.value,
+                             compile=compile, num_requests=num_requests,
                              concurrency=levels, prompt_tokens=prompt_tokens,
                              max_new_tokens=max_new_tokens, time_budget_s=time_budget_s,
                              llama_cpp=not skip_llama_cpp, llama_server=llama_server,
@@ -140,7 +143,8 @@ def bench_adapters(
     model: ModelOpt = "smollm2-135m",
     out: OutOpt = None,
     dtype: DTypeArg = DTypeOpt.auto,
-    quantize: QuantArg = QuantOpt.none,
+    quantize: QuantArg = QuantOpt.auto,
+    compile: Annotated[bool, typer.Option(help="Compiled decode steps, as `fleetlm serve` (its default).")] = True,
     num_requests: Annotated[int, typer.Option(help="Requests per configuration.")] = 256,
     concurrency: Annotated[int, typer.Option(help="Requests in flight (closed loop).")] = 32,
     prompt_tokens: Annotated[int, typer.Option(help="Tokens per prompt.")] = 64,
@@ -167,7 +171,8 @@ def bench_adapters(
 
     try:
         cfg = AdaptersBenchConfig(
-            model=model, dtype=dtype.value, quantize=quantize.value, num_requests=num_requests,
+            model=model, dtype=dtype.value, quantize=quantize.value, compile=compile,
+            num_requests=num_requests,
             concurrency=concurrency, prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens,
             adapter_counts=ints(adapter_counts), popularities=_names(popularities),
             max_hot_adapters=max_hot_adapters, baseline_budget_s=baseline_budget_s,

@@ -22,6 +22,7 @@ class DTypeOpt(StrEnum):
 
 
 class QuantOpt(StrEnum):
+    auto = "auto"
     none = "none"
     int8 = "int8"
 
@@ -29,7 +30,7 @@ class QuantOpt(StrEnum):
 ModelOpt = Annotated[str, typer.Option("--model", "-m",
                                        help="Embedded name (smollm2-135m), HF folder, .gguf file or hub id.")]
 DTypeArg = Annotated[DTypeOpt, typer.Option("--dtype", help="auto picks bfloat16 where the CPU supports it.")]
-QuantArg = Annotated[QuantOpt, typer.Option("--quantize", help="Weight-only int8 for the projections.")]
+QuantArg = Annotated[QuantOpt, typer.Option("--quantize", help="Weight-only int8 for the projections and the LM head; auto: int8 where this CPU has a vector path for it (docs/engine.md).")]
 AdaptersDirArg = Annotated[Path | None, typer.Option(help="The adapter store (default: the user data folder).")]
 
 StateDbOpt = Annotated[str | None, typer.Option(

@@ -34,7 +34,8 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     dtype: DTypeArg = DTypeOpt.auto,
-    quantize: QuantArg = QuantOpt.none,
+    quantize: QuantArg = QuantOpt.auto,
+    compile: Annotated[bool, typer.Option(help="torch.compile the decode step (built at start, cached on disk; docs/engine.md).")] = True,
     max_batch: Annotated[int, typer.Option(help="Sequences decoded together (KV cache rows).")] = 32,
     max_len: Annotated[int, typer.Option(help="Prompt + generated tokens per sequence.")] = 2048,
     max_hot_adapters: Annotated[int, typer.Option(help="Adapters held in the engine's LoRA slots.")] = 32,
@@ -52,7 +53,7 @@ def serve(
 
     try:
         settings = ServeSettings(model=model, adapters_dir=adapters_dir, host=host, port=port,
-                                 dtype=dtype.value, quantize=quantize.value,
+                                 dtype=dtype.value, quantize=quantize.value, compile=compile,
                                  max_batch=max_batch, max_len=max_len,
                                  max_hot_adapters=max_hot_adapters, max_lora_rank=max_lora_rank,
                                  config=config, max_body_mb=max_body_mb,

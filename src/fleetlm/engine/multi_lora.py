@@ -69,6 +69,21 @@ class LoraContext:
         """LoRA output [..., out] to add to ``projection``'s output for x [..., in]."""
         return lora_delta(x, self.layers[layer][projection], self.batch)
 
+    def layer(self, index: int) -> LayerLora:
+        """Decoder layer ``index``'s view: the same batch, that layer's buffers."""
+        return LayerLora(self.batch, self.layers[index])
+
+
+@dataclass(frozen=True)
+class LayerLora:
+    """One layer's multi-LoRA input (what :class:`LoraContext.layer` hands the model)."""
+
+    batch: LoraBatch
+    buffers: Mapping[str, StackedLora]
+
+    def delta(self, projection: str, x: Tensor) -> Tensor:
+        return lora_delta(x, self.buffers[projection], self.batch)
+
 
 class MultiLoraBuffers:
     def __init__(self, cfg: LlamaConfig, num_slots: int, max_rank: int, dtype: torch.dtype) -> None:

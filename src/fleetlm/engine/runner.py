@@ -123,6 +123,25 @@ class ModelRunner:
             return None
         return self.lora.context(torch.tensor(token_slots, dtype=torch.long))
 
+    def warmup(self) -> None:
+        """Run one decode step of each kind the compiled model keeps a graph for (one row
+        and several; with adapters and without), so no request waits for compilation.
+
+        Only before any sequence is admitted: the steps use rows 0..1 at the scratch
+        position, which no sequence ever reads.
+        """
+        if self.lengths:
+            raise RuntimeError("warmup() must run before any sequence is admitted")
+        sizes = [1, 2] if self.rows.num_rows >= 2 else [1]
+        adapters = [NO_ADAPTER] + ([0] if self.lora is not None else [])
+        kv_len = min(2 * RUNNER_KV_BUCKET, self.scratch)
+        with torch.inference_mode():
+            for slot in adapters:
+                for b in sizes:
+                    ids = torch.zeros(b, 1, dtype=torch.long)
+                    pos = torch.full((b, 1), self.scratch, dtype=torch.long)
+                    self.model(ids, pos, self.cache, None, kv_len, None, self._lora([slot] * b))
+
     # -- the step ---------------------------------------------------------------------
 
     def execute(self, decode: Sequence[DecodeItem], prefill: Sequence[PrefillItem]) -> StepOutput:

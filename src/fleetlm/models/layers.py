@@ -30,7 +30,7 @@ class Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-PREFILL_ROWS = 32  # from this many rows on, Int8Linear dequantises and uses a dense GEMM
+PREFILL_ROWS = 64  # from this many rows on, Int8Linear dequantises and uses a dense GEMM
 
 
 class Int8Linear(nn.Module):

@@ -25,10 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fleetlm.models.compiled_decode import CompiledDecode, compile_disabled, run_layers
 from fleetlm.models.config import LlamaConfig
 from fleetlm.models.kv_cache import KVCache
 from fleetlm.models.layers import Linear, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
-from fleetlm.models.lora_hook import LoraHook
+from fleetlm.models.lora_hook import LayerLoraHook, LoraHook
 
 # Our fused projections and the Hugging Face projections stacked (along dim 0) to make them.
 FUSED_PROJECTIONS: dict[str, tuple[str, ...]] = {
@@ -84,17 +85,18 @@ class Attention(nn.Module):
         cos: Tensor,  # [B, S, 1, D]
         sin: Tensor,
         positions: Tensor,  # [B, S]
-        mask: Tensor,  # [B, 1, rep*S, kv_len] bool
-        cache: KVCache,
+        mask: Tensor,  # [B, 1, rep*S, kv_len] bool: attend over cache positions [0, kv_len)
+        k_cache: Tensor,  # this layer's cache [slots, Hkv, max_len, D]
+        v_cache: Tensor,
         slots: Tensor | None,  # [B]; None = rows 0..B-1 are slots 0..B-1 (no gather)
-        kv_len: int,
-        lora: LoraHook | None = None,
+        lora: LayerLoraHook | None = None,
     ) -> Tensor:
         B, S, _ = x.shape
+        kv_len = mask.shape[-1]  # from a tensor: a compiled graph keeps it symbolic
         D, Hkv, rep = self.head_dim, self.num_kv_heads, self.rep
         qkv = self.qkv_proj(x)
         if lora is not None:
-            qkv = qkv + lora.delta(self.layer_idx, "self_attn.qkv_proj", x)
+            qkv = qkv + lora.delta("self_attn.qkv_proj", x)
         q, k, v = qkv.split(self.split, dim=-1)
         q = q.reshape(B, S, self.num_heads, D)
         k = k.reshape(B, S, Hkv, D)
@@ -105,19 +107,19 @@ class Attention(nn.Module):
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
 
-        k_cache, v_cache = cache.k[self.layer_idx], cache.v[self.layer_idx]
-        if slots is None:
-            # rows are slots 0..B-1: write in place, read the cache through a view
-            k_cache, v_cache = k_cache[:B], v_cache[:B]
-            rows = torch.arange(B, device=x.device)
-        else:
-            rows = slots
+        # rows are slots 0..B-1 when slots is None. Written in place into the whole cache
+        # tensor (never through a slice of it: under torch.compile a write into a view of
+        # an input copies the input back, the whole cache, every layer, every step)
+        rows = torch.arange(B, device=x.device) if slots is None else slots
         # advanced indices [B,S] around a slice -> the written block is [B, S, Hkv, D]
         row = rows[:, None].expand(B, S)
         k_cache[row, :, positions] = k.to(k_cache.dtype)
         v_cache[row, :, positions] = v.to(v_cache.dtype)
         if slots is None:
-            keys, values = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]  # [B, Hkv, L, D]
+            # [B, Hkv, L, D] views; narrow (not [:B]) so a compiled graph's sizes are
+            # exactly B and kv_len, not min(B, rows), which would specialise the graph
+            keys = k_cache.narrow(0, 0, B).narrow(2, 0, kv_len)
+            values = v_cache.narrow(0, 0, B).narrow(2, 0, kv_len)
         else:
             keys, values = k_cache[slots, :, :kv_len], v_cache[slots, :, :kv_len]  # gathered copy
 
@@ -137,7 +139,7 @@ class Attention(nn.Module):
         out = out.view(B, Hkv, rep, S, D).permute(0, 3, 1, 2, 4).reshape(B, S, -1)
         y = self.o_proj(out)
         if lora is not None:
-            y = y + lora.delta(self.layer_idx, "self_attn.o_proj", out)
+            y = y + lora.delta("self_attn.o_proj", out)
         return y
 
 
@@ -149,15 +151,15 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(h, sum(fused_rows(cfg)["mlp.gate_up_proj"]), bias=cfg.mlp_bias)
         self.down_proj = Linear(i, h, bias=cfg.mlp_bias)
 
-    def forward(self, x: Tensor, lora: LoraHook | None = None) -> Tensor:
+    def forward(self, x: Tensor, lora: LayerLoraHook | None = None) -> Tensor:
         gu = self.gate_up_proj(x)
         if lora is not None:
-            gu = gu + lora.delta(self.layer_idx, "mlp.gate_up_proj", x)
+            gu = gu + lora.delta("mlp.gate_up_proj", x)
         gate, up = gu.chunk(2, dim=-1)
         h = F.silu(gate) * up
         y = self.down_proj(h)
         if lora is not None:
-            y = y + lora.delta(self.layer_idx, "mlp.down_proj", h)
+            y = y + lora.delta("mlp.down_proj", h)
         return y
 
 
@@ -176,13 +178,13 @@ class DecoderLayer(nn.Module):
         sin: Tensor,
         positions: Tensor,
         mask: Tensor,
-        cache: KVCache,
+        k_cache: Tensor,
+        v_cache: Tensor,
         slots: Tensor | None,
-        kv_len: int,
-        lora: LoraHook | None = None,
+        lora: LayerLoraHook | None = None,
     ) -> Tensor:
         x = x + self.self_attn(
-            self.input_layernorm(x), cos, sin, positions, mask, cache, slots, kv_len, lora
+            self.input_layernorm(x), cos, sin, positions, mask, k_cache, v_cache, slots, lora
         )
         return x + self.mlp(self.post_attention_layernorm(x), lora)
 
@@ -236,6 +238,21 @@ class LlamaForCausalLM(nn.Module):
         rep = self.config.num_heads // self.config.num_kv_heads
         return mask[:, :, None].expand(B, 1, rep, S, kv_len).reshape(B, 1, rep * S, kv_len)
 
+    _compiled: CompiledDecode | None = None
+
+    def compile_decode(self) -> bool:
+        """Compile decode steps from now on (:mod:`fleetlm.models.compiled_decode`); the
+        graphs are built on the first step of each kind. False when ``FLEETLM_COMPILE=0``."""
+        if compile_disabled():
+            return False
+        self._compiled = CompiledDecode(self.model.layers)
+        return True
+
+    @property
+    def decode_compiled(self) -> bool:
+        """True while decode steps run compiled (False before, and after a failure)."""
+        return self._compiled is not None and not self._compiled.failed
+
     def forward(
         self,
         input_ids: Tensor,  # [B, S] int64
@@ -257,8 +274,11 @@ class LlamaForCausalLM(nn.Module):
         cos = self.rope_cos[positions].to(x.dtype)[:, :, None, :]
         sin = self.rope_sin[positions].to(x.dtype)[:, :, None, :]
         mask = self.attention_mask(positions, kv_len)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, positions, mask, cache, slots, kv_len, lora)
+        out = None
+        if self._compiled is not None and input_ids.shape[1] == 1 and slots is None:
+            out = self._compiled(x, cos, sin, positions, mask, cache, lora)
+        x = out if out is not None else run_layers(
+            list(self.model.layers), x, cos, sin, positions, mask, cache, slots, lora)
         if isinstance(logits_index, tuple):
             x = x[logits_index[0], logits_index[1]]
         elif logits_index is not None:

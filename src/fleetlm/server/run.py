@@ -14,6 +14,7 @@ is the app's business (:mod:`fleetlm.server.app`).
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -42,7 +43,8 @@ class ServeSettings(StrictModel):
     host: str = "127.0.0.1"
     port: int = 8000
     dtype: str = "auto"
-    quantize: str = "none"
+    quantize: str = "auto"  # int8 where this CPU has a vector path for it
+    compile: bool = True  # compiled decode steps, warmed up before serving
     max_batch: int = 32
     max_len: int = 2048
     max_hot_adapters: int = 32
@@ -96,7 +98,16 @@ def build(settings: ServeSettings, say: Callable[[str], None]) -> Served:
     store = AdapterStore(root, lm.config, dtype=lm.model.dtype, max_rank=s.max_lora_rank)
     engine = Engine(lm, EngineConfig(max_running=s.max_batch, max_len=s.max_len,
                                      max_hot_adapters=s.max_hot_adapters,
-                                     max_lora_rank=s.max_lora_rank), store=store)
+                                     max_lora_rank=s.max_lora_rank, compile=s.compile),
+                    store=store)
+    say(f"fleetlm: {lm.name} {str(lm.dtype).removeprefix('torch.')}, weights {lm.quantize}, "
+        f"{'compiling decode steps' if engine.lm.model.decode_compiled else 'eager'}")
+    warm = engine.warmup()
+    if engine.lm.model.decode_compiled:
+        say(f"fleetlm: decode steps compiled in {warm:.1f} s (cached for the next start in "
+            f"{os.environ.get('TORCHINDUCTOR_CACHE_DIR', 'the inductor cache')})")
+    elif s.compile:
+        say("fleetlm: decode steps run eagerly (compilation off or failed; see above)")
     name = s.model if "/" not in s.model and not s.model.endswith(".gguf") else lm.name
     router = None
     if routes_cfg is not None:
