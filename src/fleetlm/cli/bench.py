@@ -120,7 +120,7 @@ def bench_decode(
     repeats: Annotated[int, typer.Option(help="Measurements per configuration (median is reported).")] = 3,
     prompt_lengths: Annotated[str, typer.Option(help="Comma-separated prompt lengths.")] = "16,512",
     skip: Annotated[str, typer.Option(help="Comma-separated systems to skip: fleetlm-float32, "
-                                            "fleetlm-bfloat16, fleetlm-int8, transformers, llama.cpp")] = "",
+                                            "fleetlm-bfloat16, fleetlm-int8, fleetlm-int4, transformers, llama.cpp")] = "",
     compile: Annotated[bool, typer.Option("--compile/--no-compile",
                                           help="torch.compile fleetlm's decode step.")] = True,
 ) -> None:
@@ -134,6 +134,30 @@ def bench_decode(
             skip=_names(skip), compile=compile,
         )
         run(cfg, out)
+    except (FleetLMError, ValueError) as e:
+        fail(e)
+
+
+@app.command("prefix")
+def bench_prefix(
+    model: ModelOpt = "smollm2-135m",
+    out: OutOpt = None,
+    dtype: DTypeArg = DTypeOpt.auto,
+    quantize: QuantArg = QuantOpt.auto,
+    compile: Annotated[bool, typer.Option(help="Compiled decode steps, as `fleetlm serve` (its default).")] = True,
+    prefix_tokens: Annotated[int, typer.Option(help="Tokens every prompt shares.")] = 500,
+    suffix_tokens: Annotated[int, typer.Option(help="Tokens of each prompt's own ending.")] = 16,
+    requests: Annotated[int, typer.Option(help="Timed requests per run.")] = 16,
+    max_new_tokens: Annotated[int, typer.Option(help="Greedy tokens per request (compared between runs).")] = 16,
+) -> None:
+    """Time to first token with a shared prompt prefix: prefix caching off, then on."""
+    from fleetlm.bench.prefix import PrefixBenchConfig, run
+
+    try:
+        run(PrefixBenchConfig(model=model, dtype=dtype.value, quantize=quantize.value,
+                              compile=compile, prefix_tokens=prefix_tokens,
+                              suffix_tokens=suffix_tokens, requests=requests,
+                              max_new_tokens=max_new_tokens), out)
     except (FleetLMError, ValueError) as e:
         fail(e)
 

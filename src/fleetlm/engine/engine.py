@@ -52,6 +52,7 @@ from fleetlm.adapters.errors import AdapterError
 from fleetlm.adapters.store import AdapterStore
 from fleetlm.engine.detokenizer import Detokenizer
 from fleetlm.engine.lora import NO_ADAPTER
+from fleetlm.engine.prefix_cache import PrefixCache, PrefixHit
 from fleetlm.engine.runner import DecodeItem, ModelRunner, PrefillItem, StepOutput
 from fleetlm.engine.sampler import RequestSampler, SampleResult
 from fleetlm.engine.sampling_params import SamplingParams
@@ -73,6 +74,9 @@ class EngineConfig:
     max_lora_rank: int = 16
     kv_cache_bytes: int | None = None  # memory budget for the KV cache; caps max_running
     compile: bool = False  # torch.compile the decode step (fleetlm.models.compiled_decode)
+    # keys and values of shared prompt prefixes, reused by later requests (0: off)
+    prefix_cache_bytes: int = 256 << 20
+    prefix_block: int = 32  # prefixes are reused in whole blocks of this many tokens
 
     def validate(self) -> None:
         problems = []
@@ -82,6 +86,11 @@ class EngineConfig:
                 problems.append(f"{name}={getattr(self, name)}: must be >= 1")
         if self.max_hot_adapters < 0:
             problems.append(f"max_hot_adapters={self.max_hot_adapters}: must be >= 0")
+        if self.prefix_cache_bytes < 0:
+            problems.append(f"prefix_cache_bytes={self.prefix_cache_bytes}: must be >= 0 "
+                            "(0 turns prefix caching off)")
+        if self.prefix_block < 1:
+            problems.append(f"prefix_block={self.prefix_block}: must be >= 1")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
             problems.append(f"kv_cache_bytes={self.kv_cache_bytes}: must be positive")
         if problems:
@@ -187,6 +196,11 @@ class Engine:
             max_running=rows, max_waiting=c.max_waiting, max_step_tokens=c.max_step_tokens,
             prefill_chunk=c.prefill_chunk, max_hot_adapters=max(hot, 1)))
         self.num_rows = rows
+        self.prefix_cache = (PrefixCache(c.prefix_cache_bytes, c.prefix_block)
+                             if c.prefix_cache_bytes > 0 else None)
+        self._prefix_hits: dict[str, PrefixHit] = {}  # admitted this step, to copy in
+        if self.prefix_cache is not None:
+            self.scheduler.cached_prefix = self._cached_prefix
         self._lock = threading.RLock()  # callbacks may submit
         self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = \
             weakref.WeakKeyDictionary()
@@ -417,12 +431,17 @@ class Engine:
             return False
         for seq in plan.admitted:
             self.runner.admit(seq.request_id)
+            hit = self._prefix_hits.pop(seq.request_id, None)
+            if hit is not None:
+                self.runner.load_prefix(seq.request_id, hit.kv, hit.n)
         self._load_adapters(plan)  # a failed adapter fails its requests; the rest run
         decode, prefill = self._items(plan)
         out, decode, prefill = self._forward(decode, prefill)  # failed parts: out of the lists
         with self._lock:
             self.scheduler.complete_step(plan)  # skips the sequences that failed
         self.steps += 1
+        if self.prefix_cache is not None:
+            self._store_prefixes(prefill)
         if out.decode_logits is not None:
             self._sample_rows([self._requests[d.seq_id] for d in decode], out.decode_logits)
         for p in prefill:
@@ -552,6 +571,30 @@ class Engine:
                    for c in plan.prefill if live(c.seq)]
         return decode, prefill
 
+    def _cached_prefix(self, seq: Sequence) -> int:
+        """The scheduler's admission hook: prompt tokens a cached prefix covers."""
+        req = self._requests.get(seq.request_id)
+        if req is None or req.prompt_lp is not None or self.prefix_cache is None:
+            return 0  # prompt logprobs need the logits of every prompt token
+        hit = self.prefix_cache.lookup(req.adapter, req.prompt)
+        if hit is None:
+            return 0
+        self._prefix_hits[seq.request_id] = hit
+        return hit.n
+
+    def _store_prefixes(self, prefill: list[PrefillItem]) -> None:
+        """Keep the whole prompt blocks of sequences whose prefill just finished."""
+        assert self.prefix_cache is not None
+        for p in prefill:
+            req = self._requests.get(p.seq_id)
+            if not p.last or req is None or req.prompt_lp is not None:
+                continue
+            with self._lock:
+                n = self.prefix_cache.wants(req.adapter, req.prompt)
+                if n:
+                    self.prefix_cache.put(req.adapter, req.prompt,
+                                          self.runner.read_prefix(p.seq_id, n))
+
     def _on_adapter_changed(self, name: str) -> None:
         with self._lock:
             self._stale.add(name)
@@ -567,6 +610,8 @@ class Engine:
                 elif pool.refcount(name) == 0:
                     pool.remove(name)
                     self._stale.discard(name)
+                if self.prefix_cache is not None:  # keys and values of the old version
+                    self.prefix_cache.drop_adapter(name)
 
     def _load_adapters(self, plan: StepPlan) -> None:
         for name, slot in plan.adapter_loads:

@@ -111,6 +111,27 @@ class ModelRunner:
                 else:
                     t[m.dst, :, : m.length] = t[m.src, :, : m.length]
 
+    # -- prefix cache -----------------------------------------------------------------
+
+    def load_prefix(self, seq_id: str, kv: Tensor, n: int) -> None:
+        """Copy the keys and values of a cached prefix (``kv`` [layers, 2, Hkv, >= n, D])
+        into positions [0, n) of a just-admitted sequence's row."""
+        if self.lengths.get(seq_id) != 0:
+            raise RuntimeError(f"{seq_id}: a prefix loads into a fresh row only")
+        row = self.rows.row_of[seq_id]
+        for layer, (k, v) in enumerate(zip(self.cache.k, self.cache.v, strict=True)):
+            k[row, :, :n].copy_(kv[layer, 0, :, :n])
+            v[row, :, :n].copy_(kv[layer, 1, :, :n])
+        self.lengths[seq_id] = n
+
+    def read_prefix(self, seq_id: str, n: int) -> Tensor:
+        """A copy of positions [0, n) of a sequence's keys and values [layers, 2, Hkv, n, D]."""
+        if self.lengths.get(seq_id, 0) < n:
+            raise RuntimeError(f"{seq_id}: only {self.lengths.get(seq_id, 0)} positions written")
+        row = self.rows.row_of[seq_id]
+        return torch.stack([torch.stack((k[row, :, :n], v[row, :, :n]))
+                            for k, v in zip(self.cache.k, self.cache.v, strict=True)])
+
     # -- adapters ---------------------------------------------------------------------
 
     def load_adapter(self, slot: int, adapter: object) -> None:

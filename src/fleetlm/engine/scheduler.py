@@ -59,6 +59,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from enum import Enum
 
@@ -276,6 +277,9 @@ class Scheduler:
         # drain state: the victim adapter admits nobody new until _drain_head gets a slot
         self._draining: str | None = None
         self._drain_head: Sequence | None = None
+        # prompt tokens already in the cache when a sequence is admitted (prefix caching):
+        # the engine's lookup, which returns fewer than the prompt's tokens
+        self.cached_prefix: Callable[[Sequence], int] | None = None
 
     # ------------------------------------------------------------------ views
 
@@ -440,6 +444,9 @@ class Scheduler:
                 if seq is self._drain_head:
                     self._stop_draining()
             seq.status = SeqStatus.RUNNING
+            if self.cached_prefix is not None:
+                seq.num_prefilled = self.cached_prefix(seq)
+                assert 0 <= seq.num_prefilled < seq.prompt_len, "a cached prefix leaves a token"
             self._running[seq.request_id] = seq
             admitted.append(seq)
         self._waiting = keep
