@@ -57,6 +57,7 @@ from fleetlm.engine.runner import DecodeItem, ModelRunner, PrefillItem, StepOutp
 from fleetlm.engine.sampler import RequestSampler, SampleResult
 from fleetlm.engine.sampling_params import SamplingParams
 from fleetlm.engine.scheduler import Scheduler, SchedulerConfig, SeqStatus, Sequence, StepPlan
+from fleetlm.engine.speculative import DraftStats, accept, propose
 from fleetlm.errors import ConfigError, FleetLMError
 from fleetlm.models.loader import LoadedModel
 
@@ -77,6 +78,10 @@ class EngineConfig:
     # keys and values of shared prompt prefixes, reused by later requests (0: off)
     prefix_cache_bytes: int = 256 << 20
     prefix_block: int = 32  # prefixes are reused in whole blocks of this many tokens
+    # speculative decoding by prompt lookup (engine/speculative.py): draft tokens checked per
+    # step for plain greedy requests (0: off), while at most spec_max_batch sequences decode
+    speculative_tokens: int = 0
+    spec_max_batch: int = 4
 
     def validate(self) -> None:
         problems = []
@@ -89,6 +94,9 @@ class EngineConfig:
         if self.prefix_cache_bytes < 0:
             problems.append(f"prefix_cache_bytes={self.prefix_cache_bytes}: must be >= 0 "
                             "(0 turns prefix caching off)")
+        if self.speculative_tokens < 0 or self.spec_max_batch < 1:
+            problems.append(f"speculative_tokens={self.speculative_tokens} must be >= 0 (0: "
+                            f"off) and spec_max_batch={self.spec_max_batch} >= 1")
         if self.prefix_block < 1:
             problems.append(f"prefix_block={self.prefix_block}: must be >= 1")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
@@ -134,6 +142,8 @@ class _Request:
     generated: int = 0
     done: bool = False
     prompt_lp: list[tuple[float, list[tuple[int, float]]]] | None = None  # being scored
+    history: list[int] = field(default_factory=list)  # prompt + generated (speculation)
+    drafts: DraftStats = field(default_factory=DraftStats)
 
 
 class _Mailbox:
@@ -256,7 +266,8 @@ class Engine:
             detok=Detokenizer(self.lm.tokenizer, params.stop),
             stop_ids=stop_ids, seq=Sequence(rid, len(prompt), max_new, adapter),
             submitted=time.perf_counter(),
-            prompt_lp=[] if params.prompt_logprobs is not None else None)
+            prompt_lp=[] if params.prompt_logprobs is not None else None,
+            history=list(prompt) if self.config.speculative_tokens else [])
         with self._lock:
             if rid in self._requests:
                 raise ConfigError(f"request_id {rid!r} is already in use")
@@ -436,6 +447,10 @@ class Engine:
                 self.runner.load_prefix(seq.request_id, hit.kv, hit.n)
         self._load_adapters(plan)  # a failed adapter fails its requests; the rest run
         decode, prefill = self._items(plan)
+        drafts: dict[str, list[int]] = {}
+        if self.config.speculative_tokens and decode:
+            decode, verify, drafts = self._speculate(decode)
+            prefill = verify + prefill
         out, decode, prefill = self._forward(decode, prefill)  # failed parts: out of the lists
         with self._lock:
             self.scheduler.complete_step(plan)  # skips the sequences that failed
@@ -444,8 +459,10 @@ class Engine:
             self._store_prefixes(prefill)
         if out.decode_logits is not None:
             self._sample_rows([self._requests[d.seq_id] for d in decode], out.decode_logits)
+        if drafts:
+            self._accept_drafts([p for p in prefill if p.seq_id in drafts], drafts, out)
         for p in prefill:
-            if p.seq_id in out.chunk_logits:
+            if p.seq_id in out.chunk_logits and p.seq_id not in drafts:
                 req = self._requests[p.seq_id]
                 self._isolated(req, self._score_prompt, req, p.start, out.chunk_logits[p.seq_id])
         if out.prefill_logits is not None:
@@ -571,6 +588,56 @@ class Engine:
                    for c in plan.prefill if live(c.seq)]
         return decode, prefill
 
+    def _speculate(self, decode: list[DecodeItem],
+                   ) -> tuple[list[DecodeItem], list[PrefillItem], dict[str, list[int]]]:
+        """When few sequences decode and a plain greedy one has a draft, the whole decode
+        batch runs as check chunks ``[last token, draft...]`` (every decoding row at once:
+        the decode forward reads rows 0..n-1 as a block); else it decodes as usual."""
+        if len(decode) > self.config.spec_max_batch:
+            return decode, [], {}
+        drafts: dict[str, list[int]] = {}
+        for d in decode:
+            req = self._requests[d.seq_id]
+            room = min(self.config.speculative_tokens, req.seq.max_new_tokens - req.generated - 1,
+                       self.config.max_len - d.position - 2)
+            if room > 0 and req.sampler.plain_greedy and req.drafts.enabled:
+                drafts[d.seq_id] = propose(req.history, room)
+            else:
+                drafts[d.seq_id] = []
+        if not any(drafts.values()):
+            return decode, [], {}
+        verify = [PrefillItem(d.seq_id, [d.token, *drafts[d.seq_id]], d.position,
+                              d.adapter_slot, last=False, all_logits=True) for d in decode]
+        return [], verify, drafts
+
+    def _accept_drafts(self, verify: list[PrefillItem], drafts: dict[str, list[int]],
+                       out: StepOutput) -> None:
+        """Emit each checked sequence's agreed tokens; the scheduler already counted one."""
+        v = self.lm.config.vocab_size
+        for p in verify:
+            req = self._requests.get(p.seq_id)
+            if req is None:
+                continue
+            logits = out.chunk_logits[p.seq_id]
+            if not req.sampler.plain_greedy:  # checked nothing: sample as a decode row would
+                self.runner.lengths[p.seq_id] = p.start + 1
+                self._isolated(req, lambda r, row: self._emit(r, r.sampler.sample(row)),
+                               req, logits[0])
+                continue
+            draft = drafts[p.seq_id]
+            tokens = accept(draft, logits, v)
+            if draft:
+                req.drafts.record(len(draft), len(tokens) - 1)
+            # positions [0, start + len(tokens)) now hold this sequence's keys and values
+            self.runner.lengths[p.seq_id] = p.start + len(tokens)
+            for i, token in enumerate(tokens):
+                if req.done:
+                    break
+                if i:
+                    with self._lock:
+                        req.seq.num_generated += 1
+                self._isolated(req, self._emit, req, SampleResult(token, None, []))
+
     def _cached_prefix(self, seq: Sequence) -> int:
         """The scheduler's admission hook: prompt tokens a cached prefix covers."""
         req = self._requests.get(seq.request_id)
@@ -634,6 +701,8 @@ class Engine:
             return
         req.generated += 1
         req.last_token = s.token_id
+        if self.config.speculative_tokens:
+            req.history.append(s.token_id)
         self.generated_tokens += 1
         reason = None
         text = ""

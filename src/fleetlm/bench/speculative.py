@@ -1,0 +1,112 @@
+"""``fleetlm bench speculative``: single-stream decode with and without prompt-lookup drafts.
+
+An extraction-style request -- the chat template around "copy the key sentences of this
+passage" and a window of the reference text -- is answered greedily by an in-process engine
+with ``fleetlm serve``'s defaults (weights, compilation), first without speculation, then
+with ``--speculative-tokens`` drafts per step. Reported: decode tokens/s of each (first token
+to last, median over requests), the ratio (the issue's target: >= 1.5x), the share of drafted
+tokens accepted, and whether the two runs' tokens are identical (they must be).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from fleetlm.bench.common import REFERENCE_TEXT, environment, median, write_json
+from fleetlm.config import StrictModel
+
+INSTRUCTION = "Copy the following passage word for word, without changing anything:\n\n"
+
+
+class SpecBenchConfig(StrictModel):
+    model: str = "smollm2-135m"
+    dtype: str = "auto"
+    quantize: str = "auto"
+    compile: bool = True
+    speculative_tokens: int = 6
+    passage_words: int = 80
+    requests: int = 4
+    max_new_tokens: int = 96
+
+    def check(self) -> None:
+        from fleetlm.errors import ConfigError
+
+        bad = [f"{k}={getattr(self, k)}: must be >= 1" for k in
+               ("speculative_tokens", "passage_words", "requests", "max_new_tokens")
+               if getattr(self, k) < 1]
+        if bad:
+            raise ConfigError("bench speculative: " + "; ".join(bad))
+
+
+def _prompts(tokenizer: Any, cfg: SpecBenchConfig) -> list[list[int]]:
+    from fleetlm.models.chat import chat_ids
+
+    words = REFERENCE_TEXT.split()
+    out = []
+    for i in range(cfg.requests):
+        start = (i * 37) % max(1, len(words) - cfg.passage_words)
+        passage = " ".join(words[start:start + cfg.passage_words])
+        out.append(chat_ids(tokenizer, [{"role": "user", "content": INSTRUCTION + passage}]))
+    return out
+
+
+def _one(engine: Any, prompt: list[int], max_new: int) -> tuple[float, list[int]]:
+    from fleetlm.engine.sampling_params import SamplingParams
+
+    stamps: list[float] = []
+    tokens: list[int] = []
+
+    def on_event(ev: Any) -> None:
+        if ev.token_id is not None:
+            stamps.append(time.perf_counter())
+            tokens.append(ev.token_id)
+
+    engine.submit(prompt, SamplingParams(max_tokens=max_new, temperature=0.0), callback=on_event)
+    while engine.step():
+        pass
+    rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
+    return rate, tokens
+
+
+def run(cfg: SpecBenchConfig, out: Path | None) -> dict[str, Any]:
+    from rich.console import Console
+
+    from fleetlm.engine.engine import Engine, EngineConfig
+    from fleetlm.models.loader import load_model
+
+    cfg.check()
+    console = Console(stderr=True)
+    lm = load_model(cfg.model, dtype=cfg.dtype, quantize=cfg.quantize)
+    prompts = _prompts(lm.tokenizer, cfg)
+    max_len = max(len(p) for p in prompts) + cfg.max_new_tokens + 1
+    results: dict[str, Any] = {"config": cfg.model_dump(mode="json"), "environment": environment()}
+    runs: dict[str, dict[str, Any]] = {}
+    tokens: dict[str, list[list[int]]] = {}
+    for label, k in (("plain", 0), ("speculative", cfg.speculative_tokens)):
+        engine = Engine(lm, EngineConfig(max_running=1, max_len=max_len, max_hot_adapters=0,
+                                         compile=cfg.compile, speculative_tokens=k,
+                                         prefix_cache_bytes=0))
+        engine.warmup()
+        _one(engine, prompts[0], 8)  # warm-up
+        rates, toks = [], []
+        for p in prompts:
+            rate, t = _one(engine, p, cfg.max_new_tokens)
+            rates.append(rate)
+            toks.append(t)
+        runs[label] = {"decode_tok_s_p50": round(median(rates), 1),
+                       "generated_tokens": sum(len(t) for t in toks), "steps": engine.steps}
+        tokens[label] = toks
+        console.print(f"  {label:>11}: {runs[label]['decode_tok_s_p50']} tok/s decode "
+                      f"({runs[label]['steps']} steps)")
+    results["runs"] = runs
+    results["fleetlm"] = {"dtype": str(lm.dtype).removeprefix("torch."), "quantize": lm.quantize,
+                          "compiled": lm.model.decode_compiled}
+    results["speedup"] = round(runs["speculative"]["decode_tok_s_p50"]
+                               / max(runs["plain"]["decode_tok_s_p50"], 1e-9), 3)
+    results["greedy_identical"] = tokens["speculative"] == tokens["plain"]
+    console.print(f"  speculative / plain: {results['speedup']}x (target >= 1.5x); greedy "
+                  f"tokens identical: {results['greedy_identical']}")
+    write_json(results, out)
+    return results

@@ -1,0 +1,34 @@
+"""``fleetlm bench speculative`` end to end on the embedded model (short settings): both
+runs in the JSON, fewer steps with drafts, identical greedy tokens."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_speculative_writes_json_with_identical_tokens(tmp_path):
+    out = tmp_path / "spec.json"
+    fleetlm = shutil.which("fleetlm")
+    assert fleetlm, "the fleetlm entry point is not installed in this environment"
+    r = subprocess.run([fleetlm, "bench", "speculative", "--no-compile", "--requests", "1",
+                        "--passage-words", "30", "--max-new-tokens", "24", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    plain, spec = data["runs"]["plain"], data["runs"]["speculative"]
+    assert data["greedy_identical"] is True
+    assert plain["generated_tokens"] == spec["generated_tokens"] > 0
+    assert spec["steps"] < plain["steps"]  # the copied passage is drafted and accepted
+    assert data["speedup"] > 0
+
+
+def test_bench_speculative_refuses_a_bad_setting():
+    r = subprocess.run([shutil.which("fleetlm"), "bench", "speculative", "--speculative-tokens",
+                        "0"], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "speculative_tokens=0: must be >= 1" in r.stderr
