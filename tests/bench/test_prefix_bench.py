@@ -6,15 +6,19 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.slow
 
+FLEETLM = shutil.which("fleetlm", path=str(Path(sys.executable).parent))
+
 
 def test_bench_prefix_writes_json_and_the_cache_is_used(tmp_path):
     out = tmp_path / "prefix.json"
-    fleetlm = shutil.which("fleetlm")
+    fleetlm = FLEETLM
     assert fleetlm, "the fleetlm entry point is not installed in this environment"
     r = subprocess.run([fleetlm, "bench", "prefix", "--no-compile", "--prefix-tokens", "96",
                         "--suffix-tokens", "8", "--requests", "3", "--max-new-tokens", "4",
@@ -29,7 +33,7 @@ def test_bench_prefix_writes_json_and_the_cache_is_used(tmp_path):
 
 
 def test_bench_prefix_refuses_a_bad_setting():
-    fleetlm = shutil.which("fleetlm")
+    fleetlm = FLEETLM
     r = subprocess.run([fleetlm, "bench", "prefix", "--requests", "0"], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode != 0 and "requests=0: must be >= 1" in r.stderr

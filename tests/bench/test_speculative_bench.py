@@ -6,15 +6,19 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.slow
 
+FLEETLM = shutil.which("fleetlm", path=str(Path(sys.executable).parent))
+
 
 def test_bench_speculative_writes_json_with_identical_tokens(tmp_path):
     out = tmp_path / "spec.json"
-    fleetlm = shutil.which("fleetlm")
+    fleetlm = FLEETLM
     assert fleetlm, "the fleetlm entry point is not installed in this environment"
     r = subprocess.run([fleetlm, "bench", "speculative", "--no-compile", "--requests", "1",
                         "--passage-words", "30", "--max-new-tokens", "24", "--out", str(out)],
@@ -29,6 +33,6 @@ def test_bench_speculative_writes_json_with_identical_tokens(tmp_path):
 
 
 def test_bench_speculative_refuses_a_bad_setting():
-    r = subprocess.run([shutil.which("fleetlm"), "bench", "speculative", "--speculative-tokens",
+    r = subprocess.run([FLEETLM, "bench", "speculative", "--speculative-tokens",
                         "0"], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "speculative_tokens=0: must be >= 1" in r.stderr

@@ -1,4 +1,4 @@
-// Stand-alone check of the aarch64 NEON micro-kernels of int8_gemv.cpp and lora_sgmv.cpp
+// Stand-alone check of the aarch64 NEON micro-kernels of int8_gemv.cpp, int4_gemv.cpp and lora_sgmv.cpp
 // against double-precision loops, for machines without an ARM CPU: test_neon_emulated.py
 // pastes the kernels' `namespace neon` blocks in at NEON_KERNELS, cross-compiles with
 // aarch64-linux-gnu-g++ and runs the result under qemu-aarch64-static. (No libtorch: bf16 is
@@ -37,6 +37,22 @@ template <int R, int MB> void t_dot(int K) {
     double s = 0; for (int k = 0; k < K; ++k) s += double(x[m * K + k]) * w[r * K + k];
     check(std::fabs(out[m * R + r] - s) <= 1e-4 * (1 + std::fabs(s)) + 1e-3, "int8 dot", R, MB, K); }
 }
+// int4_gemv.cpp's format: per 32 weights 16 bytes, byte j = q[j] | q[j + 16] << 4
+template <int R, int MB> void t_i4dot(int K, int G) {
+  const int ng = K / G; std::vector<float> x(MB * K), sc(R * ng), mn(R * ng); float out[R * MB];
+  std::vector<uint8_t> q(R * K), w(R * K / 2);
+  for (auto& v : x) v = rnd();
+  for (auto& v : q) v = uint8_t(rng() % 16);
+  for (auto& v : sc) v = 0.01f + 0.05f * std::fabs(rnd());
+  for (auto& v : mn) v = -0.3f * std::fabs(rnd());
+  for (int r = 0; r < R; ++r) for (int k0 = 0; k0 < K; k0 += 32) for (int j = 0; j < 16; ++j)
+    w[r * K / 2 + k0 / 2 + j] = uint8_t(q[r * K + k0 + j] | (q[r * K + k0 + 16 + j] << 4));
+  i4neon::dot_block<R, MB>(x.data(), K, w.data(), sc.data(), mn.data(), K, G, w.data(), out);
+  for (int m = 0; m < MB; ++m) for (int r = 0; r < R; ++r) {
+    double s = 0;
+    for (int k = 0; k < K; ++k) s += double(x[m * K + k]) * (double(q[r * K + k]) * sc[r * ng + k / G] + mn[r * ng + k / G]);
+    check(std::fabs(out[m * R + r] - s) <= 1e-4 * (1 + std::fabs(s)) + 1e-3, "int4 dot", R, MB, K); }
+}
 template <typename T, int MB, int RB> void t_shrink(int K) {
   std::vector<T> xs(MB * K), a(RB * K); const T* xp[4]; float out[MB * RB];
   for (auto& v : xs) v = T(rnd());
@@ -67,6 +83,9 @@ int main() {
     t_shrink<float, 1, 8>(K); t_shrink<float, 4, 4>(K); t_shrink<float, 3, 2>(K);
     t_shrink<bf16, 2, 5>(K); t_shrink<bf16, 4, 1>(K);
   }
+  for (int K : {32, 64, 96, 128, 576}) for (int G : {32, 64, 128}) if (K % G == 0) {
+    t_i4dot<4, 4>(K, G); t_i4dot<4, 3>(K, G); t_i4dot<4, 2>(K, G); t_i4dot<4, 1>(K, G);
+    t_i4dot<1, 1>(K, G); t_i4dot<1, 4>(K, G); }
   for (int r : {1, 5, 16}) for (int nc = 1; nc <= 64; ++nc) {
     t_expand<float, 1>(r, nc); t_expand<float, 4>(r, nc); t_expand<bf16, 3>(r, nc); t_expand<bf16, 2>(r, nc); }
   std::printf("neon harness: %d failures\n", fails);

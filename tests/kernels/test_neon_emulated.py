@@ -36,6 +36,7 @@ def neon_block(source: Path, rename: str | None = None) -> str:
                     reason=f"needs {CXX} and {QEMU}")
 def test_neon_kernels_under_qemu(tmp_path: Path) -> None:
     kernels = "\n".join([neon_block(CSRC / "int8_gemv.cpp", "i8neon"),
+                         neon_block(CSRC / "int4_gemv.cpp", "i4neon"),
                          neon_block(CSRC / "lora_sgmv.cpp")])
     src = tmp_path / "harness.cpp"
     src.write_text(HARNESS.read_text().replace("// NEON_KERNELS", kernels))

@@ -255,7 +255,7 @@ def test_invalid_dtype(llama_dir, dtype):
     assert "--dtype" in msg and repr(dtype) in msg and "float32" in msg
 
 
-@pytest.mark.parametrize("quantize", ["int4", "INT8", "fp8"])
+@pytest.mark.parametrize("quantize", ["int3", "INT8", "fp8"])
 def test_invalid_quantize(llama_dir, quantize):
     msg = load_error(llama_dir, quantize=quantize)
     assert "--quantize" in msg and repr(quantize) in msg and "int8" in msg

@@ -40,6 +40,8 @@ def test_auto_is_float_when_only_the_scalar_loop_would_run():
 
 def test_explicit_choices_pass_and_unknown_ones_are_refused():
     assert resolve_quantize("none") == "none" and resolve_quantize("int8") == "int8"
+    assert resolve_quantize("int4") == "int4"  # explicit only: auto never picks it
     assert resolve_quantize("auto", device="cuda") == "none"
-    with pytest.raises(ModelLoadError, match="--quantize 'int4' is not one of auto, none, int8"):
-        resolve_quantize("int4")
+    with pytest.raises(ModelLoadError,
+                       match="--quantize 'int3' is not one of auto, none, int8, int4"):
+        resolve_quantize("int3")

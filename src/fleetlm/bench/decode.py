@@ -1,12 +1,12 @@
 """``fleetlm bench decode``: single-stream decode speed and time to first token.
 
-In one run, on the same model and prompts: fleetlm (float32, bfloat16, int8),
+In one run, on the same model and prompts: fleetlm (float32, bfloat16, int8, int4),
 transformers ``generate`` (float32 and bfloat16, the same dequantised weights) and
 llama.cpp through llama-cpp-python (the original GGUF file, ``--threads`` threads; optional
 extra ``bench``). Every system decodes ``new_tokens`` greedy tokens with end-of-sequence
 ignored, ``repeats`` times per prompt length; medians are reported.
 
-Also measured: what int8 costs in quality -- perplexity on a fixed text and greedy
+Also measured: what int8 and int4 cost in quality -- perplexity on a fixed text and greedy
 agreement with float32 (teacher-forced top-1 agreement, and the share of a free-running
 greedy continuation that matches float32 token for token).
 """
@@ -24,7 +24,7 @@ from pydantic import Field
 from fleetlm.bench.common import REFERENCE_TEXT, environment, median, write_json
 from fleetlm.config import StrictModel
 
-SYSTEMS = ("fleetlm-float32", "fleetlm-bfloat16", "fleetlm-int8",
+SYSTEMS = ("fleetlm-float32", "fleetlm-bfloat16", "fleetlm-int8", "fleetlm-int4",
            "transformers-float32", "transformers-bfloat16", "llama.cpp")
 
 
@@ -86,7 +86,7 @@ def bench_fleetlm(cfg: DecodeBenchConfig, dtype: str, quantize: str, prompts: di
         gen.warmup_request(n, cfg.new_tokens)
     warm_s = time.perf_counter() - t0
     params = SamplingParams(max_tokens=cfg.new_tokens, temperature=0.0, ignore_eos=True)
-    name = f"fleetlm-{'int8' if quantize == 'int8' else dtype}"
+    name = f"fleetlm-{quantize if quantize in ('int8', 'int4') else dtype}"
     out = []
     for n, ids in prompts.items():
         gen.generate(ids, params)  # warm the prefill path for this length
@@ -227,8 +227,9 @@ def run(cfg: DecodeBenchConfig, out: Path | None) -> dict[str, Any]:
     results: list[Measurement] = []
     notes: dict[str, str] = {}
     loaded: dict[str, Any] = {}
-    for dtype, quant in (("float32", "none"), ("bfloat16", "none"), ("auto", "int8")):
-        name = f"fleetlm-{'int8' if quant == 'int8' else dtype}"
+    for dtype, quant in (("float32", "none"), ("bfloat16", "none"), ("auto", "int8"),
+                         ("auto", "int4")):
+        name = f"fleetlm-{quant if quant in ('int8', 'int4') else dtype}"
         if name in cfg.skip:
             continue
         console.log(f"measuring {name} (compile={cfg.compile})")

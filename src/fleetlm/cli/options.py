@@ -25,12 +25,13 @@ class QuantOpt(StrEnum):
     auto = "auto"
     none = "none"
     int8 = "int8"
+    int4 = "int4"
 
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m",
                                        help="Embedded name (smollm2-135m), HF folder, .gguf file or hub id.")]
 DTypeArg = Annotated[DTypeOpt, typer.Option("--dtype", help="auto picks bfloat16 where the CPU supports it.")]
-QuantArg = Annotated[QuantOpt, typer.Option("--quantize", help="Weight-only int8 for the projections and the LM head; auto: int8 where this CPU has a vector path for it (docs/engine.md).")]
+QuantArg = Annotated[QuantOpt, typer.Option("--quantize", help="Weight-only int8 (per channel) for the projections and the LM head, or int4 (4-bit, per group of 32; LM head int8); auto: int8 where this CPU has a vector path for it (docs/engine.md).")]
 AdaptersDirArg = Annotated[Path | None, typer.Option(help="The adapter store (default: the user data folder).")]
 
 StateDbOpt = Annotated[str | None, typer.Option(

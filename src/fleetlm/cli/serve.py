@@ -36,6 +36,8 @@ def serve(
     dtype: DTypeArg = DTypeOpt.auto,
     quantize: QuantArg = QuantOpt.auto,
     compile: Annotated[bool, typer.Option(help="torch.compile the decode step (built at start, cached on disk; docs/engine.md).")] = True,
+    prefix_cache_mb: Annotated[float, typer.Option(help="MiB of keys and values of shared prompt prefixes, reused by later requests (0: off).")] = 256.0,
+    speculative_tokens: Annotated[int, typer.Option(help="Prompt-lookup draft tokens checked per step for greedy requests (0: off; docs/engine.md).")] = 0,
     max_batch: Annotated[int, typer.Option(help="Sequences decoded together (KV cache rows).")] = 32,
     max_len: Annotated[int, typer.Option(help="Prompt + generated tokens per sequence.")] = 2048,
     max_hot_adapters: Annotated[int, typer.Option(help="Adapters held in the engine's LoRA slots.")] = 32,
@@ -54,6 +56,8 @@ def serve(
     try:
         settings = ServeSettings(model=model, adapters_dir=adapters_dir, host=host, port=port,
                                  dtype=dtype.value, quantize=quantize.value, compile=compile,
+                                 prefix_cache_mb=prefix_cache_mb,
+                                 speculative_tokens=speculative_tokens,
                                  max_batch=max_batch, max_len=max_len,
                                  max_hot_adapters=max_hot_adapters, max_lora_rank=max_lora_rank,
                                  config=config, max_body_mb=max_body_mb,

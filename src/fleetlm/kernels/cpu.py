@@ -1,6 +1,6 @@
 """Which SIMD code path fleetlm's native CPU kernels run, and what this CPU offers.
 
-The kernels (``int8_gemv``, ``lora_sgmv``) are compiled for the architecture's baseline --
+The kernels (``int8_gemv``, ``int4_gemv``, ``lora_sgmv``) are compiled for the architecture's baseline --
 never ``-march=native`` -- with every SIMD path inside (x86: AVX-512, AVX2+FMA, scalar;
 aarch64: NEON, scalar), each in functions compiled for its own ISA. The path is chosen
 when an op runs, from what the CPU reports (``__builtin_cpu_supports``; see
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from fleetlm.kernels import int8_gemv, lora_sgmv
+from fleetlm.kernels import int4_gemv, int8_gemv, lora_sgmv
 
 ENV_VAR = "FLEETLM_CPU_ISA"
 ISAS = ("auto", "avx512", "avx2", "neon", "scalar")
@@ -110,6 +110,8 @@ def _loaded() -> dict[str, tuple[str, str]]:
     ops = {}
     if int8_gemv.is_loaded():
         ops["int8_linear"] = ("int8_linear_isa", "int8_linear_set_isa")
+    if int4_gemv.is_loaded():
+        ops["int4_linear"] = ("int4_linear_isa", "int4_linear_set_isa")
     if lora_sgmv.is_loaded():
         ops["lora_sgmv"] = ("lora_sgmv_isa", "lora_sgmv_set_isa")
     return ops

@@ -1,7 +1,7 @@
 """Building blocks shared by model families: projections, RMSNorm, rotary embeddings.
 
 The projections are our own modules (not ``nn.Linear``) because the serving engine
-swaps their weights for int8 and, later, adds per-token LoRA deltas to their output.
+swaps their weights for int8 or 4-bit (``Int8Linear``, ``Int4Linear``) and, later, adds per-token LoRA deltas to their output.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-PREFILL_ROWS = 64  # from this many rows on, Int8Linear dequantises and uses a dense GEMM
+PREFILL_ROWS = 64  # from this many rows on, Int8Linear/Int4Linear dequantise and use a dense GEMM
 
 
 class Int8Linear(nn.Module):
@@ -80,6 +80,63 @@ class Int8Linear(nn.Module):
             y = torch.ops.fleetlm.int8_linear(x2, self.weight, self.scales)
         else:
             y = torch._weight_int8pack_mm(x2, self.weight, self.scales)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+
+class Int4Linear(nn.Module):
+    """Weight-only 4-bit group-wise projection (``fleetlm.kernels.int4_gemv`` format).
+
+    ``W[n, k] = q * scales[n, k // G] + mins[n, k // G]`` with 4-bit codes ``q`` packed two
+    per byte (``packed`` [out, in/2] uint8) and float32 ``scales`` / ``mins`` [out, in/G]:
+    0.75 byte per weight at G = 32. Few rows (decode): ``fleetlm::int4_linear``, which
+    unpacks each weight once per step for all rows; without the kernel, and for many rows
+    (prefill, >= PREFILL_ROWS), the weight is dequantised and multiplied with ``F.linear``.
+    """
+
+    packed: Tensor  # [out, in / 2] uint8
+    scales: Tensor  # [out, in / group_size] float32
+    mins: Tensor  # [out, in / group_size] float32
+    bias: Tensor | None
+
+    def __init__(self, packed: Tensor, scales: Tensor, mins: Tensor, group_size: int,
+                 bias: Tensor | None, use_kernel: bool = False) -> None:
+        super().__init__()
+        self.in_features = packed.shape[1] * 2
+        self.out_features = packed.shape[0]
+        self.group_size = group_size
+        self.use_kernel = use_kernel and packed.device.type == "cpu"
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales", scales)
+        self.register_buffer("mins", mins)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_linear(cls, lin: Linear, dtype: torch.dtype, use_kernel: bool = False,
+                    group_size: int = 32) -> Int4Linear:
+        """Quantise ``lin``'s weight (ValueError when in_features % group_size != 0)."""
+        from fleetlm.kernels.int4_gemv import quantize
+
+        packed, scales, mins = quantize(lin.weight, group_size)
+        bias = None if lin.bias is None else lin.bias.detach().to(dtype)
+        return cls(packed, scales, mins, group_size, bias, use_kernel)
+
+    def dequantized(self, dtype: torch.dtype) -> Tensor:
+        """The float weight [out, in] this module stands for."""
+        from fleetlm.kernels.int4_gemv import dequantize
+
+        return dequantize(self.packed, self.scales, self.mins, self.group_size, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.use_kernel and x2.shape[0] < PREFILL_ROWS and x2.dtype in (
+                torch.float32, torch.bfloat16):
+            y = torch.ops.fleetlm.int4_linear(x2, self.packed, self.scales, self.mins,
+                                              self.group_size)
+        else:
+            y = F.linear(x2, self.dequantized(x.dtype))
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)

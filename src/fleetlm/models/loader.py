@@ -27,7 +27,7 @@ from fleetlm.models.llama import LlamaForCausalLM
 from fleetlm.models.registry import EMBEDDED_MODELS, resolve_embedded
 
 DType = Literal["auto", "float32", "bfloat16"]
-Quantize = Literal["auto", "none", "int8"]
+Quantize = Literal["auto", "none", "int8", "int4"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -198,11 +198,12 @@ def resolve_quantize(quantize: str, device: str = "cpu") -> str:
     """``auto``: int8 on a CPU where fleetlm's int8 kernel built with a vector path (AVX2,
     AVX-512 or NEON) -- it reads a quarter of float32's bytes per decode step and measured
     1.4x (one stream) to 3x (32 rows) float32's speed on SmolLM2-135M (docs/engine.md);
-    float weights elsewhere (GPUs, a CPU with neither, no C++ compiler)."""
-    if quantize in ("none", "int8"):
+    float weights elsewhere (GPUs, a CPU with neither, no C++ compiler). ``int4`` (4-bit
+    group-wise, :func:`quantize_int4`) is only used when asked for."""
+    if quantize in ("none", "int8", "int4"):
         return quantize
     if quantize != "auto":
-        raise ModelLoadError(f"--quantize {quantize!r} is not one of auto, none, int8")
+        raise ModelLoadError(f"--quantize {quantize!r} is not one of auto, none, int8, int4")
     if not device.startswith("cpu"):
         return "none"
     from fleetlm.kernels import int8_gemv
@@ -226,6 +227,44 @@ def quantize_int8(model: LlamaForCausalLM) -> None:
         for child_name, child in list(parent.named_children()):
             if isinstance(child, Linear):
                 setattr(parent, child_name, Int8Linear.from_linear(child, dtype, use_kernel))
+
+
+def quantize_int4(model: LlamaForCausalLM, group_size: int = 32, head: str = "int8"
+                  ) -> dict[str, str]:
+    """Replace every projection with 4-bit group-wise weights, in place; the LM head gets
+    ``head`` ("int8", the default, or "int4").
+
+    Format: ``fleetlm.kernels.int4_gemv`` (asymmetric 4-bit codes, a float32 scale and min
+    per ``group_size`` weights along the input dim). The LM head stays int8 by default: on
+    SmolLM2-135M a 4-bit head alone costs ~8% perplexity, int8 ~0% (docs/engine.md). A
+    tied head is quantised as a projection only: the embedding lookup keeps the float
+    table. A projection whose input size is not a multiple of ``group_size`` stays int8
+    (per channel, :class:`Int8Linear`). Returns {module name: "int4" | "int8"}.
+    """
+    from fleetlm.kernels import int4_gemv, int8_gemv
+    from fleetlm.models.layers import Int4Linear, Int8Linear, Linear
+
+    if head not in ("int8", "int4"):
+        raise ValueError(f"head={head!r}: 'int8' or 'int4'")
+    dtype = model.dtype
+    on_cpu = model.model.embed_tokens.weight.device.type == "cpu"
+    use_kernel = on_cpu and int4_gemv.load()
+    formats: dict[str, str] = {}
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if not isinstance(child, Linear):
+                continue
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            is_head = child is getattr(model, "lm_head", None)
+            new: Int4Linear | Int8Linear
+            if child.in_features % group_size == 0 and (head == "int4" or not is_head):
+                new = Int4Linear.from_linear(child, dtype, use_kernel, group_size)
+                formats[name] = "int4"
+            else:
+                new = Int8Linear.from_linear(child, dtype, on_cpu and int8_gemv.load())
+                formats[name] = "int8"
+            setattr(parent, child_name, new)
+    return formats
 
 
 def load_tokenizer(folder: Path) -> Any:
@@ -265,6 +304,8 @@ def load_model(
     _init_rope(model, max_positions)  # meta tensors had no values; tables stay float32
     if quantize == "int8":
         quantize_int8(model)
+    elif quantize == "int4":
+        quantize_int4(model)
     model.eval()
     tokenizer = load_tokenizer(folder) if with_tokenizer else None
     return LoadedModel(spec, folder, model, tokenizer, cfg, torch_dtype, quantize)

@@ -45,6 +45,8 @@ class ServeSettings(StrictModel):
     dtype: str = "auto"
     quantize: str = "auto"  # int8 where this CPU has a vector path for it
     compile: bool = True  # compiled decode steps, warmed up before serving
+    prefix_cache_mb: float = Field(256.0, ge=0)  # shared prompt prefixes' keys and values
+    speculative_tokens: int = Field(0, ge=0)  # prompt-lookup drafts per step (0: off)
     max_batch: int = 32
     max_len: int = 2048
     max_hot_adapters: int = 32
@@ -98,7 +100,9 @@ def build(settings: ServeSettings, say: Callable[[str], None]) -> Served:
     store = AdapterStore(root, lm.config, dtype=lm.model.dtype, max_rank=s.max_lora_rank)
     engine = Engine(lm, EngineConfig(max_running=s.max_batch, max_len=s.max_len,
                                      max_hot_adapters=s.max_hot_adapters,
-                                     max_lora_rank=s.max_lora_rank, compile=s.compile),
+                                     max_lora_rank=s.max_lora_rank, compile=s.compile,
+                                     prefix_cache_bytes=int(s.prefix_cache_mb * (1 << 20)),
+                                     speculative_tokens=s.speculative_tokens),
                     store=store)
     say(f"fleetlm: {lm.name} {str(lm.dtype).removeprefix('torch.')}, weights {lm.quantize}, "
         f"{'compiling decode steps' if engine.lm.model.decode_compiled else 'eager'}")
