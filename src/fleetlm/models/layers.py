@@ -7,6 +7,8 @@ swaps their weights for int8 or 4-bit (``Int8Linear``, ``Int4Linear``) and, late
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,6 +33,37 @@ class Linear(nn.Module):
 
 
 PREFILL_ROWS = 64  # from this many rows on, Int8Linear/Int4Linear dequantise and use a dense GEMM
+
+
+def keep_prefill_weights() -> bool:
+    """Whether quantised projections keep the float weight they dequantise for prefill.
+
+    Prefill (64+ rows) runs the dense GEMM on the dequantised weight; dequantising every
+    projection for every chunk took ~6 ms a layer on SmolLM2-135M (2 cores), more than the
+    GEMM itself, and more than doubled the time to first token against float32. Kept, the
+    float copy costs its bytes in RAM (4 per weight in float32: ~420 MB for SmolLM2-135M's
+    projections) while decoding still reads the quantised weight.
+    ``FLEETLM_PREFILL_WEIGHTS=dequantize`` trades that memory back for the slower prefill.
+    """
+    return os.environ.get("FLEETLM_PREFILL_WEIGHTS", "keep").strip().lower() != "dequantize"
+
+
+class _PrefillWeight:
+    """The float weight a quantised projection's prefill uses: made on first use (in the
+    activations' dtype), then kept unless :func:`keep_prefill_weights` says otherwise."""
+
+    def __init__(self) -> None:
+        self.weight: Tensor | None = None
+
+    def get(self, dtype: torch.dtype, make: Callable[[torch.dtype], Tensor]) -> Tensor:
+        if torch.compiler.is_compiling():
+            return make(dtype)  # a traced graph never keeps state of its own
+        w = self.weight
+        if w is not None and w.dtype == dtype:
+            return w
+        w = make(dtype)
+        self.weight = w if keep_prefill_weights() else None
+        return w
 
 
 class Int8Linear(nn.Module):
@@ -58,6 +91,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", weight_int8)
         self.register_buffer("scales", scales)  # activation dtype
         self.register_buffer("bias", bias)
+        self._prefill = _PrefillWeight()
 
     @classmethod
     def from_linear(cls, lin: Linear, dtype: torch.dtype, use_kernel: bool = False) -> Int8Linear:
@@ -71,10 +105,9 @@ class Int8Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if x2.shape[0] >= PREFILL_ROWS:
-            # many rows (prefill): dequantise once and use the dense GEMM, which is far
-            # faster than the small-M int8 kernel at this size; the weight still lives
-            # in memory as int8
-            w = self.weight.to(x.dtype) * self.scales[:, None]
+            # many rows (prefill): the dense GEMM on the dequantised weight, which is far
+            # faster than the small-M int8 kernel at this size; decode reads the int8 one
+            w = self._prefill.get(x.dtype, lambda t: self.weight.to(t) * self.scales[:, None].to(t))
             y = F.linear(x2, w)
         elif self.use_kernel and x2.dtype == self.scales.dtype:
             y = torch.ops.fleetlm.int8_linear(x2, self.weight, self.scales)
@@ -111,6 +144,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales", scales)
         self.register_buffer("mins", mins)
         self.register_buffer("bias", bias)
+        self._prefill = _PrefillWeight()
 
     @classmethod
     def from_linear(cls, lin: Linear, dtype: torch.dtype, use_kernel: bool = False,
@@ -136,7 +170,7 @@ class Int4Linear(nn.Module):
             y = torch.ops.fleetlm.int4_linear(x2, self.packed, self.scales, self.mins,
                                               self.group_size)
         else:
-            y = F.linear(x2, self.dequantized(x.dtype))
+            y = F.linear(x2, self._prefill.get(x.dtype, self.dequantized))
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
