@@ -27,7 +27,7 @@ from typing import Any
 
 from pydantic import Field
 
-from fleetlm.bench.common import environment, percentile, write_json
+from fleetlm.bench.common import environment, fleetlm_settings, percentile, write_json
 from fleetlm.config import StrictModel
 from fleetlm.progress import Progress, Update
 
@@ -189,10 +189,7 @@ def run(cfg: AdaptersBenchConfig, out: Path | None) -> dict[str, Any]:
                   f"compiled {lm.model.decode_compiled} (warm-up {warmup_s:.1f} s)")
     results: dict[str, Any] = {"config": {**cfg.model_dump(), "adapters_dir": str(root)},
                                "environment": environment(), "resident": resident,
-                               "fleetlm": {"dtype": str(lm.dtype).removeprefix("torch."),
-                                           "quantize": lm.quantize,
-                                           "compiled": lm.model.decode_compiled,
-                                           "warmup_s": round(warmup_s, 1)},
+                               "fleetlm": fleetlm_settings(lm, warmup_s),
                                "hot_buffer_bytes": engine.runner.lora.nbytes() if engine.runner.lora else 0,
                                "engine": [], "baselines": []}
 

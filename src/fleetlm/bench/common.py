@@ -85,3 +85,31 @@ def write_json(data: dict[str, Any], out: Path | None) -> None:
         return
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=2))
+
+
+def fleetlm_settings(lm: Any, warmup_s: float | None = None) -> dict[str, Any]:
+    """What a benchmark's fleetlm ran with (dtype, weights, compiled; warm-up seconds)."""
+    out: dict[str, Any] = {"dtype": str(lm.dtype).removeprefix("torch."), "quantize": lm.quantize,
+                           "compiled": lm.model.decode_compiled}
+    if warmup_s is not None:
+        out["warmup_s"] = round(warmup_s, 1)
+    return out
+
+
+def run_one(engine: Any, prompt: list[int], params: Any) -> tuple[list[float], list[int]]:
+    """One request through an engine stepped on this thread: ([submit time, then each
+    token's arrival time], the tokens)."""
+    import time
+
+    stamps: list[float] = [time.perf_counter()]
+    tokens: list[int] = []
+
+    def on_event(ev: Any) -> None:
+        if ev.token_id is not None:
+            stamps.append(time.perf_counter())
+            tokens.append(ev.token_id)
+
+    engine.submit(prompt, params, callback=on_event)
+    while engine.step():
+        pass
+    return stamps, tokens

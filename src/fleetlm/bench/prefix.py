@@ -10,11 +10,17 @@ target: <= 0.3x at 500 prefix tokens), and whether the greedy tokens of the two 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
-from fleetlm.bench.common import environment, median, percentile, write_json
+from fleetlm.bench.common import (
+    environment,
+    fleetlm_settings,
+    median,
+    percentile,
+    run_one,
+    write_json,
+)
 from fleetlm.config import StrictModel
 
 
@@ -39,22 +45,12 @@ class PrefixBenchConfig(StrictModel):
 
 
 def _one(engine: Any, prompt: list[int], max_new: int) -> tuple[float, list[int]]:
+    """(time to first token, tokens) of one greedy request."""
     from fleetlm.engine.sampling_params import SamplingParams
 
-    stamps: list[float] = []
-    tokens: list[int] = []
-
-    def on_event(ev: Any) -> None:
-        if ev.token_id is not None:
-            stamps.append(time.perf_counter())
-            tokens.append(ev.token_id)
-
-    t0 = time.perf_counter()
-    engine.submit(prompt, SamplingParams(max_tokens=max_new, temperature=0.0, ignore_eos=True),
-                  callback=on_event)
-    while engine.step():
-        pass
-    return stamps[0] - t0, tokens
+    stamps, tokens = run_one(engine, prompt, SamplingParams(max_tokens=max_new, temperature=0.0,
+                                                            ignore_eos=True))
+    return stamps[1] - stamps[0], tokens
 
 
 def run(cfg: PrefixBenchConfig, out: Path | None) -> dict[str, Any]:
@@ -91,8 +87,7 @@ def run(cfg: PrefixBenchConfig, out: Path | None) -> dict[str, Any]:
         console.print(f"  {label:>8}: TTFT p50 {runs[label]['ttft_p50_ms']} ms, "
                       f"p90 {runs[label]['ttft_p90_ms']} ms")
     results["runs"] = runs
-    results["fleetlm"] = {"dtype": str(lm.dtype).removeprefix("torch."), "quantize": lm.quantize,
-                          "compiled": lm.model.decode_compiled}
+    results["fleetlm"] = fleetlm_settings(lm)
     results["ttft_ratio_cached_vs_uncached"] = round(
         runs["cached"]["ttft_p50_ms"] / runs["uncached"]["ttft_p50_ms"], 3)
     results["greedy_identical"] = tokens["cached"] == tokens["uncached"]

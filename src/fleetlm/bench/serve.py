@@ -32,7 +32,7 @@ from typing import Any
 
 from pydantic import Field
 
-from fleetlm.bench.common import environment, percentile, write_json
+from fleetlm.bench.common import environment, fleetlm_settings, percentile, write_json
 from fleetlm.config import StrictModel
 from fleetlm.progress import Progress, Update
 
@@ -298,8 +298,7 @@ def run(cfg: ServeBenchConfig, out: Path | None) -> dict[str, Any]:
     warmup_s = engine.warmup()  # what the server process also does before it answers
     results: dict[str, Any] = {
         "config": cfg.model_dump(mode="json"), "environment": environment(),
-        "fleetlm": {"dtype": str(lm.dtype).removeprefix("torch."), "quantize": lm.quantize,
-                    "compiled": lm.model.decode_compiled, "warmup_s": round(warmup_s, 1)},
+        "fleetlm": fleetlm_settings(lm, warmup_s),
         "runs": []}
     console.print(f"  fleetlm: {results['fleetlm']}")
     for c in cfg.concurrency:

@@ -10,11 +10,17 @@ tokens accepted, and whether the two runs' tokens are identical (they must be).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
-from fleetlm.bench.common import REFERENCE_TEXT, environment, median, write_json
+from fleetlm.bench.common import (
+    REFERENCE_TEXT,
+    environment,
+    fleetlm_settings,
+    median,
+    run_one,
+    write_json,
+)
 from fleetlm.config import StrictModel
 
 INSTRUCTION = "Copy the following passage word for word, without changing anything:\n\n"
@@ -53,20 +59,12 @@ def _prompts(tokenizer: Any, cfg: SpecBenchConfig) -> list[list[int]]:
 
 
 def _one(engine: Any, prompt: list[int], max_new: int) -> tuple[float, list[int]]:
+    """(decode tokens/s from the first token to the last, tokens) of one greedy request."""
     from fleetlm.engine.sampling_params import SamplingParams
 
-    stamps: list[float] = []
-    tokens: list[int] = []
-
-    def on_event(ev: Any) -> None:
-        if ev.token_id is not None:
-            stamps.append(time.perf_counter())
-            tokens.append(ev.token_id)
-
-    engine.submit(prompt, SamplingParams(max_tokens=max_new, temperature=0.0), callback=on_event)
-    while engine.step():
-        pass
-    rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
+    stamps, tokens = run_one(engine, prompt, SamplingParams(max_tokens=max_new, temperature=0.0))
+    times = stamps[1:]  # token arrivals
+    rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
     return rate, tokens
 
 
@@ -101,8 +99,7 @@ def run(cfg: SpecBenchConfig, out: Path | None) -> dict[str, Any]:
         console.print(f"  {label:>11}: {runs[label]['decode_tok_s_p50']} tok/s decode "
                       f"({runs[label]['steps']} steps)")
     results["runs"] = runs
-    results["fleetlm"] = {"dtype": str(lm.dtype).removeprefix("torch."), "quantize": lm.quantize,
-                          "compiled": lm.model.decode_compiled}
+    results["fleetlm"] = fleetlm_settings(lm)
     results["speedup"] = round(runs["speculative"]["decode_tok_s_p50"]
                                / max(runs["plain"]["decode_tok_s_p50"], 1e-9), 3)
     results["greedy_identical"] = tokens["speculative"] == tokens["plain"]
