@@ -1,6 +1,8 @@
 """fleetlm::int4_linear (C++ 4-bit group-wise GEMV): every SIMD path this CPU can run
-against the reference (dequantised weight @ x), the quantiser's round trip, input checks,
-torch.compile, and a model loaded with ``quantize="int4"``."""
+against the reference (dequantised weight @ x; below ``activation_rows()`` rows, where the
+AVX-512 and AVX2 paths quantise x to int8, against their slow twin
+``reference_int8_activations``), the quantiser's round trip, input checks, torch.compile,
+and a model loaded with ``quantize="int4"``."""
 
 from __future__ import annotations
 
@@ -43,6 +45,10 @@ def make(m: int, n: int, k: int, g: int, dtype: torch.dtype, seed: int = 0):
 
 
 def reference(x: torch.Tensor, packed, scales, mins, g: int) -> torch.Tensor:
+    """What the op must return on the current path: its int8-activation twin for few
+    rows on AVX-512 / AVX2, else dequantised weight @ x."""
+    if x.shape[0] < int4_gemv.activation_rows():
+        return int4_gemv.reference_int8_activations(x, packed, scales, mins, g)
     w = int4_gemv.dequantize(packed, scales, mins, g)
     return (x.float() @ w.T).to(x.dtype)
 
@@ -63,6 +69,55 @@ def test_every_path_matches_reference(path: str, dtype: torch.dtype, n: int, k: 
         y = int4_gemv.int4_linear(x, packed, scales, mins, g)
         assert y.shape == (m, n) and y.dtype == dtype
         torch.testing.assert_close(y, reference(x, packed, scales, mins, g), **tol(dtype, k))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int8-novnni", "float"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_activation_modes_match_their_twin(path: str, mode: str, dtype: torch.dtype) -> None:
+    """Each way of treating x on each path: int8 with and without VNNI against the int8
+    twin, float against dequantised weight @ x; and int8 stays within ~1% of float."""
+    try:
+        used = int4_gemv.set_activations(mode)
+        expected = {"float": "float", "scalar": "float", "neon": "float", "avx2": "avx2",
+                    "avx512": "avx512-bw" if mode == "int8-novnni" else (
+                        "avx512-vnni" if "avx512_vnni" in cpu.cpu_flags() else "avx512-bw")}
+        assert used == expected["float" if mode == "float" else path]
+        assert int4_gemv.activation_rows() == (0 if used == "float" else 8)
+        for n, k, g in SHAPES:
+            for m in (1, 2, 4, 7):
+                x, w, packed, scales, mins = make(m, n, k, g, dtype, seed=7 * m + n + k)
+                y = int4_gemv.int4_linear(x, packed, scales, mins, g)
+                torch.testing.assert_close(y, reference(x, packed, scales, mins, g),
+                                           **tol(dtype, k))
+                if n > 1:  # a single output of one run is too few numbers for a norm
+                    exact = x.float() @ int4_gemv.dequantize(packed, scales, mins, g).T
+                    err = (y.float() - exact).norm() / exact.norm()
+                    assert err < 0.03, (n, k, g, m, err)  # ~0.5% typical
+    finally:
+        int4_gemv.set_activations("int8")
+
+
+def test_activation_settings() -> None:
+    with pytest.raises(RuntimeError, match="not int8, int8-novnni or float"):
+        int4_gemv.set_activations("int4")
+    with cpu.forced_isa("scalar"):
+        assert int4_gemv.activation_rows() == 0 and int4_gemv.activation_path() == "float"
+    # the twin quantises like the kernel: the largest |x| of a run gets +-127, a tie
+    # (-1.0 * 127 / 2 = -63.5) rounds half to even, an all-zero run gets scale 0, codes 0
+    x = torch.zeros(1, 96)
+    x[0, :32] = torch.linspace(-1.0, 2.0, 32)
+    x[0, 40] = -0.5
+    q, s = int4_gemv.quantize_activations(x)
+    assert q[0, 31] == 127 and q[0, 0] == -64 and s[0, 0] == pytest.approx(2 / 127)
+    assert q[0, 40] == -127 and s[0, 1] == pytest.approx(0.5 / 127)
+    assert s[0, 2] == 0 and not q[0, 64:].any()
+    # and the kernel agrees with it on these runs (a zero run, a run with a tie)
+    w = torch.randn(8, 96) * 0.05
+    packed, scales, mins = int4_gemv.quantize(w, 32)
+    if int4_gemv.activation_rows():
+        torch.testing.assert_close(int4_gemv.int4_linear(x, packed, scales, mins, 32),
+                                   int4_gemv.reference_int8_activations(x, packed, scales, mins, 32),
+                                   rtol=1e-5, atol=1e-6)
 
 
 MODEL = [(960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576)]
@@ -178,7 +233,8 @@ def test_int4_linear_module_prefill_and_decode_agree() -> None:
     x = torch.randn(PREFILL_ROWS + 3, 128)
     ref = x @ w.T + lin.bias
     torch.testing.assert_close(q(x), ref, rtol=1e-4, atol=1e-4)  # dense path
-    torch.testing.assert_close(q(x[:5]), ref[:5], rtol=1e-4, atol=1e-4)  # the op
+    few = reference(x[:5], q.packed, q.scales, q.mins, q.group_size) + lin.bias
+    torch.testing.assert_close(q(x[:5]), few, rtol=1e-4, atol=1e-4)  # the op
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2-bias", "smollm2-tied"])

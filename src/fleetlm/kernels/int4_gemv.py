@@ -25,7 +25,12 @@ float32 or bfloat16 (fp32 accumulation; the result has x's dtype). The C++ sourc
 ``FLEETLM_INT4_KERNEL=0`` disables it and callers fall back to :func:`dequantize` +
 ``F.linear``. It holds AVX-512, AVX2+FMA, NEON and scalar paths picked at run time
 (``FLEETLM_CPU_ISA``, ``fleetlm.kernels.cpu.set_kernel_isa``; ``fleetlm::int4_linear_isa()``
-reports the path in use). A fake kernel is registered so the op traces under
+reports the path in use). Below 8 rows of x the AVX-512 and AVX2 paths quantise x to
+int8 per run of 32 (scale max |x| / 127, as llama.cpp's Q8 blocks) and multiply it with
+the 4-bit codes in integer arithmetic (AVX512-VNNI's vpdpbusd where present);
+:func:`reference_int8_activations` is their slow twin, :func:`activation_rows` and
+:func:`activation_path` say when and how the current path does it, and
+``FLEETLM_INT4_ACTIVATIONS=float`` (or :func:`set_activations`) keeps x in fp32. A fake kernel is registered so the op traces under
 ``torch.compile(fullgraph=True)`` with a dynamic M.
 """
 
@@ -140,3 +145,50 @@ def int4_linear(x: Tensor, packed: Tensor, scales: Tensor, mins: Tensor,
     mins: [N, K/group_size] float32; all contiguous.
     """
     return torch.ops.fleetlm.int4_linear(x, packed, scales, mins, group_size)
+
+
+def activation_rows() -> int:
+    """Rows of x below which the current path quantises x to int8 (0: never). Call
+    ``load()`` first."""
+    return int(torch.ops.fleetlm.int4_linear_activation_rows())
+
+
+def activation_path() -> str:
+    """What the current path does with x below :func:`activation_rows` rows:
+    ``"avx512-vnni"``, ``"avx512-bw"`` or ``"avx2"`` (int8, by instruction set), or
+    ``"float"``."""
+    return str(torch.ops.fleetlm.int4_linear_activation_path())
+
+
+def set_activations(mode: str) -> str:
+    """``"int8"`` (the default: VNNI where the CPU has it), ``"int8-novnni"`` (AVX-512
+    without VNNI, for tests) or ``"float"``; returns :func:`activation_path` afterwards."""
+    return str(torch.ops.fleetlm.int4_linear_set_activations(mode))
+
+
+def quantize_activations(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x [M, K] -> (int8 codes [M, K], float32 scales [M, K/32]): per run of 32, scale
+    max |x| / 127, codes round(x * 127 / max |x|) (half to even), as the kernel does."""
+    m, k = x.shape
+    xr = x.float().reshape(m, k // 32, 32)
+    amax = xr.abs().amax(-1)
+    # a true division (``127.0 / amax`` would be reciprocal * 127, an ulp off the kernel's)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    codes = torch.round(xr * inv[..., None]).clamp(-127, 127).to(torch.int8)
+    return codes.reshape(m, k), amax / 127.0
+
+
+def reference_int8_activations(x: Tensor, packed: Tensor, scales: Tensor, mins: Tensor,
+                               group_size: int = GROUP_SIZE) -> Tensor:
+    """The int8-activation paths' result, computed slowly (float64): for every run of 32,
+    scale_w * scale_x * sum(code_w * code_x), plus min * (the exact sum of x) per group."""
+    m, k = x.shape
+    n = packed.shape[0]
+    xq, xs = quantize_activations(x)
+    q = unpack(packed).double().reshape(n, k // 32, 32)
+    dots = torch.einsum("nbj,mbj->mnb", q, xq.double().reshape(m, k // 32, 32))
+    sw = scales.double().repeat_interleave(group_size // 32, dim=1)  # [N, K/32]
+    y = (dots * sw[None] * xs.double()[:, None, :]).sum(-1)
+    gsum = x.double().reshape(m, k // group_size, group_size).sum(-1)  # [M, K/G]
+    y += gsum @ mins.double().T
+    return y.to(x.dtype)

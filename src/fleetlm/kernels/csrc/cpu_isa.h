@@ -86,6 +86,16 @@ inline bool has_avx512_bf16() {
 #endif
 }
 
+// x86 only: AVX512_VNNI (vpdpbusd), used by int4_linear's int8-activation avx512 path.
+inline bool has_avx512_vnni() {
+#if defined(FLEETLM_X86)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
 // The requested path, or the best supported one ranked below it.
 inline Isa resolve(int requested) {
   int i = requested == kAuto ? static_cast<int>(Isa::kAvx512) : requested;

@@ -37,6 +37,8 @@
 #include <torch/types.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -190,7 +192,47 @@ static void dot4_rows(int64_t mb, const float* x, int64_t K, const float* wb, __
   }
 }
 
+
+// ---- int8 activations: one row of x -> int8 codes per run of 32 (natural order),
+// their scales (max |x| / 127) and the exact sums of x per weight group.
+static void quantize_x(const float* x, int64_t K, int64_t G, int8_t* xq, float* xs,
+                       float* gsum) {
+  for (int64_t g = 0; g < K / G; ++g) gsum[g] = 0.f;
+  const int64_t runs = G / 32;
+  for (int64_t k = 0, g = 0, in = 0; k < K; k += 32, in = in + 1 == runs ? 0 : in + 1) {
+    if (in == 0 && k > 0) ++g;
+    const __m512 v0 = _mm512_loadu_ps(x + k), v1 = _mm512_loadu_ps(x + k + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    gsum[g] += _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
+    const float id = amax > 0.f ? 127.f / amax : 0.f;
+    xs[k / 32] = amax / 127.f;
+    const __m512 idv = _mm512_set1_ps(id);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + k),
+                     _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v0, idv))));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + k + 16),
+                     _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v1, idv))));
+  }
+}
+
 }  // namespace avx512
+
+// the int8-activation micro-kernel without VNNI: vpmaddubsw + vpmaddwd
+#define FLEETLM_Q8_NS avx512q8
+#define FLEETLM_Q8_DPBUSD(codes, x) \
+  _mm512_madd_epi16(_mm512_maddubs_epi16((codes), (x)), _mm512_set1_epi16(1))
+#include "int4_q8_avx512.inc"
+#undef FLEETLM_Q8_NS
+#undef FLEETLM_Q8_DPBUSD
+#pragma GCC pop_options
+
+// ... and with it: vpdpbusd
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")
+#define FLEETLM_Q8_NS avx512vnni
+#define FLEETLM_Q8_DPBUSD(codes, x) _mm512_dpbusd_epi32(_mm512_setzero_si512(), (codes), (x))
+#include "int4_q8_avx512.inc"
+#undef FLEETLM_Q8_NS
+#undef FLEETLM_Q8_DPBUSD
 #pragma GCC pop_options
 
 // ------------------------------------------------------------------ AVX2 + FMA
@@ -311,6 +353,80 @@ static void dot4_rows(int64_t mb, const float* x, int64_t K, const float* wb, __
     case 3: return dot4_f32<3>(x, K, wb, K, out);
     case 2: return dot4_f32<2>(x, K, wb, K, out);
     default: return dot4_f32<1>(x, K, wb, K, out);
+  }
+}
+
+
+// ---- int8 activations (see avx512::quantize_x; here 8 floats at a time)
+static void quantize_x(const float* x, int64_t K, int64_t G, int8_t* xq, float* xs,
+                       float* gsum) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  for (int64_t g = 0; g < K / G; ++g) gsum[g] = 0.f;
+  const int64_t runs = G / 32;
+  for (int64_t k = 0, g = 0, in = 0; k < K; k += 32, in = in + 1 == runs ? 0 : in + 1) {
+    if (in == 0 && k > 0) ++g;
+    __m256 v[4];
+    __m256 mx = _mm256_setzero_ps(), sm = _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm256_loadu_ps(x + k + 8 * i);
+      mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[i]));
+      sm = _mm256_add_ps(sm, v[i]);
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float amax = _mm_cvtss_f32(m4);
+    gsum[g] += hsum(sm);
+    const float id = amax > 0.f ? 127.f / amax : 0.f;
+    xs[k / 32] = amax / 127.f;
+    const __m256 idv = _mm256_set1_ps(id);
+    __m256i q[4];
+    for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], idv));
+    // packs work per 128-bit lane: dwords come out as [0 4 1 5 2 6 3 7] of the wanted order
+    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + k),
+                        _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  }
+}
+
+// One 4-row weight block against one quantised row of x: per run of 32 weights the 16
+// packed bytes become 32 codes in order ([low nibbles | high nibbles]), vpmaddubsw +
+// vpmaddwd give 8 int32 sums, scaled by scale_w * scale_x of the run in fp32.
+template <int R>
+static inline void dotq_block(const int8_t* __restrict xq, const float* __restrict xs,
+                              const float* __restrict gsum, const uint8_t* __restrict w,
+                              const float* sc, const float* mn, int64_t K, int64_t G,
+                              const uint8_t* pf, float* __restrict out) {
+  const int64_t K2 = K / 2, ng = K / G;
+  const __m128i nib = _mm_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  const int64_t runs = G / 32;
+  for (int64_t k = 0, g = 0, in = 0; k < K; k += 32, in = in + 1 == runs ? 0 : in + 1) {
+    if (in == 0 && k > 0) ++g;  // g = k / G without a division
+    if (pf != nullptr && ((k / 2) & 63) == 0) {
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(pf + r * K2 + k / 2), _MM_HINT_T0);
+    }
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k));
+    const float xsb = xs[k / 32];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * K2 + k / 2));
+      const __m256i codes =
+          _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), nib), _mm_and_si128(v, nib));
+      const __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv), ones);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(sc[r * ng + g] * xsb), acc[r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    float m = 0.f;
+    for (int64_t g = 0; g < ng; ++g) m += mn[r * ng + g] * gsum[g];
+    out[r] = hsum(acc[r]) + m;
   }
 }
 
@@ -510,7 +626,98 @@ static void gemv_batched(const float* x, int64_t M, const Weights& W, T* y, Dequ
   });
   for (int64_t n = nblocks * R; n < W.N; ++n) row_block<Path, 1, T>(x, M, W, n, nullptr, y);
 }
+
+// int8 activations (avx512 / avx2) for M < kBatchMinM: each row of x is quantised to
+// int8 per run of 32 (scale max |x| / 127, as llama.cpp's Q8 blocks) once per call, and
+// the 4-bit codes are multiplied with it in integer arithmetic (vpdpbusd with
+// AVX512-VNNI, else vpmaddubsw + vpmaddwd): about half the instructions of widening every
+// weight to fp32, which is what kept 4-bit decode below the memory's speed. The mins term
+// uses the exact float sums of x. FLEETLM_INT4_ACTIVATIONS=float (or
+// fleetlm::int4_linear_set_activations("float")) keeps x in fp32 everywhere;
+// fleetlm::int4_linear_activation_path() names the variant in use.
+#define FLEETLM_Q8_PATH(NAME, QUANT_NS, DOT_NS)                                              \
+  struct NAME {                                                                              \
+    static void quant(const float* x, int64_t K, int64_t G, int8_t* q, float* s, float* gs) { \
+      QUANT_NS::quantize_x(x, K, G, q, s, gs);                                               \
+    }                                                                                        \
+    template <int R>                                                                         \
+    static void dot(const int8_t* q, const float* s, const float* gs, const uint8_t* w,      \
+                    const float* sc, const float* mn, int64_t K, int64_t G, const uint8_t* pf, \
+                    float* out) {                                                            \
+      DOT_NS::dotq_block<R>(q, s, gs, w, sc, mn, K, G, pf, out);                             \
+    }                                                                                        \
+  };
+FLEETLM_Q8_PATH(Q8Avx512Vnni, avx512, avx512vnni)
+FLEETLM_Q8_PATH(Q8Avx512, avx512, avx512q8)
+FLEETLM_Q8_PATH(Q8Avx2, avx2, avx2)
+#undef FLEETLM_Q8_PATH
+
+template <class Q, typename T>
+static void gemv_q8(const float* x, int64_t M, const Weights& W, T* y) {
+  constexpr int R = 4;
+  const int64_t K = W.K, nb = K / 32, ng = K / W.G;
+  thread_local std::vector<int8_t> qbuf;
+  thread_local std::vector<float> sbuf, gbuf;
+  qbuf.resize(static_cast<size_t>(M * K));
+  sbuf.resize(static_cast<size_t>(M * nb));
+  gbuf.resize(static_cast<size_t>(M * ng));
+  for (int64_t m = 0; m < M; ++m)
+    Q::quant(x + m * K, K, W.G, qbuf.data() + m * K, sbuf.data() + m * nb, gbuf.data() + m * ng);
+  const int8_t* q = qbuf.data();
+  const float* s = sbuf.data();
+  const float* gs = gbuf.data();
+  const int64_t nblocks = W.N / R;
+  const int64_t grain = std::max<int64_t>(1, kMinBytesPerTask / std::max<int64_t>(1, R * K / 2));
+  at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
+    float out[R];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * R;
+      const uint8_t* pf = (b + 1 < nblocks) ? W.row(n0 + R) : nullptr;
+      for (int64_t m = 0; m < M; ++m, pf = nullptr) {  // later rows of x: the block is in L1
+        Q::template dot<R>(q + m * K, s + m * nb, gs + m * ng, W.row(n0), W.scales(n0),
+                           W.mins(n0), K, W.G, pf, out);
+        for (int r = 0; r < R; ++r) y[m * W.N + n0 + r] = static_cast<T>(out[r]);
+      }
+    }
+  });
+  for (int64_t n = nblocks * R; n < W.N; ++n)
+    for (int64_t m = 0; m < M; ++m) {
+      float out[1];
+      Q::template dot<1>(q + m * K, s + m * nb, gs + m * ng, W.row(n), W.scales(n), W.mins(n),
+                         K, W.G, nullptr, out);
+      y[m * W.N + n] = static_cast<T>(out[0]);
+    }
+}
 #endif
+
+// How the small-M paths treat x: 0 fp32, 1 int8 (vpdpbusd where the CPU has AVX512-VNNI),
+// 2 int8 without VNNI (vpmaddubsw + vpmaddwd; for tests on a VNNI machine).
+enum Q8Mode : int { kQ8Off = 0, kQ8Auto = 1, kQ8NoVnni = 2 };
+
+std::atomic<int>& q8_mode() {
+  static std::atomic<int> value{[] {
+    const char* env = std::getenv("FLEETLM_INT4_ACTIVATIONS");
+    return env != nullptr && std::string(env) == "float" ? kQ8Off : kQ8Auto;
+  }()};
+  return value;
+}
+
+bool q8_on() { return q8_mode().load(std::memory_order_relaxed) != kQ8Off; }
+
+bool q8_vnni() {
+  static const bool has = cpu::has_avx512_vnni();
+  return has && q8_mode().load(std::memory_order_relaxed) == kQ8Auto;
+}
+
+// Rows of x below which the current path quantises x to int8 (0: it never does).
+int64_t q8_rows() {
+  if (!q8_on()) return 0;
+#if defined(FLEETLM_X86)
+  const cpu::Isa isa = cpu::current();
+  if (isa == cpu::Isa::kAvx512 || isa == cpu::Isa::kAvx2) return kBatchMinM;
+#endif
+  return 0;
+}
 
 template <typename T>
 static void gemv(const float* x, int64_t M, const Weights& W, T* y) {
@@ -520,11 +727,14 @@ static void gemv(const float* x, int64_t M, const Weights& W, T* y) {
       if (M >= kBatchMinM)
         return gemv_batched<Avx512Path, T, avx512::kBatchRows>(x, M, W, y, avx512::dequant4,
                                                                avx512::dot4_rows);
+      if (q8_on())
+        return q8_vnni() ? gemv_q8<Q8Avx512Vnni, T>(x, M, W, y) : gemv_q8<Q8Avx512, T>(x, M, W, y);
       return gemv_impl<Avx512Path, T>(x, M, W, y);
     case cpu::Isa::kAvx2:
       if (M >= kBatchMinM)
         return gemv_batched<Avx2Path, T, avx2::kBatchRows>(x, M, W, y, avx2::dequant4,
                                                            avx2::dot4_rows);
+      if (q8_on()) return gemv_q8<Q8Avx2, T>(x, M, W, y);
       return gemv_impl<Avx2Path, T>(x, M, W, y);
 #endif
 #if defined(__aarch64__)
@@ -588,6 +798,25 @@ std::string int4_linear_isa() { return cpu::isa_name(cpu::current()); }
 
 std::string int4_linear_set_isa(const std::string& isa) { return cpu::set_isa(isa); }
 
+int64_t int4_linear_activation_rows() { return q8_rows(); }
+
+// What the small-M path of the current ISA does with x: "avx512-vnni", "avx512-bw", "avx2"
+// (int8 activations, by instruction set), or "float".
+std::string int4_linear_activation_path() {
+  if (q8_rows() == 0) return "float";
+  if (cpu::current() == cpu::Isa::kAvx2) return "avx2";
+  return q8_vnni() ? "avx512-vnni" : "avx512-bw";
+}
+
+std::string int4_linear_set_activations(const std::string& mode) {
+  TORCH_CHECK(mode == "int8" || mode == "float" || mode == "int8-novnni",
+              "fleetlm::int4_linear_set_activations: '", mode,
+              "' is not int8, int8-novnni or float");
+  q8_mode().store(mode == "float" ? kQ8Off : mode == "int8" ? kQ8Auto : kQ8NoVnni,
+                  std::memory_order_relaxed);
+  return int4_linear_activation_path();
+}
+
 }  // namespace
 }  // namespace fleetlm
 
@@ -596,6 +825,9 @@ TORCH_LIBRARY_FRAGMENT(fleetlm, m) {
   m.def("int4_linear(Tensor x, Tensor packed, Tensor scales, Tensor mins, int group_size) -> Tensor");
   m.def("int4_linear_isa() -> str", &fleetlm::int4_linear_isa);
   m.def("int4_linear_set_isa(str isa) -> str", &fleetlm::int4_linear_set_isa);
+  m.def("int4_linear_activation_rows() -> int", &fleetlm::int4_linear_activation_rows);
+  m.def("int4_linear_activation_path() -> str", &fleetlm::int4_linear_activation_path);
+  m.def("int4_linear_set_activations(str mode) -> str", &fleetlm::int4_linear_set_activations);
 }
 
 TORCH_LIBRARY_IMPL(fleetlm, CPU, m) {
