@@ -211,6 +211,32 @@ def test_context_ids(cls: type, text: str, value: str) -> None:
     assert found(cls(), text) == [value]
 
 
+@pytest.mark.parametrize("cls, text, value", [
+    (patterns.DriverLicenseRecognizer, "Scan of Washington license WDL7Q2M4J9B8 uploaded",
+     "WDL7Q2M4J9B8"),
+    (patterns.BankNumberRecognizer, "the checking account 0092 7741 3356 never arrived",
+     "0092 7741 3356"),
+    (patterns.YearRecognizer, "Zoolander is a 1996 Scottish film", "1996"),
+    (patterns.YearRecognizer, "which later became Credit Karma in 1980.", "1980"),
+    (patterns.NrpRecognizer, "a 1979 Polish action-comedy", "Polish"),
+    (patterns.NrpRecognizer, "the Sikh community and two Kenyans", "Sikh"),
+])
+def test_word_and_shape_rules(cls: type, text: str, value: str) -> None:
+    assert value in found(cls(), text)
+
+
+@pytest.mark.parametrize("cls, text", [
+    (patterns.DriverLicenseRecognizer, "my license is valid until next year"),
+    (patterns.YearRecognizer, "order 12019 of 2019-05-01 cost $2000 for 1900kg at 18:45"),
+    (patterns.YearRecognizer, "version 2.2019 and 1999.5"),
+    (patterns.NrpRecognizer, "please polish the floor"),  # the verb
+    (patterns.NrpRecognizer, "Can you reply in English? It was translated from French."),
+    (patterns.NrpRecognizer, "We sailed the English Channel to the Czech Republic"),
+])
+def test_word_and_shape_near_misses(cls: type, text: str) -> None:
+    assert found(cls(), text) == []
+
+
 @pytest.mark.parametrize("cls, text", [
     (patterns.PassportRecognizer, "my passport expired in 2019"),
     (patterns.SsnRecognizer, "SSN: 000-22-1234"),          # never issued
@@ -233,6 +259,44 @@ def test_hostile_input_returns(text: str) -> None:
 
 
 # ------------------------------------------------------------------ live in the analyzer
+
+def test_address_tail_after_a_place() -> None:
+    from fleetlm.privacy.address_tail import extend_places
+    from fleetlm.privacy.detect import PiiSpan
+
+    def tail(text: str, place: str, entities: tuple[str, ...] = ("LOCATION", "ZIP_CODE")
+             ) -> list[tuple[str, str]]:
+        start = text.index(place)
+        spans = extend_places(text, [PiiSpan(start, start + len(place), "LOCATION", 0.9)],
+                              entities)
+        return [(text[s.start:s.end], s.entity_type) for s in spans[1:]]
+
+    assert tail("12 MG Road, Pune 411001, and my meter", "Pune") == [("411001", "ZIP_CODE")]
+    assert tail("Waipahu, HI 96797, requests", "Waipahu") == [("HI", "LOCATION"),
+                                                              ("96797", "ZIP_CODE")]
+    assert tail("São Paulo - SP, 05508-090.", "São Paulo") == [("SP", "LOCATION"),
+                                                              ("05508-090", "ZIP_CODE")]
+    assert tail("Toronto, ON M5H 2N2.", "Toronto") == [("ON", "LOCATION"), ("M5H 2N2", "ZIP_CODE")]
+    assert tail("Tokyo 150-0001, but", "Tokyo") == [("150-0001", "ZIP_CODE")]
+    assert tail("moved to Toronto, ON.", "Toronto") == [("ON", "LOCATION")]
+    # a year is not a postcode, a capital pair mid-sentence is not a region, nothing
+    # follows a place that is not in the configuration's types
+    assert tail("the Paris 2024 games", "Paris") == []
+    assert tail("Paris, OK then", "Paris") == []
+    assert tail("Pune 411001", "Pune", ("PERSON",)) == []
+    assert tail("Pune 411001", "Pune", ("LOCATION",)) == []
+
+
+def test_word_rules_merge_into_learned_places() -> None:
+    """A year or a nationality inside an address the learned recognizer found stays part
+    of one LOCATION placeholder (it does not cut the address in two)."""
+    redactor = PiiRedactor(PiiConfig(entities="strict"))
+    text = "Send it to 1987 74 Diakou Street, Kissousa, Cyprus 36903 please."
+    spans = next(iter(redactor.iter_spans([text])))
+    assert [s.entity_type for s in spans if "1987" in text[s.start:s.end]] == ["LOCATION"]
+    redacted, _ = redactor.redact("Zoolander is a 1996 Polish film.")
+    assert "1996" not in redacted and "Polish" not in redacted, redacted
+
 
 def test_active_in_real_analyzer() -> None:
     redactor = PiiRedactor(PiiConfig(entities=("PERSON", "PHONE_NUMBER", "CREDIT_CARD",

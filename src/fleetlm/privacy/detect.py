@@ -56,8 +56,11 @@ SPACY_TO_PRESIDIO = {
     "DATE": "DATE_TIME",
     "TIME": "DATE_TIME",
 }
-# the recognizers of free text (their spans give way to pattern spans inside them)
-NER_RECOGNIZERS = frozenset({"LearnedRecognizer", "SpacyRecognizer"})
+# the recognizers of free text (their spans give way to pattern spans inside them), and
+# the word-list ones treated like them (a year or a nationality inside a learned address
+# is part of the address: merged into it, never cutting it in two)
+NER_RECOGNIZERS = frozenset({"LearnedRecognizer", "SpacyRecognizer", "YearRecognizer",
+                             "NrpRecognizer"})
 # every component of en_core_web_sm (the tokenizer is not a component)
 SPACY_PIPES = ("tok2vec", "tagger", "parser", "attribute_ruler", "lemmatizer", "ner", "senter")
 SPACY_IGNORED = ("CARDINAL", "EVENT", "LANGUAGE", "LAW", "MONEY", "ORDINAL", "PERCENT",
@@ -190,6 +193,8 @@ class _Analyzer:
     def analyze(self, texts: list[str], cfg: PiiConfig) -> list[list[PiiSpan]]:
         from presidio_analyzer import RecognizerResult
 
+        from fleetlm.privacy.address_tail import extend_places  # imports PiiSpan from here
+
         out: list[list[PiiSpan]] = []
         # the learned model runs batched and outside the lock; its spans are handed to
         # its recognizer for presidio's per-text loop below
@@ -219,7 +224,8 @@ class _Analyzer:
                             f"[{span.start}, {span.end}) for a text of {len(text)} characters")
                     source = (r.recognition_metadata or {}).get(RecognizerResult.RECOGNIZER_NAME_KEY)
                     (ner if source in NER_RECOGNIZERS else patterns).append(span)
-                out.append(merge_overlaps([*cut_around(text, ner, patterns), *patterns]))
+                merged = merge_overlaps([*cut_around(text, ner, patterns), *patterns])
+                out.append(merge_overlaps(extend_places(text, merged, cfg.entities)))
         return out
 
 

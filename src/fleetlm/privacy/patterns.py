@@ -461,7 +461,8 @@ class ContextIdRecognizer(_Recognizer):
 class DriverLicenseRecognizer(ContextIdRecognizer):
     ENTITY = "US_DRIVER_LICENSE"
     NAME = r"driver'?s?[ ]licen[cs]e|driving[ ]licen[cs]e|DL|licen[cs]e"
-    VALUE = r"[A-Z]{0,2}\d[\d\- ]{3,16}\d|[A-Z]{1,2}\d{4,14}|[A-Z]\d{3}-\d{3}-\d{2}-\d{3}-\d"
+    VALUE = (r"[A-Z]{0,2}\d[\d\- ]{3,16}\d|[A-Z]{1,2}\d{4,14}|[A-Z]\d{3}-\d{3}-\d{2}-\d{3}-\d"
+             r"|(?=[A-Z0-9]*\d[A-Z0-9]*\d[A-Z0-9]*\d)[A-Z]{1,4}[A-Z0-9]{5,14}")
     CONTEXT = ["driver", "license", "licence", "dl"]
 
 
@@ -476,7 +477,7 @@ class BankNumberRecognizer(ContextIdRecognizer):
     ENTITY = "US_BANK_NUMBER"
     NAME = (r"(?:bank|checking|savings|chequing)[ ]account|bank[ ]acc(?:oun)?t|account"
             r"|acct\.?|a/c")
-    VALUE = r"\d{6,17}"
+    VALUE = r"\d{6,17}|\d{3,4}(?:[ ]\d{3,4}){2,4}"
     CONTEXT = ["bank", "account", "acct", "checking", "savings"]
     SCORE = 0.5
 
@@ -510,10 +511,72 @@ class BirthDateRecognizer(_Recognizer):
                          ["born", "birth", "dob", "birthday"], language)
 
 
+class YearRecognizer(_Recognizer):
+    """A year on its own ("a 1996 film", "since 2011"): DATE_TIME, redacted only where the
+    configuration lists DATE_TIME (``entities: strict``). 1800-2099, not inside a longer
+    number, a date the other recognizers cover, an amount or a measure."""
+
+    FLAGS = 0
+    REGEX = (r"(?<![\w$€£¥.,:/\-])(?P<v>(?:18|19|20)\d\d)(?![\w%°/:\-]|[.,]\d)"
+             r"(?![ ]?(?:kg|km|mg|ml|m|g|l|cm|mm|GB|MB|TB|kB|px|ms|s)\b)")
+
+    def __init__(self, language: str = "en") -> None:
+        super().__init__("DATE_TIME", [Pattern("year", self.REGEX, 0.45)],
+                         ["year", "since", "born", "in"], language)
+
+
+# nationalities, religions and political groups as adjectives or plural nouns
+# (capitalised: "Polish" the nationality, not "polish" the verb)
+_NRP_WORDS = (
+    "Afghan|Albanian|Algerian|American|Andorran|Angolan|Argentine|Argentinian|Armenian|"
+    "Australian|Austrian|Azerbaijani|Bahraini|Bangladeshi|Belarusian|Belgian|Bolivian|Bosnian|"
+    "Brazilian|British|Bulgarian|Burmese|Cambodian|Cameroonian|Canadian|Chilean|Chinese|"
+    "Colombian|Congolese|Croatian|Cuban|Cypriot|Czech|Danish|Dominican|Dutch|Ecuadorian|"
+    "Egyptian|Emirati|English|Eritrean|Estonian|Ethiopian|Fijian|Filipino|Finnish|French|"
+    "Georgian|German|Ghanaian|Greek|Guatemalan|Haitian|Honduran|Hungarian|Icelandic|Indian|"
+    "Indonesian|Iranian|Iraqi|Irish|Israeli|Italian|Ivorian|Jamaican|Japanese|Jordanian|"
+    "Kazakh|Kenyan|Korean|Kosovar|Kuwaiti|Kyrgyz|Lao|Latvian|Lebanese|Liberian|Libyan|"
+    "Lithuanian|Luxembourgish|Macedonian|Malagasy|Malawian|Malaysian|Malian|Maltese|"
+    "Mauritian|Mexican|Moldovan|Mongolian|Montenegrin|Moroccan|Mozambican|Namibian|Nepalese|"
+    "Nepali|Nicaraguan|Nigerian|Nigerien|Norwegian|Omani|Pakistani|Palestinian|Panamanian|"
+    "Paraguayan|Persian|Peruvian|Polish|Portuguese|Puerto[ ]Rican|Qatari|Romanian|Russian|"
+    "Rwandan|Salvadoran|Samoan|Saudi|Scottish|Senegalese|Serbian|Singaporean|Slovak|Slovenian|"
+    "Somali|South[ ]African|Spanish|Sri[ ]Lankan|Sudanese|Swedish|Swiss|Syrian|Taiwanese|"
+    "Tajik|Tanzanian|Thai|Tibetan|Tongan|Tunisian|Turkish|Turkmen|Ugandan|Ukrainian|Uruguayan|"
+    "Uzbek|Venezuelan|Vietnamese|Welsh|Yemeni|Zambian|Zimbabwean|Arab|Kurdish|Basque|Catalan|"
+    "Flemish|Punjabi|Tamil|Bengali|Gujarati|Maori|Inuit|Yoruba|Igbo|Hausa|Zulu|Xhosa|Roma|"
+    "Christian|Catholic|Protestant|Orthodox|Anglican|Baptist|Methodist|Lutheran|Evangelical|"
+    "Mormon|Muslim|Islamic|Sunni|Shia|Shiite|Jewish|Hindu|Buddhist|Sikh|Jain|Atheist|Agnostic|"
+    "Democrat|Republican|Socialist|Communist|Conservative|Labour|Liberal[ ]Democrat")
+
+
+_LANGUAGE_BEFORE = re.compile(r"(?i:\b(?:in|into|speak|speaks|spoke|speaking|learn|learning|"
+                              r"translate|translated|from|to|fluent)[ ]+)\Z")
+
+
+class NrpRecognizer(_Recognizer):
+    """Nationalities, religions and political groups from a word list (NRP; redacted only
+    where the configuration lists NRP, e.g. ``entities: strict``): "a Polish film",
+    "the Sikh community", "Kenyans". Capitalised words only; not the first word of a
+    longer name ("Czech Republic", "Greek Street": the place recognizers' business), nor a
+    language ("reply in English", "translated from French")."""
+
+    FLAGS = 0
+    REGEX = r"\b(?P<v>(?:" + _NRP_WORDS + r")(?:s|es)?)\b(?![ ][A-Z])"
+
+    def check(self, text: str, m: re.Match[str], pattern: Pattern) -> Iterable[Hit]:
+        if _LANGUAGE_BEFORE.search(text, max(0, m.start() - 20), m.start()):
+            return ()
+        return super().check(text, m, pattern)
+
+    def __init__(self, language: str = "en") -> None:
+        super().__init__("NRP", [Pattern("nrp word", self.REGEX, 0.5)], [], language)
+
+
 def recognizers(language: str) -> list[Any]:
     """The recognizers to add to the registry for ``language``."""
     return [FastPhoneRecognizer(language), CardRecognizer(language), FleetIbanRecognizer(language),
             AgeRecognizer(language), ZipCodeRecognizer(language),
             DriverLicenseRecognizer(language), PassportRecognizer(language),
             BankNumberRecognizer(language), SsnRecognizer(language),
-            BirthDateRecognizer(language)]
+            BirthDateRecognizer(language), YearRecognizer(language), NrpRecognizer(language)]
