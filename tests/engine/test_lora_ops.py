@@ -149,6 +149,39 @@ def test_only_single_adapter_prefill_of_shrink_heavy_projections_goes_to_torch(m
     assert calls == [n]
 
 
+@pytest.mark.parametrize("case", ["decode", "mixed", "large_mixed"])
+def test_float32_activations_with_bfloat16_buffers(case):
+    """EngineConfig.lora_dtype="bfloat16" under a float32 model: the delta of the
+    bf16-rounded x with the bf16 weights, returned as float32; the float32-buffer result
+    within bf16's rounding."""
+    slots = SLOTS[case]
+    lora = make_stack(SLOT_RANKS, dtype=torch.bfloat16)
+    x = torch.randn(len(slots), IN, generator=torch.Generator().manual_seed(9))
+    b = batch(slots)
+    got = lora_delta(x, lora, b)
+    assert got.dtype == torch.float32 and got.shape == (len(slots), sum(PARTS))
+    exact = lora_delta_reference(x.bfloat16().float(), as_float(lora), b)
+    torch.testing.assert_close(got, exact, atol=1e-2 * float(exact.abs().max()), rtol=2e-2)
+    full = lora_delta_reference(x, as_float(lora), b)
+    assert float((got - full).norm() / full.norm()) < 0.02
+    with pytest.raises(ValueError, match="float16 but the adapter buffers are torch.bfloat16"):
+        lora_delta(x.half(), lora, b)
+
+
+def test_lora_buffer_dtype_setting():
+    from fleetlm.engine.engine import EngineConfig, lora_buffer_dtype
+    from fleetlm.errors import ConfigError
+
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert lora_buffer_dtype("auto", f32, native_bf16=True) == bf16
+    assert lora_buffer_dtype("auto", f32, native_bf16=False) == f32
+    assert lora_buffer_dtype("auto", bf16) == bf16
+    assert lora_buffer_dtype("float32", f32) == f32 and lora_buffer_dtype("bfloat16", f32) == bf16
+    assert lora_buffer_dtype("float32", bf16) == bf16  # the kernel takes x's dtype or bf16
+    with pytest.raises(ConfigError, match="lora_dtype='fp8'"):
+        EngineConfig(lora_dtype="fp8").validate()
+
+
 def test_lora_delta_rejects_mismatches(stacked):
     x = torch.randn(3, IN)
     with pytest.raises(ValueError, match="3 tokens but the LoraBatch has 2"):

@@ -296,3 +296,14 @@ def test_serve_refuses_a_limit_of_zero():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--max-body-mb: Input should be greater than 0" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_serve_refuses_an_unknown_lora_dtype():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "fleetlm", "serve", "--lora-dtype", "fp8"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--lora-dtype: Input should be 'auto', 'float32' or " \
+        "'bfloat16'" in r.stderr
+    assert "Traceback" not in r.stderr

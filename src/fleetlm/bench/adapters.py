@@ -23,7 +23,7 @@ from __future__ import annotations
 import gc
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -48,6 +48,7 @@ class AdaptersBenchConfig(StrictModel):
     adapter_counts: list[int] = Field(default_factory=lambda: [1, 8, 64, 256])
     popularities: list[str] = Field(default_factory=lambda: list(POPULARITIES))
     max_hot_adapters: int = 64
+    lora_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # EngineConfig.lora_dtype
     baseline_budget_s: float = 180.0  # most seconds of generation per transformers baseline
     # The transformers baselines serve the first requests of the same stream (their
     # rates are over what they completed): one-at-a-time switching takes ~4 s a request.
@@ -182,7 +183,8 @@ def run(cfg: AdaptersBenchConfig, out: Path | None) -> dict[str, Any]:
     engine = Engine(lm, EngineConfig(
         max_running=cfg.concurrency, max_waiting=cfg.num_requests + cfg.concurrency,
         max_len=cfg.prompt_tokens + cfg.max_new_tokens + 1,
-        max_hot_adapters=cfg.max_hot_adapters, max_lora_rank=cfg.rank, compile=cfg.compile),
+        max_hot_adapters=cfg.max_hot_adapters, max_lora_rank=cfg.rank, compile=cfg.compile,
+        lora_dtype=cfg.lora_dtype),
         store=store)
     warmup_s = engine.warmup()
     console.print(f"  engine: {str(lm.dtype).removeprefix('torch.')}, weights {lm.quantize}, "

@@ -201,6 +201,7 @@ def bench_adapters(
     adapter_counts: Annotated[str, typer.Option(help="Comma-separated numbers of distinct adapters.")] = "1,8,64,256",
     popularities: Annotated[str, typer.Option(help="Comma-separated: uniform, zipf.")] = "uniform,zipf",
     max_hot_adapters: Annotated[int, typer.Option(help="Adapter slots in the engine.")] = 64,
+    lora_dtype: Annotated[str, typer.Option(help="The hot adapters' dtype, as fleetlm serve: auto, float32 or bfloat16.")] = "auto",
     baseline_budget_s: Annotated[float, typer.Option(help="Most seconds of generation per transformers baseline.")] = 180.0,
     switching_requests: Annotated[int, typer.Option(help="Requests served by the PEFT switching baseline.")] = 16,
     mixed_requests: Annotated[int, typer.Option(help="Requests served by the PEFT mixed-batch baseline.")] = 64,
@@ -224,7 +225,8 @@ def bench_adapters(
             num_requests=num_requests,
             concurrency=concurrency, prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens,
             adapter_counts=ints(adapter_counts), popularities=_names(popularities),
-            max_hot_adapters=max_hot_adapters, baseline_budget_s=baseline_budget_s,
+            max_hot_adapters=max_hot_adapters, lora_dtype=lora_dtype,
+            baseline_budget_s=baseline_budget_s,
             switching_requests=switching_requests, mixed_requests=mixed_requests,
             continuous_requests=continuous_requests, skip=_names(skip),
             adapters_dir=adapters_dir)

@@ -42,6 +42,7 @@ def serve(
     max_len: Annotated[int, typer.Option(help="Prompt + generated tokens per sequence.")] = 2048,
     max_hot_adapters: Annotated[int, typer.Option(help="Adapters held in the engine's LoRA slots.")] = 32,
     max_lora_rank: Annotated[int, typer.Option(help="Largest adapter rank accepted.")] = 16,
+    lora_dtype: Annotated[str, typer.Option(help="The hot adapters' dtype: bfloat16 halves their memory under a float32 model (the delta is then computed in bfloat16); auto picks it where the CPU has native bfloat16, else the model's dtype (docs/engine.md).")] = "auto",
     config: Annotated[Path | None, typer.Option(help="Routes config (YAML): route names become models that answer with the small model or escalate to a large upstream (docs/router.md).")] = None,
     max_body_mb: Annotated[float, typer.Option(help="Largest request body in MiB; larger ones are refused with 413 (docs/limits.md).")] = 4.0,
     max_upload_mb: Annotated[float, typer.Option(help="Largest adapter upload (its files) in MiB; larger ones are refused with 413.")] = 512.0,
@@ -60,7 +61,7 @@ def serve(
                                  speculative_tokens=speculative_tokens,
                                  max_batch=max_batch, max_len=max_len,
                                  max_hot_adapters=max_hot_adapters, max_lora_rank=max_lora_rank,
-                                 config=config, max_body_mb=max_body_mb,
+                                 lora_dtype=lora_dtype, config=config, max_body_mb=max_body_mb,
                                  max_upload_mb=max_upload_mb, state_db=state_db)
     except ValidationError as e:  # each line names its option: --max-body-mb: ...
         lines = ["--" + line.split(":", 1)[0].replace("_", "-") + ":" + line.split(":", 1)[1]

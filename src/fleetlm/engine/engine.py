@@ -73,6 +73,11 @@ class EngineConfig:
     prefill_chunk: int = 512  # prompt tokens of one sequence per step
     max_hot_adapters: int = 32  # adapters in the stacked LoRA buffers (0: no adapters)
     max_lora_rank: int = 16
+    # the hot adapters' buffers: "bfloat16" under a float32 model halves their memory and
+    # the bytes a step reads per adapter (the delta is then computed in bfloat16); "auto"
+    # picks it where the CPU has native bfloat16 (AVX512-BF16/AMX), where it is as fast,
+    # else the model's dtype; or "float32"
+    lora_dtype: str = "auto"
     kv_cache_bytes: int | None = None  # memory budget for the KV cache; caps max_running
     compile: bool = False  # torch.compile the decode step (fleetlm.models.compiled_decode)
     # keys and values of shared prompt prefixes, reused by later requests (0: off)
@@ -99,10 +104,32 @@ class EngineConfig:
                             f"off) and spec_max_batch={self.spec_max_batch} >= 1")
         if self.prefix_block < 1:
             problems.append(f"prefix_block={self.prefix_block}: must be >= 1")
+        if self.lora_dtype not in ("auto", "float32", "bfloat16"):
+            problems.append(f"lora_dtype={self.lora_dtype!r}: 'auto', 'float32' or 'bfloat16'")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
             problems.append(f"kv_cache_bytes={self.kv_cache_bytes}: must be positive")
         if problems:
             raise ConfigError("invalid engine settings: " + "; ".join(problems))
+
+
+def lora_buffer_dtype(setting: str, model_dtype: torch.dtype,
+                      native_bf16: bool | None = None) -> torch.dtype:
+    """The hot adapters' dtype for ``EngineConfig.lora_dtype`` under a model of
+    ``model_dtype``: "auto" is bfloat16 under float32 where the CPU has native bfloat16
+    (``native_bf16``; default: ask the CPU), else the model's; "float32"/"bfloat16" as
+    asked, except that a bfloat16 model's adapters are bfloat16 (the kernel takes no
+    float32 weights under bfloat16). Measured on an Ice Lake without AVX512-BF16, 64
+    adapters at 32 clients: 147 tok/s with bfloat16 buffers, 149 with float32, so "auto"
+    keeps the exact ones there (docs/engine.md)."""
+    if model_dtype == torch.bfloat16 or setting == "bfloat16":
+        return torch.bfloat16
+    if setting == "auto" and model_dtype == torch.float32:
+        if native_bf16 is None:
+            from fleetlm.models.loader import cpu_supports_bf16
+
+            native_bf16 = cpu_supports_bf16()
+        return torch.bfloat16 if native_bf16 else model_dtype
+    return model_dtype
 
 
 @dataclass
@@ -199,7 +226,8 @@ class Engine:
         self.store = store
         hot = c.max_hot_adapters if store is not None else 0
         self.runner = ModelRunner(m, num_rows=rows, max_len=c.max_len, max_hot_adapters=hot,
-                                  max_lora_rank=c.max_lora_rank)
+                                  max_lora_rank=c.max_lora_rank,
+                                  lora_dtype=lora_buffer_dtype(c.lora_dtype, m.dtype))
         if c.compile and not m.decode_compiled:
             m.compile_decode()  # graphs are built by warmup() or the first decode steps
         self.scheduler = Scheduler(SchedulerConfig(

@@ -265,9 +265,11 @@ def _mismatch(x: Tensor, lora: StackedLora, batch: LoraBatch) -> ValueError:
     tokens = x.numel() // max(1, x.shape[-1])
     if tokens != batch.num_tokens:
         problems.append(f"x has {tokens} tokens but the LoraBatch has {batch.num_tokens}")
-    if x.dtype != lora.a.dtype:
+    if x.dtype != lora.a.dtype and not (x.dtype == torch.float32
+                                         and lora.a.dtype == torch.bfloat16):
         problems.append(f"x is {x.dtype} but the adapter buffers are {lora.a.dtype}; "
-                        "allocate the StackedLora in the model's dtype")
+                        "allocate the StackedLora in the model's dtype (or bfloat16 under "
+                        "float32)")
     return ValueError("lora_delta: " + "; ".join(problems))
 
 
@@ -292,15 +294,24 @@ def lora_delta(x: Tensor, lora: StackedLora, batch: LoraBatch) -> Tensor:
     torch wins only when one adapter covers a prefill batch of at least TORCH_MIN_TOKENS
     tokens and the projection is shrink-heavy (in > out, i.e. down_proj: 260 vs 323 us at
     1024 tokens, 458 vs 660 at 2048).
+
+    bfloat16 buffers under float32 activations (``EngineConfig.lora_dtype``: half the
+    memory and the bytes a step reads per adapter) compute in bfloat16: x is rounded to
+    bfloat16 for the delta alone, and the delta comes back as float32.
     """
     shape = x.shape
     x2 = x if x.dim() == 2 else x.reshape(-1, shape[-1])
+    mixed = x.dtype == torch.float32 and lora.a.dtype == torch.bfloat16
     if (shape[-1] != lora.a.shape[3] or x2.shape[0] != batch.token_slots.shape[0]
-            or x.dtype != lora.a.dtype):
+            or (x.dtype != lora.a.dtype and not mixed)):
         raise _mismatch(x, lora, batch)
+    if mixed:
+        x2 = x2.to(torch.bfloat16)
     if _use_kernel(x2, lora, batch):
         out = torch.ops.fleetlm.lora_sgmv(x2, lora.a, lora.bt, lora.ranks, lora.scales,
                                           lora.offsets, batch.token_slots)
     else:
         out = lora_delta_torch(x2, lora, batch)
+    if mixed:
+        out = out.to(x.dtype)
     return out if x.dim() == 2 else out.reshape(*shape[:-1], out.shape[-1])

@@ -67,7 +67,8 @@ class StepOutput:
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, *, num_rows: int, max_len: int,
-                 max_hot_adapters: int = 0, max_lora_rank: int = 16) -> None:
+                 max_hot_adapters: int = 0, max_lora_rank: int = 16,
+                 lora_dtype: torch.dtype | None = None) -> None:
         self.model = model
         self.max_len = max_len
         # positions [0, bucket(max_len)) for sequences, then one scratch position for padding
@@ -81,7 +82,8 @@ class ModelRunner:
         self.cache = model.allocate_cache(num_rows, self.cache_len)
         self.rows = RowAllocator(num_rows)
         self.lengths: dict[str, int] = {}  # positions written in the cache, per sequence
-        self.lora = (MultiLoraBuffers(model.config, max_hot_adapters, max_lora_rank, model.dtype)
+        self.lora = (MultiLoraBuffers(model.config, max_hot_adapters, max_lora_rank,
+                                      lora_dtype or model.dtype)
                      if max_hot_adapters > 0 else None)
         if self.lora is not None and self.cache.k[0].device.type == "cpu":
             from fleetlm.kernels import lora_sgmv

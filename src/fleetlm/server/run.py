@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
@@ -51,6 +51,7 @@ class ServeSettings(StrictModel):
     max_len: int = 2048
     max_hot_adapters: int = 32
     max_lora_rank: int = 16
+    lora_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     config: Path | None = None  # routes config (YAML)
     grace_s: float = 30.0  # requests in flight get this long after a stop signal
     # the largest request body, and the largest adapter upload (its files), in MiB: over
@@ -100,7 +101,8 @@ def build(settings: ServeSettings, say: Callable[[str], None]) -> Served:
     store = AdapterStore(root, lm.config, dtype=lm.model.dtype, max_rank=s.max_lora_rank)
     engine = Engine(lm, EngineConfig(max_running=s.max_batch, max_len=s.max_len,
                                      max_hot_adapters=s.max_hot_adapters,
-                                     max_lora_rank=s.max_lora_rank, compile=s.compile,
+                                     max_lora_rank=s.max_lora_rank, lora_dtype=s.lora_dtype,
+                                     compile=s.compile,
                                      prefix_cache_bytes=int(s.prefix_cache_mb * (1 << 20)),
                                      speculative_tokens=s.speculative_tokens),
                     store=store)
