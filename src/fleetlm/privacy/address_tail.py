@@ -47,7 +47,8 @@ def extend_places(text: str, spans: Sequence[PiiSpan], entities: Sequence[str]
         if code is not None and YEAR.match(code):
             code = None
         region = m.group("region")
-        if region is not None and want_region and (code is not None or _ends_clause(text, m.end("region"))):
+        alone = code is None and region is not None and _ends_clause(text, m.end("region"))
+        if region is not None and want_region and (code is not None or alone):
             out.append(PiiSpan(m.start("region"), m.end("region"), "LOCATION", SCORE))
         if code is not None and want_code:
             out.append(PiiSpan(m.start("code"), m.end("code"), "ZIP_CODE", SCORE))
@@ -58,4 +59,4 @@ def _ends_clause(text: str, end: int) -> bool:
     """A region code stands alone at the end of an address: before a stop, a comma, a
     line break or the end of the text ("Toronto, ON." but not "Paris, OK then")."""
     rest = text[end:end + 2]
-    return rest == "" or rest[0] in ".,;\n)" or rest[0] == " " and rest[1:2] in ("", "\n")
+    return rest == "" or rest[0] in ".,;\n)" or (rest[0] == " " and rest[1:2] in ("", "\n"))
