@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from fleetlm.privacy.detect import PiiSpan
+from fleetlm.privacy.spans import PiiSpan
 
 _SEP = r"[ \t]*(?:[,\-–][ \t]*)?"
 _REGION = r"(?P<region>[A-Z]{2,3})(?![\w\-])"

@@ -28,14 +28,16 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fleetlm.privacy.address_tail import extend_places
 from fleetlm.privacy.config import PiiConfig
 
-# defined in errors.py (the learned recognizer raises them too); importable from here
+# defined in errors.py (the learned recognizer raises them too) and spans.py (the address
+# tail makes them too); importable from here
 from fleetlm.privacy.errors import PiiDetectionError, PiiModelNotInstalled
+from fleetlm.privacy.spans import PiiSpan
 
 # Tried in order when PiiConfig.spacy_model is None. The first is the PyPI upload of
 # spaCy's en_core_web_sm 3.8.0 (a pinned dependency); the second is what
@@ -65,17 +67,6 @@ NER_RECOGNIZERS = frozenset({"LearnedRecognizer", "SpacyRecognizer", "YearRecogn
 SPACY_PIPES = ("tok2vec", "tagger", "parser", "attribute_ruler", "lemmatizer", "ner", "senter")
 SPACY_IGNORED = ("CARDINAL", "EVENT", "LANGUAGE", "LAW", "MONEY", "ORDINAL", "PERCENT",
                  "PRODUCT", "QUANTITY", "WORK_OF_ART")
-
-
-@dataclass(frozen=True, slots=True)
-class PiiSpan:
-    """One detected entity: text[start:end] is the value (never stored here). score is
-    presidio's; 0.0 marks a repeat of a value detected elsewhere in the request."""
-
-    start: int
-    end: int
-    entity_type: str
-    score: float
 
 
 def merge_overlaps(spans: Iterable[PiiSpan]) -> list[PiiSpan]:
@@ -192,8 +183,6 @@ class _Analyzer:
 
     def analyze(self, texts: list[str], cfg: PiiConfig) -> list[list[PiiSpan]]:
         from presidio_analyzer import RecognizerResult
-
-        from fleetlm.privacy.address_tail import extend_places  # imports PiiSpan from here
 
         out: list[list[PiiSpan]] = []
         # the learned model runs batched and outside the lock; its spans are handed to
