@@ -258,6 +258,11 @@ def _use_kernel(x: Tensor, lora: StackedLora, batch: LoraBatch) -> bool:
     return not (len(segments) == 1 and segments[0][2] - segments[0][1] == n)
 
 
+def _bf16_under_f32(x: Tensor, lora: StackedLora) -> bool:
+    """bfloat16 buffers under float32 activations (``EngineConfig.lora_dtype``)."""
+    return x.dtype == torch.float32 and lora.a.dtype == torch.bfloat16
+
+
 def _mismatch(x: Tensor, lora: StackedLora, batch: LoraBatch) -> ValueError:
     problems = []
     if x.shape[-1] != lora.in_features:
@@ -265,8 +270,7 @@ def _mismatch(x: Tensor, lora: StackedLora, batch: LoraBatch) -> ValueError:
     tokens = x.numel() // max(1, x.shape[-1])
     if tokens != batch.num_tokens:
         problems.append(f"x has {tokens} tokens but the LoraBatch has {batch.num_tokens}")
-    if x.dtype != lora.a.dtype and not (x.dtype == torch.float32
-                                         and lora.a.dtype == torch.bfloat16):
+    if x.dtype != lora.a.dtype and not _bf16_under_f32(x, lora):
         problems.append(f"x is {x.dtype} but the adapter buffers are {lora.a.dtype}; "
                         "allocate the StackedLora in the model's dtype (or bfloat16 under "
                         "float32)")
@@ -301,7 +305,7 @@ def lora_delta(x: Tensor, lora: StackedLora, batch: LoraBatch) -> Tensor:
     """
     shape = x.shape
     x2 = x if x.dim() == 2 else x.reshape(-1, shape[-1])
-    mixed = x.dtype == torch.float32 and lora.a.dtype == torch.bfloat16
+    mixed = _bf16_under_f32(x, lora)
     if (shape[-1] != lora.a.shape[3] or x2.shape[0] != batch.token_slots.shape[0]
             or (x.dtype != lora.a.dtype and not mixed)):
         raise _mismatch(x, lora, batch)

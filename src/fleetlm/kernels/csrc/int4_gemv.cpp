@@ -197,20 +197,20 @@ static void dot4_rows(int64_t mb, const float* x, int64_t K, const float* wb, __
 // their scales (max |x| / 127) and the exact sums of x per weight group.
 static void quantize_x(const float* x, int64_t K, int64_t G, int8_t* xq, float* xs,
                        float* gsum) {
-  for (int64_t g = 0; g < K / G; ++g) gsum[g] = 0.f;
-  const int64_t runs = G / 32;
-  for (int64_t k = 0, g = 0, in = 0; k < K; k += 32, in = in + 1 == runs ? 0 : in + 1) {
-    if (in == 0 && k > 0) ++g;
-    const __m512 v0 = _mm512_loadu_ps(x + k), v1 = _mm512_loadu_ps(x + k + 16);
-    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-    gsum[g] += _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
-    const float id = amax > 0.f ? 127.f / amax : 0.f;
-    xs[k / 32] = amax / 127.f;
-    const __m512 idv = _mm512_set1_ps(id);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + k),
-                     _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v0, idv))));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + k + 16),
-                     _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v1, idv))));
+  for (int64_t g = 0; g < K / G; ++g) {
+    gsum[g] = 0.f;
+    for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
+      const __m512 v0 = _mm512_loadu_ps(x + k), v1 = _mm512_loadu_ps(x + k + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+      gsum[g] += _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
+      const float id = amax > 0.f ? 127.f / amax : 0.f;
+      xs[k / 32] = amax / 127.f;
+      const __m512 idv = _mm512_set1_ps(id);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + k),
+                       _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v0, idv))));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + k + 16),
+                       _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v1, idv))));
+    }
   }
 }
 
@@ -361,31 +361,31 @@ static void dot4_rows(int64_t mb, const float* x, int64_t K, const float* wb, __
 static void quantize_x(const float* x, int64_t K, int64_t G, int8_t* xq, float* xs,
                        float* gsum) {
   const __m256 sign = _mm256_set1_ps(-0.f);
-  for (int64_t g = 0; g < K / G; ++g) gsum[g] = 0.f;
-  const int64_t runs = G / 32;
-  for (int64_t k = 0, g = 0, in = 0; k < K; k += 32, in = in + 1 == runs ? 0 : in + 1) {
-    if (in == 0 && k > 0) ++g;
-    __m256 v[4];
-    __m256 mx = _mm256_setzero_ps(), sm = _mm256_setzero_ps();
-    for (int i = 0; i < 4; ++i) {
-      v[i] = _mm256_loadu_ps(x + k + 8 * i);
-      mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[i]));
-      sm = _mm256_add_ps(sm, v[i]);
+  for (int64_t g = 0; g < K / G; ++g) {
+    gsum[g] = 0.f;
+    for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
+      __m256 v[4];
+      __m256 mx = _mm256_setzero_ps(), sm = _mm256_setzero_ps();
+      for (int i = 0; i < 4; ++i) {
+        v[i] = _mm256_loadu_ps(x + k + 8 * i);
+        mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[i]));
+        sm = _mm256_add_ps(sm, v[i]);
+      }
+      __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+      m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+      m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+      const float amax = _mm_cvtss_f32(m4);
+      gsum[g] += hsum(sm);
+      const float id = amax > 0.f ? 127.f / amax : 0.f;
+      xs[k / 32] = amax / 127.f;
+      const __m256 idv = _mm256_set1_ps(id);
+      __m256i q[4];
+      for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], idv));
+      // packs work per 128-bit lane: dwords come out as [0 4 1 5 2 6 3 7] of the wanted order
+      const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + k),
+                          _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
     }
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-    const float amax = _mm_cvtss_f32(m4);
-    gsum[g] += hsum(sm);
-    const float id = amax > 0.f ? 127.f / amax : 0.f;
-    xs[k / 32] = amax / 127.f;
-    const __m256 idv = _mm256_set1_ps(id);
-    __m256i q[4];
-    for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], idv));
-    // packs work per 128-bit lane: dwords come out as [0 4 1 5 2 6 3 7] of the wanted order
-    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + k),
-                        _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
   }
 }
 
@@ -403,23 +403,23 @@ static inline void dotq_block(const int8_t* __restrict xq, const float* __restri
   __m256 acc[R];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  const int64_t runs = G / 32;
-  for (int64_t k = 0, g = 0, in = 0; k < K; k += 32, in = in + 1 == runs ? 0 : in + 1) {
-    if (in == 0 && k > 0) ++g;  // g = k / G without a division
-    if (pf != nullptr && ((k / 2) & 63) == 0) {
+  for (int64_t g = 0; g < ng; ++g) {
+    for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
+      if (pf != nullptr && ((k / 2) & 63) == 0) {
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r)
-        _mm_prefetch(reinterpret_cast<const char*>(pf + r * K2 + k / 2), _MM_HINT_T0);
-    }
-    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k));
-    const float xsb = xs[k / 32];
+        for (int r = 0; r < R; ++r)
+          _mm_prefetch(reinterpret_cast<const char*>(pf + r * K2 + k / 2), _MM_HINT_T0);
+      }
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k));
+      const float xsb = xs[k / 32];
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * K2 + k / 2));
-      const __m256i codes =
-          _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), nib), _mm_and_si128(v, nib));
-      const __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv), ones);
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(sc[r * ng + g] * xsb), acc[r]);
+      for (int r = 0; r < R; ++r) {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * K2 + k / 2));
+        const __m256i codes =
+            _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), nib), _mm_and_si128(v, nib));
+        const __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv), ones);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(sc[r * ng + g] * xsb), acc[r]);
+      }
     }
   }
 #pragma GCC unroll 8
