@@ -51,6 +51,33 @@ def test_batch_equals_one_by_one_and_long_texts_are_windowed(ner):
     assert _found(texts[2], batch[2]) >= {("Maria Fernández", "PERSON"), ("Rotterdam", "LOCATION")}
 
 
+def test_fused_tagger_gives_the_transformers_logits(ner):
+    """encoder.FusedTagger (one query-key-value product per layer; what int8 quantises)
+    against the transformers model it is built from, on a padded batch: the same
+    logits on every real piece, and no piece's logits depend on another window's padding."""
+    import torch
+
+    from fleetlm.privacy.learned.encoder import FusedTagger
+    from fleetlm.privacy.learned.model import collate, encode
+
+    fused = FusedTagger(ner.model)
+    texts = [SENTENCE, "Call Peter Jones in Leeds.", "ok"]
+    batch = collate(encode(ner.tokenizer, texts, ner.meta), ner.tokenizer.pad_token_id)
+    args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    real = batch["attention_mask"].bool()
+    assert not real.all()  # the batch has padding
+    with torch.inference_mode():
+        got, want = fused(*args), ner.forward(*args)
+        alone = fused(*(a[1:2, :int(real[1].sum())] for a in args))
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(alone[0], got[1, :int(real[1].sum())], atol=1e-5, rtol=1e-5)
+    try:
+        with pytest.raises(ValueError, match="eval mode"):
+            FusedTagger(ner.model.train())
+    finally:
+        ner.model.eval()
+
+
 def test_int8_model_agrees_with_the_float32_reference(ner):
     """The fast path (PyTorch's dynamic int8 linear, kernel chosen for this CPU) against
     its slow twin on the same weights: nearly every span identical on real text."""
@@ -89,16 +116,21 @@ def test_int8_runs_traced_and_tracing_falls_back_to_eager(ner, caplog):
     assert isinstance(int8.forward, torch.jit.ScriptModule)  # traced on this machine
     assert not isinstance(ner.forward, torch.jit.ScriptModule)  # float32: eager reference
 
+    class ShapeDependent(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+            # Python on the batch size: traces to a graph that is wrong for one row
+            return input_ids.float() * (1.0 if input_ids.shape[0] == 2 else 2.0)
+
     class Untraceable(torch.nn.Module):
         def forward(self, input_ids, attention_mask=None, token_type_ids=None):
-            if float(input_ids.sum()) > 0:  # data-dependent Python: traces to a wrong graph
-                return torch.zeros(1)
             raise RuntimeError("cannot trace")
 
-    with caplog.at_level("WARNING"):
-        fallback = trace_checked(Untraceable(), int8._example())
-    assert not isinstance(fallback, torch.jit.ScriptModule)
-    assert "runs eagerly" in caplog.text
+    for module in (ShapeDependent(), Untraceable()):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            fallback = trace_checked(module, int8._example())
+        assert fallback is module
+        assert "runs eagerly" in caplog.text
 
 
 def test_over_size_input_fails_closed(ner):

@@ -8,8 +8,10 @@ float16, plus its settings as JSON in the safetensors metadata (``fleetlm_learne
 the tags, the LoRA rank, alpha and targets, the window length. Loading builds the base
 encoder from the local MiniLM folder (``local_files_only``: nothing is downloaded),
 applies the adapter with peft and merges it, so inference is one plain BERT forward;
-with ``precision="int8"`` (PiiConfig's default) its linear layers are then quantised
-(quantize_int8), and the float32 model is the reference the int8 one is tested against.
+with ``precision="int8"`` (PiiConfig's default) its layers are fused (encoder.py: one
+query-key-value projection per layer), the linear layers quantised (quantize_int8) and
+the result traced; the float32 transformers model is the reference the int8 one is
+tested against.
 
 Texts longer than the model's window are cut into overlapping windows and each piece's
 tag probabilities are averaged over the windows that hold it. A text over
@@ -222,10 +224,13 @@ class LearnedNer:
         self.precision = precision
         self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         self.meta = meta
-        # float32: the eager model, the reference; int8: quantised, then traced
+        # float32: the eager transformers model, the reference; int8: the same layers
+        # fused (encoder.py), quantised, then traced
         self.forward: Any = logits_module(self.model)
         if precision == "int8":
-            self.model = quantize_int8(self.model)
+            from fleetlm.privacy.learned.encoder import FusedTagger
+
+            self.model = quantize_int8(FusedTagger(self.model))
             self.forward = trace_checked(self.model, self._example())
         self.path = weights
         self._torch = torch
@@ -329,18 +334,18 @@ def logits_module(model: Any) -> Any:
     return Logits().eval()
 
 
-def trace_checked(model: Any, example: dict[str, Any]) -> Any:
-    """``model`` traced and frozen with TorchScript (one graph without the Python of the
-    ~60 modules of each call: ~25% less time on a 100-word message), once its logits
-    are checked against the eager model's on ``example`` and on its first row alone (a
-    shape it was not traced with). Where tracing fails or differs, the eager model is
+def trace_checked(eager: Any, example: dict[str, Any]) -> Any:
+    """``eager`` (a module called as (input_ids, attention_mask, token_type_ids) ->
+    logits) traced and frozen with TorchScript (one graph without the Python of the ~60
+    modules of each call: ~25% less time on a 100-word message), once its logits are
+    checked against the eager module's on ``example`` and on its first row alone (a
+    shape it was not traced with). Where tracing fails or differs, the eager module is
     kept and a warning logged: slower, never wrong."""
     import logging
     import warnings
 
     import torch
 
-    eager = logits_module(model)
     args = (example["input_ids"], example["attention_mask"], example["token_type_ids"])
     one = tuple(a[:1, :int(example["attention_mask"][0].sum())] for a in args)
     from transformers.utils import logging as hf_logging
