@@ -75,9 +75,11 @@ def test_bench_decode_writes_json_with_ratios(tmp_path):
 
 
 def test_bench_adapters_rejects_bad_settings():
-    r = run("bench", "adapters", "--popularities", "pareto", "--concurrency", "0")
+    r = run("bench", "adapters", "--popularities", "pareto", "--concurrency", "0",
+            "--max-overtakes", "-1")
     assert r.returncode == 2
     assert "pareto" in r.stderr and "--concurrency" in r.stderr and "Traceback" not in r.stderr
+    assert "--max-overtakes=-1" in r.stderr
 
 
 @pytest.mark.slow
@@ -103,17 +105,22 @@ def test_bench_adapters_writes_json_with_every_baseline(tmp_path):
     r = run("bench", "adapters", "--num-requests", "6", "--concurrency", "3", "--prompt-tokens", "16",
             "--max-new-tokens", "4", "--adapter-counts", "1,3", "--popularities", "uniform,zipf",
             "--switching-requests", "2", "--mixed-requests", "3", "--continuous-requests", "3",
-            "--adapters-dir", str(tmp_path / "adapters"), "--no-compile", "--out", str(out))
+            "--adapters-dir", str(tmp_path / "adapters"), "--no-compile", "--max-batch", "2",
+            "--out", str(out))
     assert r.returncode == 0, r.stderr
     import json
 
     data = json.loads(out.read_text())
+    assert data["config"]["max_batch"] == 2 and data["config"]["max_overtakes"] == 64
     assert data["fleetlm"]["compiled"] is False and data["fleetlm"]["warmup_s"] == 0.0
     runs = {(e["num_adapters"], e["popularity"]): e for e in data["engine"]}
     assert set(runs) == {(0, None), (1, "uniform"), (1, "zipf"), (3, "uniform"), (3, "zipf")}
     for e in runs.values():
         assert e["requests_completed"] == 6 and e["generated_tokens"] == 24
         assert e["tokens_per_s"] > 0 and e["ttft_p50_ms"] > 0 and e["itl_p99_ms"] > 0
+        # a batch of 2 holds at most 2 adapters; the base run none
+        assert 0 <= e["distinct_adapters_per_step"] <= min(e["num_adapters"], 2)
+    assert runs[(3, "uniform")]["distinct_adapters_per_step"] > 0
     assert {b["system"] for b in data["baselines"]} == {"peft-switching", "peft-mixed", "hf-continuous"}
     for b in data["baselines"]:
         assert b["tokens_per_s"] > 0 and "outputs" not in b

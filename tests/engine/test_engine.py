@@ -155,6 +155,39 @@ def test_adapter_eviction_and_reload_give_identical_outputs(lm, store):
     assert tight_store.stats()["loads"] > 3  # reloaded from disk after warm evictions
 
 
+def test_adapter_grouping_reorders_admission_not_outputs(lm, store):
+    """Two rows for eight requests over three adapters: with max_overtakes the engine admits
+    requests of the running adapters first (fewer distinct adapters per step), and every
+    request's tokens are those of strict arrival order."""
+    ps = prompts(8, seed=3)
+    names = ["r8-all", "r4-qv", "r8-all", "r16-rs", "r8-all", None, "r4-qv", "r8-all"]
+    reqs = [(p, 4, a) for p, a in zip(ps, names, strict=True)]
+
+    def serve(overtakes: int) -> tuple[list[list[int]], list[str]]:
+        engine = Engine(lm, EngineConfig(max_running=2, max_len=128, max_hot_adapters=3,
+                                         max_overtakes=overtakes), store=store)
+        starts: list[str] = []
+        events: dict[str, list[EngineEvent]] = defaultdict(list)
+
+        def on(ev: EngineEvent) -> None:
+            if ev.token_id is not None and not events[ev.request_id]:
+                starts.append(ev.request_id)
+            events[ev.request_id].append(ev)
+
+        ids = [engine.submit(p, SamplingParams(max_tokens=n, **GREEDY), adapter=a,
+                             request_id=f"q{i}", callback=on)
+               for i, (p, n, a) in enumerate(reqs)]
+        while engine.step():
+            pass
+        return [tokens(events[i]) for i in ids], starts
+
+    strict, strict_order = serve(0)
+    grouped, grouped_order = serve(64)
+    assert grouped == strict
+    assert strict_order == [f"q{i}" for i in range(8)]
+    assert grouped_order != strict_order  # later "r8-all" requests joined the running one
+
+
 def test_corrupt_adapter_fails_only_its_own_requests(lm, folder, tmp_path):
     root = tmp_path / "adapters"
     make_random_adapter(root / "good", lm.config, rank=4, alpha=8, seed=5, std=0.2)
@@ -234,6 +267,8 @@ def test_bad_requests_are_refused_with_the_field(lm, store):
         Engine(lm, EngineConfig(max_running=0))
     with pytest.raises(ConfigError, match="kv_cache_bytes"):
         Engine(lm, EngineConfig(kv_cache_bytes=10))
+    with pytest.raises(ConfigError, match="max_overtakes=-1"):
+        Engine(lm, EngineConfig(max_overtakes=-1))
 
 
 def test_kv_budget_caps_the_rows(lm):

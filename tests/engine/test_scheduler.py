@@ -62,6 +62,8 @@ class MockRunner:
         s, cfg = self.sched, self.cfg
         pinned_hot = {n: slot for n, slot in s.hot_adapters().items() if s.hot_pool.is_pinned(n)}
         waiting_before = s.waiting
+        overtaken_before = {w.request_id: w.overtaken for w in waiting_before}
+        running_adapters_before = {r.adapter for r in s.running}
         hot_before = s.hot_adapters()
         in_use = {hot_before[r.adapter] for r in s.running if r.adapter is not None}
         plan = s.schedule()
@@ -96,13 +98,17 @@ class MockRunner:
         for name in hot:
             assert s.hot_pool.refcount(name) == users[name]
 
-        # FCFS: a sequence that was overtaken waits for a cold or draining adapter
+        # admission order: a sequence overtaken by a later arrival waits for a cold or
+        # draining adapter, or (adapter grouping) adds an adapter not yet running and was
+        # overtaken fewer than max_overtakes times before
         if plan.admitted:
             last = max(a.arrival for a in plan.admitted)
             for w in waiting_before:
                 if w.status is SeqStatus.WAITING and w.arrival < last:
                     assert w.adapter is not None
-                    assert w.adapter not in hot or w.adapter == s.draining
+                    grouped = (overtaken_before[w.request_id] < cfg.max_overtakes
+                               and w.adapter not in running_adapters_before)
+                    assert grouped or w.adapter not in hot or w.adapter == s.draining
 
         # step shape: all decodes, then prefill in arrival order within the budget
         assert set(plan.decode) == {r for r in running if r.decoding}
@@ -165,6 +171,9 @@ class MockRunner:
 
 
 def make(**kw: int) -> tuple[Scheduler, MockRunner]:
+    """A scheduler and its mock runner; strict arrival order unless ``max_overtakes`` is
+    given (the adapter-grouping tests below set it)."""
+    kw.setdefault("max_overtakes", 0)
     sched = Scheduler(SchedulerConfig(**kw))
     return sched, MockRunner(sched)
 
@@ -658,12 +667,13 @@ CONFIGS = [
 ]
 
 
+@pytest.mark.parametrize("overtakes", [0, 3])
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "r{max_running}-h{max_hot_adapters}"
                          .format(**c))
-def test_randomized_stress(cfg, seed):
+def test_randomized_stress(cfg, seed, overtakes):
     rng = random.Random(seed)
-    sched, run = make(**cfg)
+    sched, run = make(**cfg, max_overtakes=overtakes)
     names = ["a", "b", "c", "d", "e", None, None]
     max_prompt, max_new = 3 * cfg["prefill_chunk"], 12
     # a running sequence finishes within `bound` steps: each step either spends at least
@@ -673,6 +683,9 @@ def test_randomized_stress(cfg, seed):
     life = math.ceil(cfg["max_running"] * max_prompt / rate)
     life += math.ceil(max_prompt / cfg["prefill_chunk"])
     bound = life + max_new + 2
+    # each later arrival admitted ahead of the head took a KV slot that freed within
+    # `bound` steps; after max_overtakes of them the head goes first
+    bound *= 1 + overtakes
     added: list[Sequence] = []
     aborted: list[Sequence] = []
     busy = 0
@@ -717,3 +730,100 @@ def test_randomized_stress(cfg, seed):
     assert len(run.finished) > len(added) // 2
     assert all(sched.hot_pool.refcount(n) == 0 for n in sched.hot_adapters())
     assert sorted(run.kv_free) == list(range(cfg["max_running"]))
+
+
+# --------------------------------------------------------------------------- adapter grouping
+
+
+def _admitted_ids(plan: StepPlan) -> list[str]:
+    return [s.request_id for s in plan.admitted]
+
+
+def test_grouping_admits_sequences_of_running_adapters_first():
+    sched, run = make(max_running=4, max_step_tokens=64, prefill_chunk=64, max_hot_adapters=8,
+                      max_overtakes=8)
+    run.add("a1", 4, 50, adapter="a")
+    run.add("n1", 4, 50)
+    run.step()
+    b1, c1 = run.add("b1", 4, 5, adapter="b"), run.add("c1", 4, 5, adapter="c")
+    run.add("a2", 4, 5, adapter="a")
+    run.add("n2", 4, 5)  # no adapter: joins for free
+    plan = run.step()
+    assert _admitted_ids(plan) == ["a2", "n2"]  # 2 free KV slots, no new adapter
+    assert sched.waiting == [b1, c1] and (b1.overtaken, c1.overtaken) == (2, 2)
+
+
+def test_grouping_takes_new_adapters_one_whole_group_at_a_time():
+    sched, run = make(max_running=2, max_step_tokens=64, prefill_chunk=64, max_hot_adapters=8,
+                      max_overtakes=8)
+    for rid, name in [("b1", "b"), ("c1", "c"), ("b2", "b"), ("c2", "c"), ("b3", "b")]:
+        run.add(rid, 4, 5, adapter=name)
+    assert _admitted_ids(run.step()) == ["b1", "b2"]
+    assert [s.request_id for s in sched.waiting] == ["c1", "c2", "b3"]  # arrival order
+
+
+def test_grouping_stops_at_max_overtakes():
+    sched, run = make(max_running=2, max_step_tokens=64, prefill_chunk=64, max_hot_adapters=8,
+                      max_overtakes=2)
+    run.add("a0", 4, 100, adapter="a")  # keeps "a" running; the other KV slot turns over
+    run.step()
+    b = run.add("b1", 4, 1, adapter="b")
+    for i in range(1, 6):
+        run.add(f"a{i}", 4, 1, adapter="a")
+    order = []
+    for _ in range(12):
+        order += _admitted_ids(run.step())
+    # a stays running, so later "a" requests join it -- until b1 has been passed twice
+    assert order[:3] == ["a1", "a2", "b1"] and b.overtaken == 2
+    assert order[3:] == ["a3", "a4", "a5"]
+
+
+def test_strict_arrival_order_with_max_overtakes_0():
+    sched, run = make(max_running=4, max_step_tokens=64, prefill_chunk=64, max_hot_adapters=8,
+                      max_overtakes=0)
+    run.add("a1", 4, 50, adapter="a")
+    run.add("n1", 4, 50)
+    run.step()
+    for rid, name in [("b1", "b"), ("c1", "c"), ("a2", "a"), ("n2", None)]:
+        run.add(rid, 4, 5, adapter=name)
+    assert _admitted_ids(run.step()) == ["b1", "c1"]
+
+
+def test_grouping_changes_nothing_when_every_waiting_sequence_fits():
+    sched, run = make(max_running=8, max_step_tokens=64, prefill_chunk=64, max_hot_adapters=8,
+                      max_overtakes=8)
+    run.add("a1", 4, 50, adapter="a")
+    run.step()
+    for rid, name in [("b1", "b"), ("c1", "c"), ("a2", "a"), ("n2", None)]:
+        run.add(rid, 4, 5, adapter=name)
+    assert _admitted_ids(run.step()) == ["b1", "c1", "a2", "n2"]
+    assert sched.waiting == []
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_grouping_halves_the_distinct_adapters_per_step(seed):
+    """What the policy is for: a queue deeper than the batch, requests spread over 16
+    adapters. Steps mix far fewer distinct adapters, and every request still finishes."""
+    def mean_distinct(overtakes: int) -> float:
+        rng = random.Random(seed)
+        sched, run = make(max_running=8, max_waiting=256, max_step_tokens=64,
+                          prefill_chunk=64, max_hot_adapters=16, max_overtakes=overtakes)
+        counts, n = [], 0
+        for t in range(300):
+            while t < 200 and sched.num_waiting < 24:  # a closed loop of 32 clients
+                run.add(f"r{n}", 8, rng.randint(4, 12), adapter=f"x{rng.randrange(16)}")
+                n += 1
+            run.step()
+            counts.append(len({s.adapter for s in sched.running}))
+        run.run_until_idle(500)
+        assert len(run.finished) == n
+        return sum(counts[:200]) / 200
+
+    strict, grouped = mean_distinct(0), mean_distinct(64)
+    assert strict > 5.5  # 8 rows over 16 adapters: ~6.5 distinct in arrival order
+    assert grouped < 0.6 * strict, (strict, grouped)
+
+
+def test_max_overtakes_is_validated():
+    with pytest.raises(ConfigError, match=r"max_overtakes=-1: must be an integer >= 0"):
+        Scheduler(SchedulerConfig(max_overtakes=-1))

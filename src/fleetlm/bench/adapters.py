@@ -42,6 +42,10 @@ class AdaptersBenchConfig(StrictModel):
     compile: bool = True
     num_requests: int = 256
     concurrency: int = 32
+    # the engine's batch (max_running); None: concurrency. Below concurrency a queue forms
+    # and the scheduler may group requests by adapter (max_overtakes)
+    max_batch: int | None = None
+    max_overtakes: int = 64  # EngineConfig.max_overtakes, as fleetlm serve
     prompt_tokens: int = 64
     max_new_tokens: int = 64
     rank: int = 16
@@ -81,6 +85,10 @@ class AdaptersBenchConfig(StrictModel):
         bad = [s for s in self.skip if s not in BASELINES]
         if bad:
             problems.append(f"--skip {bad}: choose from {', '.join(BASELINES)}")
+        if self.max_batch is not None and self.max_batch < 1:
+            problems.append(f"--max-batch={self.max_batch}: must be >= 1")
+        if self.max_overtakes < 0:
+            problems.append(f"--max-overtakes={self.max_overtakes}: must be >= 0")
         if self.baseline_budget_s <= 0:
             problems.append("--baseline-budget-s: must be > 0")
         for name in ("peft_dtype", "continuous_dtype"):
@@ -113,6 +121,7 @@ def run_engine(engine: Any, prompts: list[list[int]], adapters: list[str | None]
 
     next_req = 0
     in_flight = 0
+    distinct: list[int] = []  # distinct adapters among the running sequences, per step
     with PeakRSS() as rss:
         t0 = time.perf_counter()
         while next_req < len(prompts) or in_flight:
@@ -127,6 +136,8 @@ def run_engine(engine: Any, prompts: list[list[int]], adapters: list[str | None]
             before = len(done)
             engine.step()
             in_flight -= len(done) - before
+            distinct.append(len({s.adapter for s in engine.scheduler.running
+                                 if s.adapter is not None}))
             if progress is not None and len(done) != before:
                 progress(len(done))
         wall = time.perf_counter() - t0
@@ -143,6 +154,7 @@ def run_engine(engine: Any, prompts: list[list[int]], adapters: list[str | None]
         "itl_p50_ms": percentile(itl, 50), "itl_p99_ms": percentile(itl, 99),
         "peak_rss_mb": rss.peak_bytes / 2**20,
         "steps": engine.steps,
+        "distinct_adapters_per_step": sum(distinct) / max(len(distinct), 1),
     }
 
 
@@ -181,7 +193,8 @@ def run(cfg: AdaptersBenchConfig, out: Path | None) -> dict[str, Any]:
         store.get(n)
 
     engine = Engine(lm, EngineConfig(
-        max_running=cfg.concurrency, max_waiting=cfg.num_requests + cfg.concurrency,
+        max_running=cfg.max_batch or cfg.concurrency,
+        max_waiting=cfg.num_requests + cfg.concurrency, max_overtakes=cfg.max_overtakes,
         max_len=cfg.prompt_tokens + cfg.max_new_tokens + 1,
         max_hot_adapters=cfg.max_hot_adapters, max_lora_rank=cfg.rank, compile=cfg.compile,
         lora_dtype=cfg.lora_dtype),
@@ -204,7 +217,8 @@ def run(cfg: AdaptersBenchConfig, out: Path | None) -> dict[str, Any]:
             r = run_engine(engine, prompts, adapters, cfg.concurrency, cfg.max_new_tokens,
                            label, p.task(f"{label} requests", len(prompts)))
         console.print(f"  {label:>24}: {r['tokens_per_s']:8.1f} tok/s  TTFT p50 "
-                      f"{r['ttft_p50_ms']:.0f} ms  ITL p50 {r['itl_p50_ms']:.1f} ms")
+                      f"{r['ttft_p50_ms']:.0f} ms  ITL p50 {r['itl_p50_ms']:.1f} ms  "
+                      f"{r['distinct_adapters_per_step']:.1f} adapters per step")
         return r
 
     console.print("[bold]fleetlm engine[/]")
@@ -318,7 +332,7 @@ def _print_table(results: dict[str, Any], console: Any) -> None:
 
     t = Table(title="fleetlm bench adapters")
     for col in ("system", "adapters", "popularity", "tok/s", "TTFT p50 ms", "TTFT p99 ms",
-                "ITL p50 ms", "ITL p99 ms", "peak RSS MiB", "requests"):
+                "ITL p50 ms", "ITL p99 ms", "adapters per step", "peak RSS MiB", "requests"):
         t.add_column(col, no_wrap=True)
 
     def f(v: Any, nd: int = 1) -> str:
@@ -328,7 +342,8 @@ def _print_table(results: dict[str, Any], console: Any) -> None:
         system = "fleetlm" if r in results["engine"] else r["system"]
         t.add_row(system, str(r.get("num_adapters", "")), str(r.get("popularity") or "-"),
                   f(r.get("tokens_per_s")), f(r.get("ttft_p50_ms"), 0), f(r.get("ttft_p99_ms"), 0),
-                  f(r.get("itl_p50_ms")), f(r.get("itl_p99_ms")), f(r.get("peak_rss_mb"), 0),
+                  f(r.get("itl_p50_ms")), f(r.get("itl_p99_ms")),
+                  f(r.get("distinct_adapters_per_step")), f(r.get("peak_rss_mb"), 0),
                   str(r.get("requests_completed", "")))
     console.print(t)
     r = Table(title="ratios")

@@ -41,6 +41,7 @@ def serve(
     max_batch: Annotated[int, typer.Option(help="Sequences decoded together (KV cache rows).")] = 32,
     max_len: Annotated[int, typer.Option(help="Prompt + generated tokens per sequence.")] = 2048,
     max_hot_adapters: Annotated[int, typer.Option(help="Adapters held in the engine's LoRA slots.")] = 32,
+    max_overtakes: Annotated[int, typer.Option(help="When more requests wait than the batch has room for, later requests for adapters already in the batch may go first, so steps read fewer adapters; no request is passed by more than this many (0: arrival order; docs/engine.md).")] = 64,
     max_lora_rank: Annotated[int, typer.Option(help="Largest adapter rank accepted.")] = 16,
     lora_dtype: Annotated[str, typer.Option(help="The hot adapters' dtype: bfloat16 halves their memory under a float32 model (the delta is then computed in bfloat16); auto picks it where the CPU has native bfloat16, else the model's dtype (docs/engine.md).")] = "auto",
     config: Annotated[Path | None, typer.Option(help="Routes config (YAML): route names become models that answer with the small model or escalate to a large upstream (docs/router.md).")] = None,
@@ -60,7 +61,8 @@ def serve(
                                  prefix_cache_mb=prefix_cache_mb,
                                  speculative_tokens=speculative_tokens,
                                  max_batch=max_batch, max_len=max_len,
-                                 max_hot_adapters=max_hot_adapters, max_lora_rank=max_lora_rank,
+                                 max_hot_adapters=max_hot_adapters, max_overtakes=max_overtakes,
+                                 max_lora_rank=max_lora_rank,
                                  lora_dtype=lora_dtype, config=config, max_body_mb=max_body_mb,
                                  max_upload_mb=max_upload_mb, state_db=state_db)
     except ValidationError as e:  # each line names its option: --max-body-mb: ...

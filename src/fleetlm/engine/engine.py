@@ -72,6 +72,9 @@ class EngineConfig:
     max_step_tokens: int = 512  # tokens per step: decodes + prefill chunks
     prefill_chunk: int = 512  # prompt tokens of one sequence per step
     max_hot_adapters: int = 32  # adapters in the stacked LoRA buffers (0: no adapters)
+    # later requests that may be admitted ahead of a waiting one so that steps mix fewer
+    # distinct adapters (engine/scheduler.py); 0: strict arrival order
+    max_overtakes: int = 64
     max_lora_rank: int = 16
     # the hot adapters' buffers: "bfloat16" under a float32 model halves their memory and
     # the bytes a step reads per adapter (the delta is then computed in bfloat16); "auto"
@@ -96,6 +99,9 @@ class EngineConfig:
                 problems.append(f"{name}={getattr(self, name)}: must be >= 1")
         if self.max_hot_adapters < 0:
             problems.append(f"max_hot_adapters={self.max_hot_adapters}: must be >= 0")
+        if self.max_overtakes < 0:
+            problems.append(f"max_overtakes={self.max_overtakes}: must be >= 0 (0: requests "
+                            "are admitted in arrival order)")
         if self.prefix_cache_bytes < 0:
             problems.append(f"prefix_cache_bytes={self.prefix_cache_bytes}: must be >= 0 "
                             "(0 turns prefix caching off)")
@@ -232,7 +238,8 @@ class Engine:
             m.compile_decode()  # graphs are built by warmup() or the first decode steps
         self.scheduler = Scheduler(SchedulerConfig(
             max_running=rows, max_waiting=c.max_waiting, max_step_tokens=c.max_step_tokens,
-            prefill_chunk=c.prefill_chunk, max_hot_adapters=max(hot, 1)))
+            prefill_chunk=c.prefill_chunk, max_hot_adapters=max(hot, 1),
+            max_overtakes=c.max_overtakes))
         self.num_rows = rows
         self.prefix_cache = (PrefixCache(c.prefix_cache_bytes, c.prefix_block)
                              if c.prefix_cache_bytes > 0 else None)

@@ -30,8 +30,9 @@ The price is fewer concurrent sequences than paged reservation would allow; the 
 scheduler with no failure path in the middle of a generation.
 
 *Admission* happens between steps (continuous batching: sequences join and leave at any
-step). KV slots go strictly first come, first served: when the queue head cannot get a slot,
-nobody behind it does, so a steady stream of later arrivals can never overtake it.
+step). KV slots go in admission order (arrival order, bent only as "Fewer distinct adapters
+per step" below allows): when the first in that order cannot get a slot, nobody behind it
+does, so a steady stream of later arrivals can never overtake a sequence indefinitely.
 
 *Adapters.* A running sequence's adapter must be hot, in one of ``max_hot_adapters`` slots
 of the engine's stacked LoRA buffers. :class:`HotAdapters` refcounts the running users of
@@ -48,6 +49,17 @@ the head's adapter slot, and freed KV slots reach the head first once it can run
 Bound: the head is admitted at most one step after the victim's longest-lived running
 sequence finishes (sooner if any hot adapter goes idle first).
 
+*Fewer distinct adapters per step.* A step reads each distinct adapter's weights once
+(~10-20 MB for a rank-16 adapter on every projection of a 135M model), so 32 rows over 25
+adapters cost far more than 32 rows over 4. When more sequences wait than there are free
+KV slots, admission may therefore take a later sequence whose adapter is already running
+(or that uses none) before an earlier one that would add an adapter, and takes newcomers
+adapter by adapter (all waiting sequences of the first-arrived new adapter, then the next).
+Each waiting sequence counts how many later arrivals were admitted before it; at
+``max_overtakes`` it goes first, ahead of every such preference, so no sequence waits
+behind more than ``max_overtakes`` later ones. ``max_overtakes = 0`` is strict arrival
+order. When every waiting sequence fits, all are admitted and the order does not matter.
+
 *Pins* keep an adapter hot while idle (e.g. a latency-critical tenant). At most
 ``max_hot_adapters - 1`` adapters may be pinned so one slot always rotates; otherwise a
 request for an unpinned adapter could never run. Sequences without an adapter never touch
@@ -56,6 +68,7 @@ the pool.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 from collections import OrderedDict
@@ -73,6 +86,9 @@ class SchedulerConfig:
     max_step_tokens: int = 512  # per step: 1 per decoding sequence + prefill chunk tokens
     prefill_chunk: int = 512  # at most this many prompt tokens of one sequence per step
     max_hot_adapters: int = 32  # slots in the engine's stacked LoRA buffers
+    # later arrivals that may be admitted ahead of a waiting sequence so that steps mix
+    # fewer distinct adapters (see "Fewer distinct adapters per step"); 0: arrival order
+    max_overtakes: int = 64
 
     def validate(self) -> None:
         """Raise one ConfigError listing every invalid field and its fix."""
@@ -80,8 +96,9 @@ class SchedulerConfig:
         ok: set[str] = set()  # fields valid on their own; relations are checked among these
         for f in fields(self):
             v = getattr(self, f.name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                problems.append(f"{f.name}={v!r}: must be an integer >= 1")
+            least = 0 if f.name == "max_overtakes" else 1
+            if not isinstance(v, int) or isinstance(v, bool) or v < least:
+                problems.append(f"{f.name}={v!r}: must be an integer >= {least}")
             else:
                 ok.add(f.name)
         if {"max_running", "max_step_tokens"} <= ok and (
@@ -119,6 +136,7 @@ class Sequence:
     num_prefilled: int = 0  # prompt tokens already in the KV cache
     num_generated: int = 0  # tokens sampled so far
     arrival: int = -1  # set by Scheduler.add (monotonic counter)
+    overtaken: int = 0  # later arrivals admitted while this one waited
 
     @property
     def prefilling(self) -> bool:
@@ -417,14 +435,43 @@ class Scheduler:
 
     # ------------------------------------------------------------------ internals
 
+    def _admission_order(self) -> list[Sequence]:
+        """The waiting sequences in the order admission considers them: arrival order,
+        unless more wait than there are free KV slots and overtaking is allowed; then
+        those overtaken ``max_overtakes`` times, those whose adapter is already running
+        (or that use none), then the others grouped by adapter, each part in arrival order."""
+        limit = self.config.max_overtakes
+        free = self.config.max_running - len(self._running)
+        if limit == 0 or len(self._waiting) <= free:
+            return self._waiting
+        running = {s.adapter for s in self._running.values()}
+        due: list[Sequence] = []
+        joining: list[Sequence] = []
+        by_adapter: dict[str, list[Sequence]] = {}  # first arrival first
+        for s in self._waiting:
+            if s.overtaken >= limit:
+                due.append(s)
+            elif s.adapter is None or s.adapter in running:
+                joining.append(s)
+            else:
+                by_adapter.setdefault(s.adapter, []).append(s)
+        return [*due, *joining, *(s for group in by_adapter.values() for s in group)]
+
+    def _count_overtakes(self, admitted: list[Sequence]) -> None:
+        """Each sequence still waiting was overtaken by the admitted later arrivals."""
+        arrivals = sorted(s.arrival for s in admitted)
+        for s in self._waiting:
+            s.overtaken += len(arrivals) - bisect.bisect_right(arrivals, s.arrival)
+
     def _admit(self) -> tuple[list[Sequence], list[tuple[str, int]]]:
         admitted: list[Sequence] = []
         loads: list[tuple[str, int]] = []
         keep: list[Sequence] = []
         head: Sequence | None = None  # first sequence in this scan that needs a cold adapter
-        for i, seq in enumerate(self._waiting):
+        order = self._admission_order()
+        for i, seq in enumerate(order):
             if len(self._running) >= self.config.max_running:
-                keep.extend(self._waiting[i:])  # FCFS: nobody overtakes for a KV slot
+                keep.extend(order[i:])  # in admission order: nobody behind takes a KV slot
                 break
             name = seq.adapter
             if name is not None:
@@ -449,7 +496,9 @@ class Scheduler:
                 assert 0 <= seq.num_prefilled < seq.prompt_len, "a cached prefix leaves a token"
             self._running[seq.request_id] = seq
             admitted.append(seq)
-        self._waiting = keep
+        self._waiting = keep if order is self._waiting else sorted(keep, key=lambda s: s.arrival)
+        if admitted and self._waiting and self.config.max_overtakes:
+            self._count_overtakes(admitted)
         return admitted, loads
 
     def _drain_for(self, head: Sequence) -> None:

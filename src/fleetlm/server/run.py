@@ -50,6 +50,7 @@ class ServeSettings(StrictModel):
     max_batch: int = 32
     max_len: int = 2048
     max_hot_adapters: int = 32
+    max_overtakes: int = Field(64, ge=0)  # EngineConfig.max_overtakes
     max_lora_rank: int = 16
     lora_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     config: Path | None = None  # routes config (YAML)
@@ -101,6 +102,7 @@ def build(settings: ServeSettings, say: Callable[[str], None]) -> Served:
     store = AdapterStore(root, lm.config, dtype=lm.model.dtype, max_rank=s.max_lora_rank)
     engine = Engine(lm, EngineConfig(max_running=s.max_batch, max_len=s.max_len,
                                      max_hot_adapters=s.max_hot_adapters,
+                                     max_overtakes=s.max_overtakes,
                                      max_lora_rank=s.max_lora_rank, lora_dtype=s.lora_dtype,
                                      compile=s.compile,
                                      prefix_cache_bytes=int(s.prefix_cache_mb * (1 << 20)),
