@@ -99,6 +99,28 @@ def test_phone_bare_runs_need_context(phone: patterns.FastPhoneRecognizer) -> No
     assert "phone" in phone.context and "call" in phone.context
 
 
+@pytest.mark.parametrize("text, value", [
+    ("unit 1009 box 0219\n781 1704 office\n(579)888-3058 fax", "781 1704"),
+    ("Jane Roe\n555-0199 (fax)\n", "555-0199"),
+    ("direct: 020 7946 0958 mobile, 020 7946 0000 office", "020 7946 0958"),
+])
+def test_phone_label_after_the_number(phone: patterns.FastPhoneRecognizer, text: str,
+                                      value: str) -> None:
+    """A signature block's label after a short local number makes it a phone; presidio's
+    context words only look before a detection."""
+    assert value in found(phone, text)
+
+
+@pytest.mark.parametrize("text", [
+    "781 1704 offices were closed",  # not a label ending the line
+    "call box 781 1704 homework",    # a longer word
+    "Suite 78 1704 office",          # six digits: too short for a phone
+])
+def test_phone_label_must_end_the_line(phone: patterns.FastPhoneRecognizer, text: str) -> None:
+    got = scores(phone, text)
+    assert all(v < 0.4 for v in got.values()), got
+
+
 # ------------------------------------------------------------------ cards
 
 @pytest.mark.parametrize("value", [

@@ -16,7 +16,10 @@ What each finds, and why it exists:
   phone-shaped only; the lower ones need a context word ("phone", "call", "mobile", ...)
   to reach the 0.4 threshold. Candidates that are dates, IP addresses, ZIP+4, Luhn-valid
   card numbers, the tail of an IBAN, follow "order", "invoice", "ref", ..., or are bare
-  digit runs in a sentence about a passport, account, card, ... are dropped.
+  digit runs in a sentence about a passport, account, card, ... are dropped. A separated
+  candidate followed by a phone label that ends its line or list item ("781 1704
+  office", "555-0199 (fax),") scores at least 0.4: presidio's context words only look
+  before a detection, and signature blocks put the label after the number.
 - ``CardRecognizer`` (CREDIT_CARD; replaces ``CreditCardRecognizer``): 12-19 digits,
   unseparated or grouped by one kind of separator (4-4-4-4, 4-6-5, 4-4-4-4-3, ...),
   issuer prefix of a current or legacy scheme (Visa, Mastercard incl. 2221-2720, Amex,
@@ -217,6 +220,11 @@ _NOT_PHONE_BEFORE = re.compile(
 _PHONE_WORD_BEFORE = re.compile(
     r"(?:phone|tel|call|mobile|cell|fax|reach|contact|text|whatsapp|sms|dial|ring)",
     re.IGNORECASE)
+# a line label after the number, as signature blocks write them ("781 1704 office",
+# "555-0199 (fax)"): presidio's context words look only at the words before a detection
+_PHONE_LABEL_AFTER = re.compile(
+    r"[ ]?(?:[:\-\u2013][ ]?|\()?(?:office|fax|mobile|cell|tel|phone|home|work|direct"
+    r"|landline|whatsapp)\b\)?[ ]*(?:$|\n|[,;|/])", re.IGNORECASE)
 _ID_WORD = re.compile(
     r"\b(?:passport|licen[cs]e|account|acct|ssn|social security|card|iban|routing|order"
     r"|invoice|tracking|customer|member|policy|reference|serial)\b", re.IGNORECASE)
@@ -307,6 +315,8 @@ class FastPhoneRecognizer(_Recognizer):
             score = 0.3 if separated else 0.0
         else:
             score = 0.15 if separated and len(digits) >= 7 else 0.0
+        if score and separated and _PHONE_LABEL_AFTER.match(text, end):
+            score = max(score, 0.4)  # labelled as a phone line: as good as a context word
         return ((start, end, score),) if score else ()
 
 
