@@ -106,7 +106,7 @@ def test_bench_adapters_writes_json_with_every_baseline(tmp_path):
             "--max-new-tokens", "4", "--adapter-counts", "1,3", "--popularities", "uniform,zipf",
             "--switching-requests", "2", "--mixed-requests", "3", "--continuous-requests", "3",
             "--adapters-dir", str(tmp_path / "adapters"), "--no-compile", "--max-batch", "2",
-            "--out", str(out))
+            "--repeat", "2", "--out", str(out))
     assert r.returncode == 0, r.stderr
     import json
 
@@ -121,6 +121,7 @@ def test_bench_adapters_writes_json_with_every_baseline(tmp_path):
         # a batch of 2 holds at most 2 adapters; the base run none
         assert 0 <= e["distinct_adapters_per_step"] <= min(e["num_adapters"], 2)
     assert runs[(3, "uniform")]["distinct_adapters_per_step"] > 0
+    assert all(len(e["tokens_per_s_runs"]) == 2 for e in runs.values())  # --repeat 2
     assert {b["system"] for b in data["baselines"]} == {"peft-switching", "peft-mixed", "hf-continuous"}
     for b in data["baselines"]:
         assert b["tokens_per_s"] > 0 and "outputs" not in b

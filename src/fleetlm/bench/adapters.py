@@ -46,6 +46,9 @@ class AdaptersBenchConfig(StrictModel):
     # and the scheduler may group requests by adapter (max_overtakes)
     max_batch: int | None = None
     max_overtakes: int = 64  # EngineConfig.max_overtakes, as fleetlm serve
+    # rounds of (no adapters, every adapter setting), interleaved: each setting's figures
+    # are its median-throughput run, its ratio the median of the per-round ratios
+    repeat: int = 1
     prompt_tokens: int = 64
     max_new_tokens: int = 64
     rank: int = 16
@@ -73,7 +76,7 @@ class AdaptersBenchConfig(StrictModel):
 
         problems = []
         for name in ("num_requests", "concurrency", "prompt_tokens", "max_new_tokens", "rank",
-                     "max_hot_adapters", "switching_requests", "mixed_requests",
+                     "max_hot_adapters", "repeat", "switching_requests", "mixed_requests",
                      "continuous_requests"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')}={getattr(self, name)}: must be >= 1")
@@ -222,17 +225,18 @@ def run(cfg: AdaptersBenchConfig, out: Path | None) -> dict[str, Any]:
         return r
 
     console.print("[bold]fleetlm engine[/]")
-    base = engine_run("no-adapters", [None] * cfg.num_requests)
-    base.update(num_adapters=0, popularity=None)
-    results["engine"].append(base)
-    for count in cfg.adapter_counts:
-        for pop in cfg.popularities:
+    settings = [(count, pop) for count in cfg.adapter_counts for pop in cfg.popularities]
+    rounds: list[dict[Any, dict[str, Any]]] = []
+    for k in range(cfg.repeat):
+        if cfg.repeat > 1:
+            console.print(f"  round {k + 1} of {cfg.repeat}")
+        runs: dict[Any, dict[str, Any]] = {None: engine_run("no-adapters", [None] * cfg.num_requests)}
+        for count, pop in settings:
             assignment = assign_adapters(cfg.num_requests, count, pop, cfg.seed)
-            r = engine_run(f"{count}-{pop}", assignment)
-            r.update(num_adapters=count, popularity=pop,
-                     distinct_used=len({a for a in assignment if a is not None}),
-                     vs_no_adapters=r["tokens_per_s"] / base["tokens_per_s"])
-            results["engine"].append(r)
+            runs[count, pop] = engine_run(f"{count}-{pop}", assignment)
+            runs[count, pop]["distinct_used"] = len({a for a in assignment if a is not None})
+        rounds.append(runs)
+    results["engine"] = _median_runs(rounds, settings)
     engine.shutdown()
     folder = lm.folder
     peft_dtype = getattr(torch, cfg.peft_dtype)
@@ -274,6 +278,29 @@ def run(cfg: AdaptersBenchConfig, out: Path | None) -> dict[str, Any]:
     return results
 
 
+def _median_runs(rounds: list[dict[Any, dict[str, Any]]],
+                 settings: list[tuple[int, str]]) -> list[dict[str, Any]]:
+    """Per setting (None: no adapters), its median-throughput run of the rounds, with every
+    round's tokens/s; ``vs_no_adapters`` is the median over rounds of the setting's rate
+    over the no-adapter rate of the same round (the machine's speed drifts between
+    rounds more than between neighbouring runs)."""
+    out = []
+    for key in [None, *settings]:
+        runs = sorted((r[key] for r in rounds), key=lambda r: r["tokens_per_s"])
+        best = dict(runs[(len(runs) - 1) // 2])
+        best["tokens_per_s_runs"] = [r[key]["tokens_per_s"] for r in rounds]
+        if key is None:
+            best.update(num_adapters=0, popularity=None)
+        else:
+            ratios = sorted(r[key]["tokens_per_s"] / r[None]["tokens_per_s"] for r in rounds)
+            best.update(num_adapters=key[0], popularity=key[1],
+                        vs_no_adapters=ratios[(len(ratios) - 1) // 2],
+                        vs_no_adapters_runs=[r[key]["tokens_per_s"] / r[None]["tokens_per_s"]
+                                             for r in rounds])
+        out.append(best)
+    return out
+
+
 def _resident_worker(folder: str, root: str, names: list[str], rank: int, dtype: str) -> dict:
     import torch
 
@@ -312,9 +339,10 @@ def _ratios(results: dict[str, Any], mix_n: int) -> dict[str, Any]:
     base = eng[(0, None)]
     bl = {r["system"]: r for r in results["baselines"]}
     ratios: dict[str, Any] = {}
-    for (n, pop), v in eng.items():
-        if n:
-            ratios[f"{n}-{pop} / no-adapters (target >= 0.85 at 64)"] = v / base
+    for r in results["engine"]:
+        if r["num_adapters"]:  # the median of the per-round ratios (one round: the ratio)
+            ratios[f"{r['num_adapters']}-{r['popularity']} / no-adapters (target >= 0.85 "
+                   "at 64)"] = r["vs_no_adapters"]
     ours_mix = eng.get((mix_n, "uniform"))
     for key, label in (("peft-switching", "PEFT switching (target >= 20)"),
                        ("peft-mixed", "PEFT mixed batches")):
