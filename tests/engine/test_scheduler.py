@@ -739,18 +739,25 @@ def _admitted_ids(plan: StepPlan) -> list[str]:
     return [s.request_id for s in plan.admitted]
 
 
-def test_grouping_admits_sequences_of_running_adapters_first():
+def _two_free_rows_four_waiting(overtakes: int) -> tuple[Scheduler, MockRunner, StepPlan]:
+    """4 rows, "a" and a base request running; then b1, c1, a2 and n2 (no adapter) wait
+    for the 2 free rows. The plan of that step."""
     sched, run = make(max_running=4, max_step_tokens=64, prefill_chunk=64, max_hot_adapters=8,
-                      max_overtakes=8)
+                      max_overtakes=overtakes)
     run.add("a1", 4, 50, adapter="a")
     run.add("n1", 4, 50)
     run.step()
-    b1, c1 = run.add("b1", 4, 5, adapter="b"), run.add("c1", 4, 5, adapter="c")
-    run.add("a2", 4, 5, adapter="a")
-    run.add("n2", 4, 5)  # no adapter: joins for free
-    plan = run.step()
-    assert _admitted_ids(plan) == ["a2", "n2"]  # 2 free KV slots, no new adapter
-    assert sched.waiting == [b1, c1] and (b1.overtaken, c1.overtaken) == (2, 2)
+    for rid, name in [("b1", "b"), ("c1", "c"), ("a2", "a"), ("n2", None)]:
+        run.add(rid, 4, 5, adapter=name)
+    return sched, run, run.step()
+
+
+def test_grouping_admits_sequences_of_running_adapters_first():
+    sched, _, plan = _two_free_rows_four_waiting(8)
+    assert _admitted_ids(plan) == ["a2", "n2"]  # no new adapter; n2 uses none
+    b1, c1 = sched.waiting
+    assert (b1.request_id, c1.request_id) == ("b1", "c1")
+    assert (b1.overtaken, c1.overtaken) == (2, 2)
 
 
 def test_grouping_takes_new_adapters_one_whole_group_at_a_time():
@@ -779,14 +786,9 @@ def test_grouping_stops_at_max_overtakes():
 
 
 def test_strict_arrival_order_with_max_overtakes_0():
-    sched, run = make(max_running=4, max_step_tokens=64, prefill_chunk=64, max_hot_adapters=8,
-                      max_overtakes=0)
-    run.add("a1", 4, 50, adapter="a")
-    run.add("n1", 4, 50)
-    run.step()
-    for rid, name in [("b1", "b"), ("c1", "c"), ("a2", "a"), ("n2", None)]:
-        run.add(rid, 4, 5, adapter=name)
-    assert _admitted_ids(run.step()) == ["b1", "c1"]
+    sched, _, plan = _two_free_rows_four_waiting(0)
+    assert _admitted_ids(plan) == ["b1", "c1"]
+    assert [s.overtaken for s in sched.waiting] == [0, 0]
 
 
 def test_grouping_changes_nothing_when_every_waiting_sequence_fits():
