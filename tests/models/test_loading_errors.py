@@ -393,3 +393,30 @@ def test_gguf_round_trip_matches_transformers(tmp_path, monkeypatch):
     again = load_model(str(src), dtype="float32", with_tokenizer=False)
     assert again.folder == loaded.folder
     assert [p.name for p in (cache / "converted").iterdir()] == [loaded.folder.name]
+
+    # the same file in another place (another checkout, a fresh virtual environment)
+    # reuses the conversion: the cache is keyed by content, not by path
+    elsewhere = tmp_path / "other-checkout"
+    elsewhere.mkdir()
+    shutil.copy2(path, elsewhere / "tiny.gguf")
+    assert load_model(str(elsewhere / "tiny.gguf"), dtype="float32",
+                      with_tokenizer=False).folder == loaded.folder
+
+
+def test_conversion_prunes_folders_of_deleted_ggufs(tmp_path, monkeypatch):
+    pytest.importorskip("gguf")
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("FLEETLM_CACHE", str(cache))
+    src = tmp_path / "src"
+    src.mkdir()
+    path = src / "tiny.gguf"
+    _write_tiny_gguf(path, make_hf_model("llama"))
+    root = cache / "converted"
+    # left by a deleted checkout (source gone) and by a live one (source still there)
+    orphan, live = root / "tiny-000000000000", root / "tiny-111111111111"
+    for folder, source in ((orphan, tmp_path / "gone" / "tiny.gguf"), (live, path)):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+        (folder / "fleetlm_source.json").write_text(json.dumps({"gguf": str(source)}))
+    loaded = load_model(str(path), dtype="float32", with_tokenizer=False)
+    assert sorted(p.name for p in root.iterdir()) == sorted([loaded.folder.name, live.name])

@@ -50,9 +50,27 @@ def cache_root() -> Path:
 
 
 def _cache_key(path: Path) -> str:
-    st = path.stat()
-    h = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|v1".encode())
+    """``<stem>-<12 hex digits of the file's sha256 and the converter version>``: by
+    content, so every checkout and virtual environment holding the same GGUF shares one
+    conversion (a key by path and mtime made a new ~500 MB folder per fresh clone)."""
+    with path.open("rb") as f:
+        h = hashlib.file_digest(f, "sha256")
+    h.update(b"|v1")
     return f"{path.stem}-{h.hexdigest()[:12]}"
+
+
+def _prune_orphans(root: Path, stem: str, keep: Path) -> None:
+    """Remove converted folders of ``stem`` other than ``keep`` whose source GGUF no longer
+    exists (left by deleted checkouts, or by the older path-keyed cache names)."""
+    for other in root.glob(f"{stem}-*"):
+        if other == keep or not (other / "config.json").is_file():
+            continue
+        try:
+            source = json.loads((other / "fleetlm_source.json").read_text())["gguf"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if not Path(source).exists():
+            shutil.rmtree(other, ignore_errors=True)
 
 
 def _hf_name(gguf_name: str) -> str | None:
@@ -146,4 +164,5 @@ def converted_folder(path: Path, show_progress: bool = True) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _prune_orphans(target.parent, path.stem, target)
     return target
