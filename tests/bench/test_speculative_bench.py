@@ -21,7 +21,8 @@ def test_bench_speculative_writes_json_with_identical_tokens(tmp_path):
     fleetlm = FLEETLM
     assert fleetlm, "the fleetlm entry point is not installed in this environment"
     r = subprocess.run([fleetlm, "bench", "speculative", "--no-compile", "--requests", "1",
-                        "--passage-words", "30", "--max-new-tokens", "24", "--out", str(out)],
+                        "--passage-words", "30", "--max-new-tokens", "24",
+                        "--draft-model", "smollm2-135m", "--out", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
@@ -30,6 +31,12 @@ def test_bench_speculative_writes_json_with_identical_tokens(tmp_path):
     assert plain["generated_tokens"] == spec["generated_tokens"] > 0
     assert spec["steps"] < plain["steps"]  # the copied passage is drafted and accepted
     assert data["speedup"] > 0
+    # the model as its own draft: whatever it proposes where prompt lookup found nothing is
+    # accepted, so it takes no more steps than prompt lookup alone, for the same tokens
+    drafted = data["runs"]["draft_model"]
+    assert drafted["generated_tokens"] == plain["generated_tokens"]
+    assert drafted["steps"] <= spec["steps"] and drafted["draft_model_tokens_proposed"] >= 0
+    assert data["speedup_draft_model"] > 0
 
 
 def test_bench_speculative_refuses_a_bad_setting():

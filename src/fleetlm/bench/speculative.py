@@ -32,6 +32,7 @@ class SpecBenchConfig(StrictModel):
     quantize: str = "auto"
     compile: bool = True
     speculative_tokens: int = 6
+    draft_model: str | None = None  # a third run: prompt lookup, then this draft model
     passage_words: int = 80
     requests: int = 4
     max_new_tokens: int = 96
@@ -82,10 +83,16 @@ def run(cfg: SpecBenchConfig, out: Path | None) -> dict[str, Any]:
     results: dict[str, Any] = {"config": cfg.model_dump(mode="json"), "environment": environment()}
     runs: dict[str, dict[str, Any]] = {}
     tokens: dict[str, list[list[int]]] = {}
-    for label, k in (("plain", 0), ("speculative", cfg.speculative_tokens)):
+    draft = (load_model(cfg.draft_model, dtype=cfg.dtype, quantize=cfg.quantize)
+             if cfg.draft_model else None)
+    runs_of: list[tuple[str, int, Any]] = [("plain", 0, None),
+                                           ("speculative", cfg.speculative_tokens, None)]
+    if draft is not None:
+        runs_of.append(("draft_model", cfg.speculative_tokens, draft))
+    for label, k, d in runs_of:
         engine = Engine(lm, EngineConfig(max_running=1, max_len=max_len, max_hot_adapters=0,
                                          compile=cfg.compile, speculative_tokens=k,
-                                         prefix_cache_bytes=0))
+                                         prefix_cache_bytes=0), draft=d)
         engine.warmup()
         _one(engine, prompts[0], 8)  # warm-up
         rates, toks = [], []
@@ -95,6 +102,8 @@ def run(cfg: SpecBenchConfig, out: Path | None) -> dict[str, Any]:
             toks.append(t)
         runs[label] = {"decode_tok_s_p50": round(median(rates), 1),
                        "generated_tokens": sum(len(t) for t in toks), "steps": engine.steps}
+        if engine.draft is not None:
+            runs[label]["draft_model_tokens_proposed"] = engine.draft.proposed
         tokens[label] = toks
         console.print(f"  {label:>11}: {runs[label]['decode_tok_s_p50']} tok/s decode "
                       f"({runs[label]['steps']} steps)")
@@ -102,7 +111,10 @@ def run(cfg: SpecBenchConfig, out: Path | None) -> dict[str, Any]:
     results["fleetlm"] = fleetlm_settings(lm)
     results["speedup"] = round(runs["speculative"]["decode_tok_s_p50"]
                                / max(runs["plain"]["decode_tok_s_p50"], 1e-9), 3)
-    results["greedy_identical"] = tokens["speculative"] == tokens["plain"]
+    if "draft_model" in runs:
+        results["speedup_draft_model"] = round(runs["draft_model"]["decode_tok_s_p50"]
+                                               / max(runs["plain"]["decode_tok_s_p50"], 1e-9), 3)
+    results["greedy_identical"] = all(t == tokens["plain"] for t in tokens.values())
     console.print(f"  speculative / plain: {results['speedup']}x (target >= 1.5x); greedy "
                   f"tokens identical: {results['greedy_identical']}")
     write_json(results, out)

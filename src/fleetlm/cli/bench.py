@@ -170,18 +170,19 @@ def bench_speculative(
     quantize: QuantArg = QuantOpt.auto,
     compile: Annotated[bool, typer.Option(help="Compiled decode steps, as `fleetlm serve` (its default).")] = True,
     speculative_tokens: Annotated[int, typer.Option(help="Draft tokens checked per step.")] = 6,
+    draft_model: Annotated[str | None, typer.Option(help="Also run with this draft model (the served model's tokenizer) proposing where prompt lookup finds nothing.")] = None,
     passage_words: Annotated[int, typer.Option(help="Words of the passage to copy.")] = 80,
     requests: Annotated[int, typer.Option(help="Timed requests per run.")] = 4,
     max_new_tokens: Annotated[int, typer.Option(help="Most greedy tokens per request.")] = 96,
 ) -> None:
     """Single-stream decode of an extraction-style request with and without prompt-lookup
-    speculative decoding; the tokens must be identical."""
+    speculative decoding (and with a draft model, if given); the tokens must be identical."""
     from fleetlm.bench.speculative import SpecBenchConfig, run
 
     try:
         run(SpecBenchConfig(model=model, dtype=dtype.value, quantize=quantize.value,
                             compile=compile, speculative_tokens=speculative_tokens,
-                            passage_words=passage_words, requests=requests,
+                            draft_model=draft_model, passage_words=passage_words, requests=requests,
                             max_new_tokens=max_new_tokens), out)
     except (FleetLMError, ValueError) as e:
         fail(e)

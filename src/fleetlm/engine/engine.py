@@ -51,6 +51,7 @@ import torch
 from fleetlm.adapters.errors import AdapterError
 from fleetlm.adapters.store import AdapterStore
 from fleetlm.engine.detokenizer import Detokenizer
+from fleetlm.engine.draft_model import DraftModel, check_compatible
 from fleetlm.engine.lora import NO_ADAPTER
 from fleetlm.engine.prefix_cache import PrefixCache, PrefixHit
 from fleetlm.engine.runner import DecodeItem, ModelRunner, PrefillItem, StepOutput
@@ -213,11 +214,22 @@ class _Mailbox:
 
 class Engine:
     def __init__(self, lm: LoadedModel, config: EngineConfig | None = None,
-                 store: AdapterStore | None = None) -> None:
+                 store: AdapterStore | None = None, draft: LoadedModel | None = None) -> None:
+        """``draft``: a small model with ``lm``'s tokenizer that proposes the tokens
+        speculative decoding checks (engine/draft_model.py), where prompt lookup finds
+        none; needs ``config.speculative_tokens`` > 0."""
         self.lm = lm
         self.config = config or EngineConfig()
         self.config.validate()
         c = self.config
+        self.draft: DraftModel | None = None
+        if draft is not None:
+            if not c.speculative_tokens:
+                raise ConfigError("a draft model proposes speculative tokens: set "
+                                  "speculative_tokens (--speculative-tokens N) to N >= 1")
+            check_compatible(lm, draft)
+            self.draft = DraftModel(draft, c.max_len, max_sequences=c.spec_max_batch,
+                                    compile=c.compile)
         m = lm.model
         cfg = lm.config
         rows = c.max_running
@@ -368,11 +380,16 @@ class Engine:
         """Build the compiled decode graphs now (on the calling thread, before any request)
         rather than inside the first requests' steps; seconds taken. Nothing to do, and
         0.0, when the engine runs eagerly."""
-        if not self.lm.model.decode_compiled:
+        draft = self.draft is not None and self.draft.lm.model.decode_compiled
+        if not self.lm.model.decode_compiled and not draft:
             return 0.0
         t0 = time.perf_counter()
         with self._lock:
-            self.runner.warmup()
+            if self.lm.model.decode_compiled:
+                self.runner.warmup()
+            if self.draft is not None and draft:  # its one-token graph, on a throwaway row
+                self.draft.propose("warmup", [0, 0], 2, self.lm.config.vocab_size)
+                self.draft.forget("warmup")
         return time.perf_counter() - t0
 
     def start(self) -> None:
@@ -631,12 +648,17 @@ class Engine:
         if len(decode) > self.config.spec_max_batch:
             return decode, [], {}
         drafts: dict[str, list[int]] = {}
+        if self.draft is not None:
+            self.draft.retain(self._requests)
         for d in decode:
             req = self._requests[d.seq_id]
             room = min(self.config.speculative_tokens, req.seq.max_new_tokens - req.generated - 1,
                        self.config.max_len - d.position - 2)
             if room > 0 and req.sampler.plain_greedy and req.drafts.enabled:
-                drafts[d.seq_id] = propose(req.history, room)
+                # prompt lookup costs nothing; the draft model runs where it finds nothing
+                drafts[d.seq_id] = propose(req.history, room) or (
+                    self.draft.propose(d.seq_id, req.history, room, self.lm.config.vocab_size)
+                    if self.draft is not None else [])
             else:
                 drafts[d.seq_id] = []
         if not any(drafts.values()):
@@ -728,7 +750,7 @@ class Engine:
                 with self._lock:
                     failed = self.scheduler.fail_adapter(name)
                 for seq in failed:
-                    self.runner.release(seq.request_id)
+                    self._release(seq.request_id)
                     self._end(self._requests[seq.request_id], "error", e)
 
     def _emit(self, req: _Request, s: SampleResult) -> None:
@@ -766,9 +788,15 @@ class Engine:
         """A request that ran to its end: out of the scheduler, its KV row freed."""
         with self._lock:
             self.scheduler.finish(req.id)
-        self.runner.release(req.id)
+        self._release(req.id)
         req.done = True
         del self._requests[req.id]
+
+    def _release(self, seq_id: str) -> None:
+        """Free a sequence's KV cache row (and its draft model cache)."""
+        self.runner.release(seq_id)
+        if self.draft is not None:
+            self.draft.forget(seq_id)
 
     def _end(self, req: _Request, reason: str, error: Exception | None = None) -> None:
         if req.done:
@@ -784,7 +812,7 @@ class Engine:
             for rid in cancels:
                 self.scheduler.abort(rid)
         for rid in cancels:
-            self.runner.release(rid)
+            self._release(rid)
             req = self._requests.get(rid)
             if req is not None:
                 self._end(req, "cancelled")
@@ -796,7 +824,7 @@ class Engine:
             for rid in request_ids:
                 self.scheduler.abort(rid)
         for rid in request_ids:
-            self.runner.release(rid)
+            self._release(rid)
             req = self._requests.pop(rid, None)
             if req is not None and not req.done:
                 try:
@@ -810,5 +838,5 @@ class Engine:
             for req in reqs:
                 self.scheduler.abort(req.id)
         for req in reqs:
-            self.runner.release(req.id)
+            self._release(req.id)
             self._end(req, "error", error)

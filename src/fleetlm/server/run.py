@@ -46,7 +46,8 @@ class ServeSettings(StrictModel):
     quantize: str = "auto"  # int8 where this CPU has a vector path for it
     compile: bool = True  # compiled decode steps, warmed up before serving
     prefix_cache_mb: float = Field(256.0, ge=0)  # shared prompt prefixes' keys and values
-    speculative_tokens: int = Field(0, ge=0)  # prompt-lookup drafts per step (0: off)
+    speculative_tokens: int = Field(0, ge=0)  # draft tokens checked per step (0: off)
+    draft_model: str | None = None  # proposes drafts where prompt lookup finds none
     max_batch: int = 32
     max_len: int = 2048
     max_hot_adapters: int = 32
@@ -98,6 +99,8 @@ def build(settings: ServeSettings, say: Callable[[str], None]) -> Served:
     gateway = Gateway(state, require_keys=not is_loopback(s.host))
     say(f"fleetlm: state store {state.display_url}; {gateway.describe()}")
     lm = load_model(s.model, dtype=s.dtype, quantize=s.quantize)
+    draft = (load_model(s.draft_model, dtype=s.dtype, quantize=s.quantize)
+             if s.draft_model else None)
     root = s.adapters_dir or default_adapters_dir()
     store = AdapterStore(root, lm.config, dtype=lm.model.dtype, max_rank=s.max_lora_rank)
     engine = Engine(lm, EngineConfig(max_running=s.max_batch, max_len=s.max_len,
@@ -107,7 +110,7 @@ def build(settings: ServeSettings, say: Callable[[str], None]) -> Served:
                                      compile=s.compile,
                                      prefix_cache_bytes=int(s.prefix_cache_mb * (1 << 20)),
                                      speculative_tokens=s.speculative_tokens),
-                    store=store)
+                    store=store, draft=draft)
     say(f"fleetlm: {lm.name} {str(lm.dtype).removeprefix('torch.')}, weights {lm.quantize}, "
         f"{'compiling decode steps' if engine.lm.model.decode_compiled else 'eager'}")
     warm = engine.warmup()
