@@ -130,3 +130,16 @@ def test_bad_drafts_are_refused_with_the_fix(target, other_draft):
         Engine(target, cfg(speculative_tokens=2), draft=alien)
     with pytest.raises(ConfigError, match="max_len"):
         DraftModel(other_draft, 4096)
+
+
+def test_serve_refuses_a_draft_model_without_speculative_tokens():
+    """Checked with the other options, before any model is loaded."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "fleetlm", "serve", "--draft-model",
+                        "smollm2-135m"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "--draft-model: a draft model proposes speculative tokens: set " \
+           "--speculative-tokens N" in r.stderr
+    assert "Traceback" not in r.stderr

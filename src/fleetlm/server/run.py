@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from fleetlm.config import StrictModel
 from fleetlm.errors import FleetLMError
@@ -63,6 +63,14 @@ class ServeSettings(StrictModel):
     # keys, tenants, the audit log and the cost ledger: None = $FLEETLM_STATE_DB, else
     # $FLEETLM_HOME/state.db (SQLite); postgresql://... when replicas share it
     state_db: str | None = None
+
+    @field_validator("draft_model")
+    @classmethod
+    def _draft_needs_tokens(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value and not info.data.get("speculative_tokens"):
+            raise ValueError("a draft model proposes speculative tokens: set "
+                             "--speculative-tokens N (N >= 1) too")
+        return value
 
 
 @dataclass
