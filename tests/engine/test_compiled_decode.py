@@ -135,3 +135,21 @@ def test_fleetlm_compile_0_turns_compilation_off(folder, monkeypatch):
                                                compile=True))
     assert not engine.lm.model.decode_compiled and engine.warmup() == 0.0
     assert run(engine, [([1, 2, 3], 3, None)])[0][0]  # and it still decodes
+
+
+def test_inductor_cache_goes_to_fleetlms_cache_unless_the_user_chose_one(monkeypatch, tmp_path):
+    """Torch writes its own default (under /tmp) into the variable the first time anything
+    asks for its cache: that counts as unset; a folder the user chose is kept."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir as torch_default
+
+    from fleetlm.models.compiled_decode import default_cache_dir, use_cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    ours = str(tmp_path / "xdg" / "fleetlm" / "inductor")
+    assert str(default_cache_dir()) == ours
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert use_cache_dir() == ours
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", torch_default())
+    assert use_cache_dir() == ours
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert use_cache_dir() == str(tmp_path / "mine")

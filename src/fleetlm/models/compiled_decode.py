@@ -20,7 +20,7 @@ If compiling or running a graph fails (no C++ compiler, an unsupported op), the 
 logs it once and decodes eagerly from then on; the eager pass rewrites the same cache
 positions, so the step's result is unaffected. ``FLEETLM_COMPILE=0`` turns compilation
 off. Inductor's cache lives in ``$TORCHINDUCTOR_CACHE_DIR``, by default
-``~/.cache/fleetlm/inductor`` (set before the first compile), so it survives reboots.
+``~/.cache/fleetlm/inductor`` (:func:`use_cache_dir`), so it survives reboots.
 """
 
 from __future__ import annotations
@@ -55,6 +55,20 @@ def default_cache_dir() -> Path:
     return Path(base) / "fleetlm" / "inductor"
 
 
+def use_cache_dir() -> str:
+    """Point inductor's cache at :func:`default_cache_dir` unless the user chose another
+    place; the directory in use. Torch writes its own default (a folder under /tmp, lost at
+    reboot) into ``$TORCHINDUCTOR_CACHE_DIR`` the first time anything asks for the cache,
+    which can happen before the first compile (a plain ``setdefault`` then never took
+    effect), so torch's default counts as unset here."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir as torch_default
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == os.path.abspath(torch_default()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(default_cache_dir())
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+
+
 def run_layers(layers: Sequence[Callable[..., Tensor]], x: Tensor, cos: Tensor, sin: Tensor,
                positions: Tensor, mask: Tensor, cache: KVCache, slots: Tensor | None,
                lora: LoraHook | None) -> Tensor:
@@ -69,7 +83,7 @@ class CompiledDecode:
     """The compiled graphs of one model's decode step (see the module docstring)."""
 
     def __init__(self, layers: nn.ModuleList) -> None:
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default_cache_dir()))
+        use_cache_dir()
         eager = list(layers)
 
         def whole(*args: object) -> Tensor:
