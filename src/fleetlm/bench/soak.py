@@ -77,6 +77,7 @@ class SoakBenchConfig(StrictModel):
     max_len: int = Field(256, ge=64)  # the server's --max-len: the prompts here are short
     deadline_s: float = Field(120.0, gt=0)  # no answer within it: hung
     max_body_mb: float = Field(4.0, gt=0)  # the server's --max-body-mb
+    compile: bool = True  # the server's --compile (its default) or --no-compile
     seed: int = 0
 
     @property
@@ -498,7 +499,8 @@ def run(cfg: SoakBenchConfig, out: Path | None) -> dict[str, Any]:
                *(("--config", str(work / "routes.yaml")) if route else ()),
                "--max-batch", str(max(4, 2 * n)),
                "--max-len", str(cfg.max_len), "--max-hot-adapters", str(max(1, cfg.adapters)),
-               "--max-body-mb", str(cfg.max_body_mb)]
+               "--max-body-mb", str(cfg.max_body_mb),
+               "--compile" if cfg.compile else "--no-compile"]
         p.say(f"bench soak: starting fleetlm serve ({name}, {cfg.adapters} adapters"
               + (f", route {route!r} over a stub upstream)" if route else ")"))
         try:

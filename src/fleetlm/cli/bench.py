@@ -303,6 +303,7 @@ def bench_soak(
     adapters: Annotated[int, typer.Option(help="Random adapters in the server's store.")] = 3,
     max_tokens: Annotated[int, typer.Option(help="Tokens per well-behaved request.")] = 24,
     deadline_s: Annotated[float, typer.Option(help="A request with no answer after this long is hung.")] = 120.0,
+    compile: Annotated[bool, typer.Option(help="The server's --compile/--no-compile (its default: compiled decode steps).")] = True,
 ) -> None:
     """A real server under load for minutes, with and without hostile clients: RSS growth,
     lost and hung requests, TTFT with and without, throughput (targets pass/fail)."""
@@ -316,7 +317,8 @@ def bench_soak(
     try:
         run(SoakBenchConfig(model=model, dtype=dtype.value, seconds=length,
                             clients=clients, hostile=hostile, adapters=adapters,
-                            max_tokens=max_tokens, deadline_s=deadline_s), out)
+                            max_tokens=max_tokens, deadline_s=deadline_s, compile=compile),
+            out)
     except ValidationError as e:
         fail(FleetLMError("; ".join(f"--{'-'.join(str(x) for x in err['loc'])}: {err['msg']}"
                                     for err in e.errors())))
