@@ -22,7 +22,7 @@ This module knows the model's forward and KV cache, nothing about scheduling.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,14 +74,8 @@ class DraftModel:
             lm.model.compile_decode()
 
     def forget(self, seq_id: str) -> None:
-        """Drop a finished sequence's cache."""
+        """Drop a finished sequence's cache (the engine calls it for every ended request)."""
         self._caches.pop(seq_id, None)
-
-    def retain(self, alive: Iterable[str]) -> None:
-        """Drop the caches of sequences not in ``alive``."""
-        keep = set(alive)
-        for seq_id in [s for s in self._caches if s not in keep]:
-            del self._caches[seq_id]
 
     def _cache(self, seq_id: str) -> _Cache:
         cache = self._caches.get(seq_id)

@@ -648,8 +648,6 @@ class Engine:
         if len(decode) > self.config.spec_max_batch:
             return decode, [], {}
         drafts: dict[str, list[int]] = {}
-        if self.draft is not None:
-            self.draft.retain(self._requests)
         for d in decode:
             req = self._requests[d.seq_id]
             room = min(self.config.speculative_tokens, req.seq.max_new_tokens - req.generated - 1,
