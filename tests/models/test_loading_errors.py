@@ -412,11 +412,20 @@ def test_conversion_prunes_folders_of_deleted_ggufs(tmp_path, monkeypatch):
     path = src / "tiny.gguf"
     _write_tiny_gguf(path, make_hf_model("llama"))
     root = cache / "converted"
-    # left by a deleted checkout (source gone) and by a live one (source still there)
-    orphan, live = root / "tiny-000000000000", root / "tiny-111111111111"
-    for folder, source in ((orphan, tmp_path / "gone" / "tiny.gguf"), (live, path)):
-        folder.mkdir(parents=True)
-        (folder / "config.json").write_text("{}")
-        (folder / "fleetlm_source.json").write_text(json.dumps({"gguf": str(source)}))
+    other = tmp_path / "other.gguf"  # another live GGUF of the same stem's family
+    other.write_bytes(b"x")
+    folders = {
+        "tiny-000000000000": {"gguf": str(tmp_path / "gone" / "tiny.gguf"),
+                              "key": gguf_convert.KEY_SCHEME},  # its checkout was deleted
+        "tiny-111111111111": {"gguf": str(path)},  # the old path-and-mtime key: redundant
+        "tiny-222222222222": {"gguf": str(other), "key": gguf_convert.KEY_SCHEME},  # live
+    }
+    for name, info in folders.items():
+        (root / name).mkdir(parents=True)
+        (root / name / "config.json").write_text("{}")
+        (root / name / "fleetlm_source.json").write_text(json.dumps(info))
     loaded = load_model(str(path), dtype="float32", with_tokenizer=False)
-    assert sorted(p.name for p in root.iterdir()) == sorted([loaded.folder.name, live.name])
+    assert sorted(p.name for p in root.iterdir()) == sorted([loaded.folder.name,
+                                                             "tiny-222222222222"])
+    written = json.loads((loaded.folder / "fleetlm_source.json").read_text())
+    assert written == {"gguf": str(path.resolve()), "key": gguf_convert.KEY_SCHEME}

@@ -59,17 +59,22 @@ def _cache_key(path: Path) -> str:
     return f"{path.stem}-{h.hexdigest()[:12]}"
 
 
+KEY_SCHEME = "sha256-v1"  # written into fleetlm_source.json: the folder is keyed by content
+
+
 def _prune_orphans(root: Path, stem: str, keep: Path) -> None:
-    """Remove converted folders of ``stem`` other than ``keep`` whose source GGUF no longer
-    exists (left by deleted checkouts, or by the older path-keyed cache names)."""
+    """Remove converted folders of ``stem`` other than ``keep`` that nothing will read
+    again: those whose source GGUF no longer exists (deleted checkouts), and those named by
+    the older path-and-mtime key (their GGUF, if still there, now maps to a content key)."""
     for other in root.glob(f"{stem}-*"):
         if other == keep or not (other / "config.json").is_file():
             continue
         try:
-            source = json.loads((other / "fleetlm_source.json").read_text())["gguf"]
+            info = json.loads((other / "fleetlm_source.json").read_text())
+            source = info["gguf"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if not Path(source).exists():
+        if info.get("key") != KEY_SCHEME or not Path(source).exists():
             shutil.rmtree(other, ignore_errors=True)
 
 
@@ -139,7 +144,8 @@ def convert_gguf(path: Path, out_dir: Path) -> None:
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
     tok.save_pretrained(str(out_dir))
-    (out_dir / "fleetlm_source.json").write_text(json.dumps({"gguf": str(path.resolve())}))
+    (out_dir / "fleetlm_source.json").write_text(
+        json.dumps({"gguf": str(path.resolve()), "key": KEY_SCHEME}))
 
 
 def converted_folder(path: Path, show_progress: bool = True) -> Path:
