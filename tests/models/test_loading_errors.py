@@ -389,8 +389,13 @@ def test_gguf_round_trip_matches_transformers(tmp_path, monkeypatch):
     def no_second_conversion(*args, **kwargs):
         raise AssertionError("the GGUF was converted again instead of read from the cache")
 
+    def no_second_read(*args, **kwargs):
+        raise AssertionError("the GGUF was hashed again instead of its digest remembered")
+
     monkeypatch.setattr(gguf_convert, "convert_gguf", no_second_conversion)
-    again = load_model(str(src), dtype="float32", with_tokenizer=False)
+    with monkeypatch.context() as m:
+        m.setattr(gguf_convert.hashlib, "file_digest", no_second_read)
+        again = load_model(str(src), dtype="float32", with_tokenizer=False)
     assert again.folder == loaded.folder
     assert [p.name for p in (cache / "converted").iterdir()] == [loaded.folder.name]
 
