@@ -69,7 +69,6 @@ class DraftModel:
         self.max_sequences = max_sequences
         self._caches: OrderedDict[str, _Cache] = OrderedDict()
         self.proposed = 0  # draft tokens proposed (for benchmarks and logs)
-        self.forwards = 0
         if compile and not lm.model.decode_compiled:
             lm.model.compile_decode()
 
@@ -94,7 +93,6 @@ class DraftModel:
         positions = torch.arange(start, start + n, dtype=torch.long)[None]
         logits = self.lm.model(ids, positions, cache.kv, None, start + n,
                                logits_index=torch.tensor([n - 1]))
-        self.forwards += 1
         del cache.tokens[start:]
         cache.tokens.extend(tokens)
         return int(logits[0, :vocab].argmax())
