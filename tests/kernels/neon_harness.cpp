@@ -1,4 +1,5 @@
-// Stand-alone check of the aarch64 NEON micro-kernels of int8_gemv.cpp, int4_gemv.cpp and lora_sgmv.cpp
+// Stand-alone check of the aarch64 NEON micro-kernels of int8_gemv.cpp, int4_gemv.cpp, lora_sgmv.cpp
+// and decode_stack.inc
 // against double-precision loops, for machines without an ARM CPU: test_neon_emulated.py
 // pastes the kernels' `namespace neon` blocks in at NEON_KERNELS, cross-compiles with
 // aarch64-linux-gnu-g++ and runs the result under qemu-aarch64-static. (No libtorch: bf16 is
@@ -21,6 +22,7 @@ struct BF {
   operator float() const { uint32_t u = uint32_t(x) << 16; float f; std::memcpy(&f, &u, 4); return f; }
 };
 using bf16 = BF;
+namespace c10 { using BFloat16 = BF; }  // decode_stack.inc names it so
 // NEON_KERNELS
 
 std::mt19937 rng(1);
@@ -77,7 +79,20 @@ template <typename T, int MB> void t_expand(int r, int ncols) {
     double s = 0; for (int k = 0; k < r; ++k) s += double(h[m * r + k]) * float(bt[k * ldb + c]);
     check(std::fabs(float(ys[m * ncols + c]) - s) <= tol * (1 + std::fabs(s)), "expand", MB, r, ncols); }
 }
+// decode_stack.inc's attention helpers: dot(q, key row) and y += a * value row
+template <typename C> void t_attn(int n) {
+  std::vector<float> q(n), y(n), y0(n); std::vector<C> k(n);
+  for (int i = 0; i < n; ++i) { q[i] = rnd(); k[i] = C(rnd()); y[i] = y0[i] = rnd(); }
+  double s = 0; for (int i = 0; i < n; ++i) s += double(q[i]) * float(k[i]);
+  float got = stneon::dot(q.data(), k.data(), n);
+  check(std::fabs(got - s) <= 1e-5 * (1 + std::fabs(s)) + 1e-5, "attn dot", n, sizeof(C), 0);
+  stneon::axpy(0.75f, k.data(), y.data(), n);
+  for (int i = 0; i < n; ++i)
+    check(std::fabs(y[i] - (y0[i] + 0.75f * float(k[i]))) <= 1e-6, "attn axpy", n, i, sizeof(C));
+}
+
 int main() {
+  for (int n : {1, 3, 4, 7, 8, 16, 33, 64, 65}) { t_attn<float>(n); t_attn<bf16>(n); }
   for (int K : {1, 3, 7, 8, 9, 16, 45, 64, 65, 130, 577}) {
     t_dot<4, 4>(K); t_dot<4, 3>(K); t_dot<4, 2>(K); t_dot<4, 1>(K); t_dot<1, 1>(K); t_dot<1, 4>(K);
     t_shrink<float, 1, 8>(K); t_shrink<float, 4, 4>(K); t_shrink<float, 3, 2>(K);

@@ -37,7 +37,8 @@ def neon_block(source: Path, rename: str | None = None) -> str:
 def test_neon_kernels_under_qemu(tmp_path: Path) -> None:
     kernels = "\n".join([neon_block(CSRC / "int8_gemv.cpp", "i8neon"),
                          neon_block(CSRC / "int4_gemv.cpp", "i4neon"),
-                         neon_block(CSRC / "lora_sgmv.cpp")])
+                         neon_block(CSRC / "lora_sgmv.cpp"),
+                         neon_block(CSRC / "decode_stack.inc", "stneon")])
     src = tmp_path / "harness.cpp"
     src.write_text(HARNESS.read_text().replace("// NEON_KERNELS", kernels))
     exe = tmp_path / "harness"

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from fleetlm.models.compiled_decode import CompiledDecode, compile_disabled, run_layers
 from fleetlm.models.config import LlamaConfig
+from fleetlm.models.fused_decode import FusedDecode
 from fleetlm.models.kv_cache import KVCache
 from fleetlm.models.layers import Linear, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
 from fleetlm.models.lora_hook import LayerLoraHook, LoraHook
@@ -239,6 +240,16 @@ class LlamaForCausalLM(nn.Module):
         return mask[:, :, None].expand(B, 1, rep, S, kv_len).reshape(B, 1, rep * S, kv_len)
 
     _compiled: CompiledDecode | None = None
+    _fused: FusedDecode | None = None
+    _fused_checked = False
+
+    def fused_decode(self) -> FusedDecode | None:
+        """The one-row native decode step (:mod:`fleetlm.models.fused_decode`) when it
+        applies to this model; decided on first use (after any quantisation)."""
+        if not self._fused_checked:
+            self._fused = FusedDecode.build(self)
+            self._fused_checked = True
+        return self._fused
 
     def compile_decode(self) -> bool:
         """Compile decode steps from now on (:mod:`fleetlm.models.compiled_decode`); the
@@ -252,6 +263,19 @@ class LlamaForCausalLM(nn.Module):
     def decode_compiled(self) -> bool:
         """True while decode steps run compiled (False before, and after a failure)."""
         return self._compiled is not None and not self._compiled.failed
+
+    def _layers(self, x: Tensor, positions: Tensor, cache: KVCache, slots: Tensor | None,
+                kv_len: int, lora: LoraHook | None) -> Tensor:
+        """The decoder stack in PyTorch: the compiled decode graphs where they apply, else
+        eagerly."""
+        cos = self.rope_cos[positions].to(x.dtype)[:, :, None, :]
+        sin = self.rope_sin[positions].to(x.dtype)[:, :, None, :]
+        mask = self.attention_mask(positions, kv_len)
+        out = None
+        if self._compiled is not None and x.shape[1] == 1 and slots is None:
+            out = self._compiled(x, cos, sin, positions, mask, cache, lora)
+        return out if out is not None else run_layers(
+            list(self.model.layers), x, cos, sin, positions, mask, cache, slots, lora)
 
     def forward(
         self,
@@ -271,14 +295,12 @@ class LlamaForCausalLM(nn.Module):
         ``return_hidden``: the final RMSNorm's output at the same tokens ([B, hidden] or
         [B, S, hidden]), in the model's dtype, without the LM head (prompt embeddings)."""
         x = self.model.embed_tokens(input_ids)
-        cos = self.rope_cos[positions].to(x.dtype)[:, :, None, :]
-        sin = self.rope_sin[positions].to(x.dtype)[:, :, None, :]
-        mask = self.attention_mask(positions, kv_len)
-        out = None
-        if self._compiled is not None and input_ids.shape[1] == 1 and slots is None:
-            out = self._compiled(x, cos, sin, positions, mask, cache, lora)
-        x = out if out is not None else run_layers(
-            list(self.model.layers), x, cos, sin, positions, mask, cache, slots, lora)
+        one_row = input_ids.shape == (1, 1) and slots is None and lora is None
+        fused = self.fused_decode() if one_row and not torch.compiler.is_compiling() else None
+        if fused is not None and fused.supports(cache):
+            x = fused(x, int(positions[0, 0]), cache)
+        else:
+            x = self._layers(x, positions, cache, slots, kv_len, lora)
         if isinstance(logits_index, tuple):
             x = x[logits_index[0], logits_index[1]]
         elif logits_index is not None:

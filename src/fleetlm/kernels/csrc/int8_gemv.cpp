@@ -29,7 +29,10 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include <omp.h>
+
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -648,6 +651,9 @@ at::Tensor int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& w, const at
   return y;
 }
 
+// fleetlm::decode_stack_int8: a whole one-row decode step on these GEMV paths
+#include "decode_stack.inc"
+
 std::string int8_linear_isa() { return cpu::isa_name(cpu::current()); }
 
 std::string int8_linear_set_isa(const std::string& isa) { return cpu::set_isa(isa); }
@@ -658,9 +664,13 @@ std::string int8_linear_set_isa(const std::string& isa) { return cpu::set_isa(is
 TORCH_LIBRARY(fleetlm, m) {
   m.def("int8_linear(Tensor x, Tensor w, Tensor scales) -> Tensor");
   m.def("int8_linear_isa() -> str", &fleetlm::int8_linear_isa);
+  m.def("decode_stack_int8(Tensor x, Tensor[] weights, Tensor(a!)[] k_cache, "
+        "Tensor(b!)[] v_cache, Tensor cos, Tensor sin, int pos, int window, float eps, "
+        "int num_heads, int num_kv_heads) -> Tensor");
   m.def("int8_linear_set_isa(str isa) -> str", &fleetlm::int8_linear_set_isa);
 }
 
 TORCH_LIBRARY_IMPL(fleetlm, CPU, m) {
   m.impl("int8_linear", &fleetlm::int8_linear_cpu);
+  m.impl("decode_stack_int8", &fleetlm::decode_stack_int8_cpu);
 }
