@@ -1,16 +1,20 @@
-"""One-row decode steps in one native call: ``fleetlm::decode_stack_int8``.
+"""A few tokens of one sequence through the whole decoder stack in one native call:
+``fleetlm::decode_stack_int8``.
 
-Single-stream decoding (one row, no adapters) of an int8 model runs the whole decoder
-stack in C++ (``kernels/csrc/decode_stack.inc``): one OpenMP parallel region a step, the
-threads splitting each projection's rows and the attention heads, instead of ~10 compiled
-kernels and fork/joins a layer. The result matches the model's own forward (its slow twin,
-compiled or eager) to float32 rounding; with bfloat16 weights it is more precise than the
-eager model, which rounds to bfloat16 after every op.
+Single-stream decoding (one row, no adapters) of an int8 model runs the decoder stack in
+C++ (``kernels/csrc/decode_stack.inc``): one OpenMP parallel region a step, the threads
+splitting each projection's output rows and the attention heads, instead of ~10 compiled
+kernels and fork/joins a layer. So do a speculative check of one sequence's drafted
+tokens and a short prefill chunk (up to :data:`MAX_TOKENS` tokens): each token's result is
+bit for bit what the call would give it alone, so speculation never changes a greedy
+token. The result matches the model's own forward (its slow twin, compiled or eager) to
+float32 rounding; with bfloat16 weights intermediates are rounded where the eager forward
+rounds them, to within a few bfloat16 ulps of it.
 
 Used when every projection of every layer is an :class:`~fleetlm.models.layers.Int8Linear`
 on fleetlm's int8 kernel, the norms and scales have the activations' dtype (float32 or
-bfloat16) and the KV cache too; anything else (4-bit weights, adapters, several rows, an
-MLP bias) takes the usual path. ``FLEETLM_FUSED_DECODE=0`` turns it off.
+bfloat16) and the KV cache too; anything else (4-bit weights, adapters, several sequences,
+an MLP bias) takes the usual path. ``FLEETLM_FUSED_DECODE=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ENV_VAR = "FLEETLM_FUSED_DECODE"
+MAX_TOKENS = 8  # tokens a call (csrc/decode_stack.inc's kStackMaxRows)
 _FALSE = {"0", "false", "no", "off"}
 
 
@@ -118,14 +123,21 @@ class FusedDecode:
             return "the int8 kernel did not build"
         return ""
 
-    def supports(self, cache: KVCache) -> bool:
-        return cache.k[0].dtype == self.dtype
+    def applies(self, input_ids: Tensor, positions: Tensor, cache: KVCache) -> bool:
+        """One sequence (one row), 1 to MAX_TOKENS tokens at consecutive positions, a cache
+        in the model's dtype."""
+        B, S = input_ids.shape
+        if B != 1 or S > MAX_TOKENS or cache.k[0].dtype != self.dtype:
+            return False
+        return S == 1 or int(positions[0, -1]) - int(positions[0, 0]) == S - 1
 
-    def __call__(self, x: Tensor, position: int, cache: KVCache) -> Tensor:
-        """x [1, 1, hidden] (the embedded token) -> the last layer's output [1, 1, hidden];
-        writes the token's keys and values at ``position`` of cache slot 0."""
+    def __call__(self, x: Tensor, positions: Tensor, slot: int, cache: KVCache) -> Tensor:
+        """x [1, S, hidden] (S <= MAX_TOKENS embedded tokens of one sequence at consecutive
+        ``positions`` [1, S]) -> the last layer's output [1, S, hidden]; writes their keys
+        and values into cache ``slot``."""
+        S = x.shape[1]
+        pos0 = int(positions[0, 0])
         y = torch.ops.fleetlm.decode_stack_int8(
-            x.view(1, -1), self.weights, cache.k, cache.v, self.rope_cos[position],
-            self.rope_sin[position], position, self.window, self.eps, self.num_heads,
-            self.num_kv_heads)
-        return y.view(1, 1, -1)
+            x.view(S, -1), self.weights, cache.k, cache.v, self.rope_cos, self.rope_sin, slot,
+            pos0, self.window, self.eps, self.num_heads, self.num_kv_heads)
+        return y.view(1, S, -1)

@@ -244,8 +244,9 @@ class LlamaForCausalLM(nn.Module):
     _fused_checked = False
 
     def fused_decode(self) -> FusedDecode | None:
-        """The one-row native decode step (:mod:`fleetlm.models.fused_decode`) when it
-        applies to this model; decided on first use (after any quantisation)."""
+        """The native stack for a few tokens of one sequence
+        (:mod:`fleetlm.models.fused_decode`) when it applies to this model; decided on
+        first use (after any quantisation)."""
         if not self._fused_checked:
             self._fused = FusedDecode.build(self)
             self._fused_checked = True
@@ -295,10 +296,12 @@ class LlamaForCausalLM(nn.Module):
         ``return_hidden``: the final RMSNorm's output at the same tokens ([B, hidden] or
         [B, S, hidden]), in the model's dtype, without the LM head (prompt embeddings)."""
         x = self.model.embed_tokens(input_ids)
-        one_row = input_ids.shape == (1, 1) and slots is None and lora is None
-        fused = self.fused_decode() if one_row and not torch.compiler.is_compiling() else None
-        if fused is not None and fused.supports(cache):
-            x = fused(x, int(positions[0, 0]), cache)
+        # one sequence, a few tokens, no adapter: the native stack (fleetlm.models.fused_decode)
+        fused = None
+        if input_ids.shape[0] == 1 and lora is None and not torch.compiler.is_compiling():
+            fused = self.fused_decode()
+        if fused is not None and fused.applies(input_ids, positions, cache):
+            x = fused(x, positions, 0 if slots is None else int(slots[0]), cache)
         else:
             x = self._layers(x, positions, cache, slots, kv_len, lora)
         if isinstance(logits_index, tuple):

@@ -665,7 +665,7 @@ TORCH_LIBRARY(fleetlm, m) {
   m.def("int8_linear(Tensor x, Tensor w, Tensor scales) -> Tensor");
   m.def("int8_linear_isa() -> str", &fleetlm::int8_linear_isa);
   m.def("decode_stack_int8(Tensor x, Tensor[] weights, Tensor(a!)[] k_cache, "
-        "Tensor(b!)[] v_cache, Tensor cos, Tensor sin, int pos, int window, float eps, "
+        "Tensor(b!)[] v_cache, Tensor cos, Tensor sin, int slot, int pos0, int window, float eps, "
         "int num_heads, int num_kv_heads) -> Tensor");
   m.def("int8_linear_set_isa(str isa) -> str", &fleetlm::int8_linear_set_isa);
 }
