@@ -148,3 +148,63 @@ def test_fake_kernel_shapes() -> None:
         s = torch.empty(960, dtype=torch.bfloat16)
         y = torch.ops.fleetlm.int8_linear(x, w, s)
     assert y.shape == (5, 960) and y.dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------- bfloat16 dot products
+
+
+def _has_avx512_bf16() -> bool:
+    from fleetlm.kernels import cpu
+
+    return "avx512_bf16" in cpu.cpu_flags() and cpu.isa_supported("avx512")
+
+
+@pytest.fixture
+def restore_bf16_dot():
+    yield
+    int8_gemv.set_bf16_dot("auto")
+
+
+@pytest.mark.parametrize("how", ["on", "off"])
+@pytest.mark.parametrize("m", [10, 13, 32, 33, 63])
+@pytest.mark.parametrize("n,k", [(67, 45), (5, 33), (9, 64), (960, 576), (576, 1536)])
+def test_batched_bf16_with_and_without_vdpbf16ps(how: str, m: int, n: int, k: int,
+                                                 restore_bf16_dot) -> None:
+    """The batched bfloat16 path, with bfloat16 dot products where this CPU has them, and
+    with fp32 FMAs: both against the reference, odd shapes included (K not a multiple of
+    32, N not a multiple of 4)."""
+    assert int8_gemv.set_bf16_dot(how) == (how == "on" and _has_avx512_bf16())
+    x, w, s = make(m, n, k, torch.bfloat16, seed=m + n)
+    y = int8_gemv.int8_linear(x, w, s)
+    assert y.shape == (m, n) and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, reference(x, w, s), **tol(torch.bfloat16, k))
+
+
+def test_bf16_dot_is_decided_by_measurement_and_can_be_forced(restore_bf16_dot) -> None:
+    from fleetlm.kernels import cpu
+
+    # auto measures both paths on this CPU; never on where the CPU lacks AVX512_BF16
+    auto = int8_gemv.set_bf16_dot("auto")
+    assert isinstance(auto, bool) and (auto <= _has_avx512_bf16())
+    assert int8_gemv.bf16_dot() == auto
+    assert int8_gemv.set_bf16_dot("off") is False and int8_gemv.bf16_dot() is False
+    assert int8_gemv.set_bf16_dot("on") == _has_avx512_bf16()
+    with cpu.forced_isa("avx2"):  # the path belongs to the avx512 kernels
+        assert int8_gemv.bf16_dot() is False
+    with pytest.raises(RuntimeError, match="not one of auto, on, off"):
+        int8_gemv.set_bf16_dot("sometimes")
+
+
+def test_bf16_dot_environment_variable(tmp_path) -> None:
+    """FLEETLM_INT8_BF16DOT is read when the path is first needed, in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from fleetlm.kernels import int8_gemv; int8_gemv.load(); "
+            "print(int8_gemv.bf16_dot())")
+    for value, want in (("off", "False"), ("on", str(_has_avx512_bf16()))):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={**os.environ, "FLEETLM_INT8_BF16DOT": value}, timeout=300)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip().splitlines()[-1] == want

@@ -93,6 +93,12 @@ def fleetlm_settings(lm: Any, warmup_s: float | None = None) -> dict[str, Any]:
                            "compiled": lm.model.decode_compiled}
     if warmup_s is not None:
         out["warmup_s"] = round(warmup_s, 1)
+    from fleetlm.kernels import cpu, int8_gemv
+
+    if int8_gemv.is_loaded():
+        out["kernels"] = cpu.kernel_isa()
+        out["int8_bf16_dot"] = int8_gemv.bf16_dot()
+    out["fused_decode"] = lm.model.fused_decode() is not None
     return out
 
 

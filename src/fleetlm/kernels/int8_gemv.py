@@ -19,6 +19,13 @@ The library is built without ``-march=native`` and holds an AVX-512, an AVX2+FMA
 a NEON (aarch64) and a scalar path; the best one this CPU supports is picked at run time
 (``FLEETLM_CPU_ISA`` or ``fleetlm.kernels.cpu.set_kernel_isa`` force another; the op
 ``fleetlm::int8_linear_isa()`` reports the one in use -- see ``fleetlm.kernels.cpu``).
+
+For bfloat16 activations from 10 rows on, the AVX-512 path can widen the weights to
+bfloat16 and multiply with AVX512_BF16's ``vdpbf16ps`` (``csrc/int8_bf16dot.inc``): 2x the
+multiply-adds an instruction, faster on CPUs that issue it as fast as an FMA (AMD Zen 4:
+1.36x at 32 rows, 1.5x at 64) and slower on others (Intel Sapphire Rapids), so ``auto``
+measures both once (~1 ms). ``FLEETLM_INT8_BF16DOT=auto|on|off`` and
+:func:`set_bf16_dot` decide; :func:`bf16_dot` reports it.
 """
 
 from __future__ import annotations
@@ -65,3 +72,14 @@ def int8_linear(x: Tensor, w: Tensor, scales: Tensor) -> Tensor:
     x: [M, K] float32/bfloat16; w: [N, K] int8, contiguous; scales: [N], x's dtype.
     """
     return torch.ops.fleetlm.int8_linear(x, w, scales)
+
+
+def bf16_dot() -> bool:
+    """Whether the batched bfloat16 path multiplies with vdpbf16ps (call ``load()`` first)."""
+    return bool(torch.ops.fleetlm.int8_linear_bf16dot())
+
+
+def set_bf16_dot(how: str) -> bool:
+    """``"auto"`` (measure), ``"on"`` or ``"off"``; whether the path is now in use (never
+    on a CPU without AVX512_BF16). RuntimeError for anything else."""
+    return bool(torch.ops.fleetlm.int8_linear_set_bf16dot(how))

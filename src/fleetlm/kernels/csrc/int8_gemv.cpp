@@ -32,6 +32,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -581,6 +582,10 @@ static void gemv_batched(const float* x, int64_t M, int64_t K, const int8_t* w,
 }
 #endif
 
+#if defined(FLEETLM_X86)
+#include "int8_bf16dot.inc"  // bf16dot::gemm: the batched path with vdpbf16ps
+#endif
+
 // the path chosen at run time (cpu::current() only returns paths this CPU supports)
 template <typename T>
 static void gemv(const float* x, int64_t M, int64_t K, const int8_t* w, const T* scales,
@@ -643,6 +648,17 @@ at::Tensor int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& w, const at
     gemv<float>(x.data_ptr<float>(), M, K, wp, s.data_ptr<float>(), N, y.data_ptr<float>());
   } else {
     const c10::BFloat16* xb = x.data_ptr<c10::BFloat16>();
+#if defined(FLEETLM_X86)
+    if (M >= kBatchMinM && bf16dot::enabled()) {  // x stays bfloat16, padded to 32
+      const int64_t Kp = (K + bf16dot::kPairs - 1) / bf16dot::kPairs * bf16dot::kPairs;
+      std::vector<c10::BFloat16> xp(static_cast<size_t>(M * Kp), c10::BFloat16(0.f));
+      for (int64_t m = 0; m < M; ++m)
+        std::memcpy(xp.data() + m * Kp, xb + m * K, sizeof(c10::BFloat16) * static_cast<size_t>(K));
+      bf16dot::gemm(xp.data(), M, K, Kp, wp, s.data_ptr<c10::BFloat16>(), N,
+                    y.data_ptr<c10::BFloat16>());
+      return y;
+    }
+#endif
     std::vector<float> xbuf(static_cast<size_t>(M * K));
     for (int64_t i = 0; i < M * K; ++i) xbuf[i] = static_cast<float>(xb[i]);
     gemv<c10::BFloat16>(xbuf.data(), M, K, wp, s.data_ptr<c10::BFloat16>(), N,
@@ -658,6 +674,18 @@ std::string int8_linear_isa() { return cpu::isa_name(cpu::current()); }
 
 std::string int8_linear_set_isa(const std::string& isa) { return cpu::set_isa(isa); }
 
+#if defined(FLEETLM_X86)
+bool int8_linear_bf16dot() { return bf16dot::enabled(); }
+bool int8_linear_set_bf16dot(const std::string& how) { return bf16dot::set(how); }
+#else
+bool int8_linear_bf16dot() { return false; }
+bool int8_linear_set_bf16dot(const std::string& how) {
+  TORCH_CHECK(how == "on" || how == "off" || how == "auto", "fleetlm: '", how,
+              "' is not one of auto, on, off");
+  return false;
+}
+#endif
+
 }  // namespace
 }  // namespace fleetlm
 
@@ -668,6 +696,8 @@ TORCH_LIBRARY(fleetlm, m) {
         "Tensor(b!)[] v_cache, Tensor cos, Tensor sin, int slot, int pos0, int window, float eps, "
         "int num_heads, int num_kv_heads) -> Tensor");
   m.def("int8_linear_set_isa(str isa) -> str", &fleetlm::int8_linear_set_isa);
+  m.def("int8_linear_bf16dot() -> bool", &fleetlm::int8_linear_bf16dot);
+  m.def("int8_linear_set_bf16dot(str how) -> bool", &fleetlm::int8_linear_set_bf16dot);
 }
 
 TORCH_LIBRARY_IMPL(fleetlm, CPU, m) {
