@@ -144,10 +144,19 @@ def test_bench_serve_runs_the_real_server_and_writes_json(tmp_path):
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
     runs = {(x["system"], x["concurrency"]): x for x in data["runs"]}
+    from fleetlm.kernels import cpu
     from fleetlm.models.loader import resolve_quantize
 
-    assert data["fleetlm"] == {"dtype": "float32", "quantize": resolve_quantize("auto"),
-                               "compiled": False, "warmup_s": 0.0}
+    quantize = resolve_quantize("auto")
+    settings = data["fleetlm"]
+    assert {k: settings.pop(k) for k in ("dtype", "quantize", "compiled", "warmup_s")} == {
+        "dtype": "float32", "quantize": quantize, "compiled": False, "warmup_s": 0.0}
+    # int8 weights: the kernels' paths and the native one-sequence stack are reported
+    assert settings.pop("fused_decode") is (quantize == "int8")
+    if quantize == "int8":
+        assert settings.pop("kernels")["int8_linear"] == cpu.expected_isa()
+        assert settings.pop("int8_bf16_dot") is False  # float32 activations never use it
+    assert settings == {}
     assert set(runs) == {("engine", 1), ("engine", 2), ("server", 1), ("server", 2)}
     for x in runs.values():
         assert x["requests_completed"] >= 1 and x["tokens_per_s"] > 0

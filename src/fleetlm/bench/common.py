@@ -97,7 +97,8 @@ def fleetlm_settings(lm: Any, warmup_s: float | None = None) -> dict[str, Any]:
 
     if int8_gemv.is_loaded():
         out["kernels"] = cpu.kernel_isa()
-        out["int8_bf16_dot"] = int8_gemv.bf16_dot()
+        # batches of a bfloat16 model multiply with vdpbf16ps (int8_gemv.bf16_dot)
+        out["int8_bf16_dot"] = int8_gemv.bf16_dot() and str(lm.dtype) == "torch.bfloat16"
     out["fused_decode"] = lm.model.fused_decode() is not None
     return out
 
