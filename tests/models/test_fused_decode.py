@@ -233,3 +233,37 @@ def test_the_op_names_what_is_wrong(tiny_checkpoints: dict[str, Path],
         op(*args[:4], lm.rope_cos[:, :4], *args[5:])
     with pytest.raises(RuntimeError, match="1 to 8 rows"):
         op(torch.zeros(9, lm.config.hidden_size), *args[1:])
+
+
+def test_the_engine_sends_decode_steps_and_checks_but_no_prompt_chunk(
+        tiny_checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prompt chunks always take the PyTorch path (a prompt's result must not depend on how
+    it was chunked or how much of it the prefix cache held); one sequence's decode steps
+    and speculative checks take the native stack."""
+    from fleetlm.engine.engine import Engine, EngineConfig
+    from fleetlm.engine.sampling_params import SamplingParams
+
+    sizes: list[int] = []
+    real_call = FusedDecode.__call__
+    monkeypatch.setattr(FusedDecode, "__call__",
+                        lambda self, x, *a: sizes.append(x.shape[1]) or real_call(self, x, *a))
+    monkeypatch.setenv(fused_decode.ENV_VAR, "1")
+    loaded = load_model(str(tiny_checkpoints["llama"]), dtype="float32", quantize="int8",
+                        with_tokenizer=False, max_positions=512)
+    engine = Engine(loaded, EngineConfig(max_running=2, max_len=128, speculative_tokens=4))
+    prompt = [5, 6, 7, 8] * 3  # prompt lookup drafts from the repeats
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    engine.submit([3, 4, 5], one, callback=lambda ev: None)  # one short chunk, no decode step
+    engine.submit(prompt, params, callback=lambda ev: None)
+    while engine.step():
+        pass
+    # the second decodes alone: the stack, for its checks (more than one token) and for
+    # the steps without drafts
+    assert sizes and max(sizes) > 1
+    sizes.clear()
+    engine.submit([9] * 7, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
+                  callback=lambda ev: None)
+    while engine.step():
+        pass
+    assert sizes == []  # a 7-token prompt and no decode step

@@ -662,7 +662,8 @@ class Engine:
         if not any(drafts.values()):
             return decode, [], {}
         verify = [PrefillItem(d.seq_id, [d.token, *drafts[d.seq_id]], d.position,
-                              d.adapter_slot, last=False, all_logits=True) for d in decode]
+                              d.adapter_slot, last=False, all_logits=True, verify=True)
+                  for d in decode]
         return [], verify, drafts
 
     def _accept_drafts(self, verify: list[PrefillItem], drafts: dict[str, list[int]],

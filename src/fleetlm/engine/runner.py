@@ -55,6 +55,7 @@ class PrefillItem:
     adapter_slot: int = NO_ADAPTER
     last: bool = False  # the prompt's last chunk: its logits are wanted, then it decodes
     all_logits: bool = False  # logits at every token of the chunk (prompt logprobs, echo)
+    verify: bool = False  # a speculative check of drafted tokens, not a prompt's chunk
 
 
 @dataclass
@@ -213,8 +214,12 @@ class ModelRunner:
         kv_len = bucket(max(p.start + len(p.tokens) for p in items), RUNNER_KV_BUCKET)
         last = torch.tensor([len(p.tokens) - 1 for p in items], dtype=torch.long)
         lora = self._lora(token_slots)
+        # prompt chunks take the PyTorch path whatever their length, so how a prompt is
+        # chunked (or partly served from the prefix cache) does not change its result;
+        # speculative checks may take the native stack, as the decode steps they stand for
+        prompt = not all(p.verify for p in items)
         if not any(p.all_logits for p in items):
-            return self.model(ids, pos, self.cache, slots, kv_len, last, lora), {}
+            return self.model(ids, pos, self.cache, slots, kv_len, last, lora, prompt=prompt), {}
         # the LM head on the last token of each chunk, and on every token of the chunks
         # that want them -- not on the padding of the whole [m, width] block
         rows: list[int] = []
@@ -233,6 +238,6 @@ class ModelRunner:
                 cols.append(n - 1)
                 ends.append(len(rows) - 1)
         index = (torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long))
-        flat = self.model(ids, pos, self.cache, slots, kv_len, index, lora)  # [N, vocab]
+        flat = self.model(ids, pos, self.cache, slots, kv_len, index, lora, prompt=prompt)
         chunks = {sid: flat[a: a + n] for sid, (a, n) in spans.items()}
         return flat[torch.tensor(ends, dtype=torch.long)], chunks

@@ -4,10 +4,10 @@
 Single-stream decoding (one row, no adapters) of an int8 model runs the decoder stack in
 C++ (``kernels/csrc/decode_stack.inc``): one OpenMP parallel region a step, the threads
 splitting each projection's output rows and the attention heads, instead of ~10 compiled
-kernels and fork/joins a layer. So do a speculative check of one sequence's drafted
-tokens and a short prefill chunk (up to :data:`MAX_TOKENS` tokens): each token's result is
-bit for bit what the call would give it alone, so speculation never changes a greedy
-token. The result matches the model's own forward (its slow twin, compiled or eager) to
+kernels and fork/joins a layer. So does a speculative check of one sequence's drafted
+tokens (up to :data:`MAX_TOKENS` tokens; never a prompt's chunk, see the model's forward):
+each token's result is bit for bit what the call would give it alone, so speculation never
+changes a greedy token. The result matches the model's own forward (its slow twin, compiled or eager) to
 float32 rounding; with bfloat16 weights intermediates are rounded where the eager forward
 rounds them, to within a few bfloat16 ulps of it.
 

@@ -290,15 +290,20 @@ class LlamaForCausalLM(nn.Module):
         logits_index: Tensor | tuple[Tensor, Tensor] | None = None,
         lora: LoraHook | None = None,  # per-token adapters of the B*S tokens (row-major)
         return_hidden: bool = False,  # the final-norm hidden states instead of the logits
+        prompt: bool = False,  # a prompt's chunk: never the native stack (see below)
     ) -> Tensor:
         """Logits [B, vocab] at ``logits_index`` (or [B, S, vocab] for all tokens), float32.
 
         ``return_hidden``: the final RMSNorm's output at the same tokens ([B, hidden] or
         [B, S, hidden]), in the model's dtype, without the LM head (prompt embeddings)."""
         x = self.model.embed_tokens(input_ids)
-        # one sequence, a few tokens, no adapter: the native stack (fleetlm.models.fused_decode)
+        # one sequence, a few tokens, no adapter: the native stack (fleetlm.models.fused_decode).
+        # Not for a prompt's chunks: their result must not depend on how the prompt was
+        # chunked (the prefix cache computes only a prompt's tail), and the native stack
+        # rounds differently from PyTorch's path in bfloat16
         fused = None
-        if input_ids.shape[0] == 1 and lora is None and not torch.compiler.is_compiling():
+        if (input_ids.shape[0] == 1 and lora is None and not prompt
+                and not torch.compiler.is_compiling()):
             fused = self.fused_decode()
         if fused is not None and fused.applies(input_ids, positions, cache):
             x = fused(x, positions, 0 if slots is None else int(slots[0]), cache)
