@@ -34,12 +34,14 @@ def stub() -> Iterator[Callable[..., Stub]]:
     yield from stub_starter()
 
 
-def dead_url() -> str:
-    """A loopback port nothing listens on (connection refused)."""
+@pytest.fixture
+def dead_url() -> Iterator[str]:
+    """A loopback port nothing listens on (connection refused). The socket stays bound, not
+    listening, for the whole test, so no other server can take the port in the meantime
+    (a CI run once saw a timeout here instead of a refusal)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/v1"
+        yield f"http://127.0.0.1:{s.getsockname()[1]}/v1"
 
 
 def up(url: str, **kw: Any) -> UpstreamConfig:
@@ -188,9 +190,9 @@ def test_400_is_not_retried(stub: Callable[..., Stub]) -> None:
 # ----------------------------------------------------------------------------- the chain
 
 
-def test_connection_refused_falls_over(stub: Callable[..., Stub]) -> None:
+def test_connection_refused_falls_over(stub: Callable[..., Stub], dead_url: str) -> None:
     ok = stub()
-    ups = {"dead": up(dead_url(), max_attempts=2), "ok": up(ok.base_url)}
+    ups = {"dead": up(dead_url, max_attempts=2), "ok": up(ok.base_url)}
     res = run(with_client(ups, lambda c: c.first_available(["dead", "ok"], BODY)))
     assert res.upstream == "ok"
     (fail,) = res.failures
@@ -218,9 +220,10 @@ def test_slow_upstream_times_out_and_falls_over(stub: Callable[..., Stub]) -> No
         assert "timeout after 0.3s" in fail.reason and fail.attempts == 1
 
 
-def test_all_fail_lists_every_reason_within_the_timeouts(stub: Callable[..., Stub]) -> None:
+def test_all_fail_lists_every_reason_within_the_timeouts(stub: Callable[..., Stub],
+                                                         dead_url: str) -> None:
     failing, slow = stub(Reply(status=500)), stub(Reply(delay_s=3.0))
-    ups = {"failing": up(failing.base_url), "dead": up(dead_url()),
+    ups = {"failing": up(failing.base_url), "dead": up(dead_url),
            "slow": up(slow.base_url), "nokey": up(failing.base_url, api_key_env="NOPE_KEY")}
     t0 = time.monotonic()
     with pytest.raises(UpstreamUnavailable) as e:
