@@ -267,3 +267,17 @@ def test_the_engine_sends_decode_steps_and_checks_but_no_prompt_chunk(
     while engine.step():
         pass
     assert sizes == []  # a 7-token prompt and no decode step
+
+
+def test_converting_the_model_rebuilds_the_stack(tiny_checkpoints: dict[str, Path],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """After ``.to(dtype)`` the stack must read the new tensors, not the old ones."""
+    lm = load(tiny_checkpoints["llama"], "float32", True, monkeypatch)
+    before = lm.fused_decode()
+    assert before is not None and before.dtype == torch.float32
+    lm.to(torch.bfloat16)
+    after = lm.fused_decode()
+    assert after is not None and after is not before and after.dtype == torch.bfloat16
+    assert all(w.data_ptr() == b.data_ptr() for w, b in zip(
+        after.weights[:2], [lm.model.layers[0].input_layernorm.weight,
+                            lm.model.layers[0].self_attn.qkv_proj.weight], strict=True))

@@ -252,6 +252,12 @@ class LlamaForCausalLM(nn.Module):
             self._fused_checked = True
         return self._fused
 
+    def _apply(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        # .to() / .float() / .cpu() make new tensors: the native stack's list of the old
+        # ones is dropped and rebuilt on first use
+        self._fused, self._fused_checked = None, False
+        return super()._apply(fn, *args, **kwargs)
+
     def compile_decode(self) -> bool:
         """Compile decode steps from now on (:mod:`fleetlm.models.compiled_decode`); the
         graphs are built on the first step of each kind. False when ``FLEETLM_COMPILE=0``."""
