@@ -16,6 +16,7 @@ import torch
 
 from fleetlm.engine.lora import NO_ADAPTER, StackedLora
 from fleetlm.kernels import cpu, int8_gemv, lora_sgmv
+from tests.kernels.paths import PATHS, forced_path
 from tests.kernels.test_int8_gemv import make as make_int8
 from tests.kernels.test_int8_gemv import reference as int8_reference
 from tests.kernels.test_int8_gemv import tol as int8_tol
@@ -27,7 +28,6 @@ from tests.kernels.test_lora_sgmv import tolerance as lora_tol
 
 pytestmark = pytest.mark.timeout(600)
 
-PATHS = ["avx512", "avx2", "neon", "scalar"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -40,9 +40,7 @@ def _kernels() -> None:
 def path(request: pytest.FixtureRequest):
     """Each path this CPU can run, forced for the test (the previous one restored)."""
     isa = request.param
-    if not cpu.isa_supported(isa):
-        pytest.skip(f"this CPU ({cpu.cpu_features()['model']}) cannot run the {isa} path")
-    with cpu.forced_isa(isa) as used:
+    with forced_path(isa) as used:
         assert used["int8_linear"] == isa and used["lora_sgmv"].split("+")[0] == isa
         yield isa
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from fleetlm.kernels import cpu, int4_gemv
+from tests.kernels.paths import PATHS, forced_path
 
 pytestmark = pytest.mark.timeout(600)
 
-PATHS = ["avx512", "avx2", "neon", "scalar"]
 DTYPES = [torch.float32, torch.bfloat16]
 MS = [1, 2, 3, 5, 8, 17, 32]
 # (N, K, group size): odd N (row tails), K with several groups, G = 32 / 64 / 128
@@ -29,9 +29,7 @@ def _kernel() -> None:
 @pytest.fixture(params=PATHS)
 def path(request: pytest.FixtureRequest):
     isa = request.param
-    if not cpu.isa_supported(isa):
-        pytest.skip(f"this CPU ({cpu.cpu_features()['model']}) cannot run the {isa} path")
-    with cpu.forced_isa(isa) as used:
+    with forced_path(isa) as used:
         assert used["int4_linear"] == isa
         yield isa
 

@@ -10,16 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from fleetlm.kernels import cpu, int8_gemv
+from fleetlm.kernels import int8_gemv
 from fleetlm.models import fused_decode
 from fleetlm.models.fused_decode import FusedDecode
 from fleetlm.models.llama import LlamaForCausalLM
 from fleetlm.models.loader import load_model
 from tests.conftest import FAMILIES
+from tests.kernels.paths import PATHS, forced_path
 
 pytestmark = pytest.mark.timeout(600)
 
-PATHS = ["avx512", "avx2", "neon", "scalar"]
 PROMPT = 12  # longer than mistral-window's sliding window (8)
 STEPS = 16
 
@@ -60,9 +60,7 @@ def greedy(lm: LlamaForCausalLM, steps: int = STEPS, seed: int = 0
 @pytest.fixture(params=PATHS)
 def path(request: pytest.FixtureRequest):
     isa = request.param
-    if not cpu.isa_supported(isa):
-        pytest.skip(f"this CPU ({cpu.cpu_features()['model']}) cannot run the {isa} path")
-    with cpu.forced_isa(isa) as used:
+    with forced_path(isa) as used:
         assert used["int8_linear"] == isa
         yield isa
 
