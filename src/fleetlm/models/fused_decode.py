@@ -111,8 +111,10 @@ class FusedDecode:
             for name, p in projections.items():
                 if not isinstance(p, Int8Linear) or not p.use_kernel:
                     return f"layer {i} {name} is not int8 on fleetlm's kernel"
-                if p.scales.dtype != dtype or not p.weight.is_contiguous():
+                if p.scales.dtype != dtype:
                     return f"layer {i} {name}: scales in {p.scales.dtype}, model in {dtype}"
+                if not p.weight.is_contiguous():
+                    return f"layer {i} {name}: the int8 weight is not contiguous"
                 if name != "qkv_proj" and p.bias is not None:
                     return f"layer {i} {name} has a bias"
             norms = [layer.input_layernorm, layer.post_attention_layernorm,

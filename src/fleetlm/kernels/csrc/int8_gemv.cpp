@@ -649,13 +649,8 @@ at::Tensor int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& w, const at
   } else {
     const c10::BFloat16* xb = x.data_ptr<c10::BFloat16>();
 #if defined(FLEETLM_X86)
-    if (M >= kBatchMinM && bf16dot::enabled()) {  // x stays bfloat16, padded to 32
-      const int64_t Kp = (K + bf16dot::kPairs - 1) / bf16dot::kPairs * bf16dot::kPairs;
-      std::vector<c10::BFloat16> xp(static_cast<size_t>(M * Kp), c10::BFloat16(0.f));
-      for (int64_t m = 0; m < M; ++m)
-        std::memcpy(xp.data() + m * Kp, xb + m * K, sizeof(c10::BFloat16) * static_cast<size_t>(K));
-      bf16dot::gemm(xp.data(), M, K, Kp, wp, s.data_ptr<c10::BFloat16>(), N,
-                    y.data_ptr<c10::BFloat16>());
+    if (M >= kBatchMinM && bf16dot::enabled()) {  // x stays bfloat16
+      bf16dot::gemm(xb, M, K, wp, s.data_ptr<c10::BFloat16>(), N, y.data_ptr<c10::BFloat16>());
       return y;
     }
 #endif
