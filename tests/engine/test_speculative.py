@@ -39,15 +39,37 @@ def test_accept_takes_the_agreed_prefix_and_the_models_next_token():
     assert accept([], logits([2]), 10) == [2]
 
 
-def test_draft_stats_stop_a_request_whose_drafts_are_rejected():
-    s = DraftStats(patience=8, min_rate=0.25)
-    s.record(4, 0)
-    assert s.enabled  # too early to tell
-    s.record(4, 1)
-    assert not s.enabled  # 1 of 8 accepted
-    good = DraftStats(patience=8, min_rate=0.25)
-    good.record(8, 4)
-    assert good.enabled
+def test_draft_length_grows_on_full_accepts_and_shrinks_on_misses():
+    s = DraftStats()
+    assert s.room(6) == 6  # a new request drafts the engine's maximum
+    s.record(6, 2, k=6)  # partly accepted: one shorter
+    assert s.room(6) == 5
+    s.record(5, 5, k=6)  # all accepted: two longer, capped at the maximum
+    assert s.room(6) == 6
+    for _ in range(10):
+        s.record(1, 0, k=6)
+    assert s.room(6) == 1  # never below one token
+    s.record(1, 1, k=6)
+    assert s.room(6) == 3
+    assert s.room(2) == 2  # the engine's maximum still caps it
+    assert (s.proposed, s.accepted) == (6 + 5 + 10 + 1, 2 + 5 + 1)
+
+
+def test_rejected_drafts_pause_drafting_longer_each_time_up_to_max_pause():
+    s = DraftStats(max_pause=4)
+    assert s.ready()
+    pauses = []
+    for _ in range(5):
+        s.record(3, 0, k=6)  # nothing accepted
+        skipped = 0
+        while not s.ready():
+            skipped += 1
+        pauses.append(skipped)
+    assert pauses == [1, 2, 4, 4, 4]  # doubling, capped
+    s.record(3, 1, k=6)  # one accepted token ends the streak
+    assert s.ready() and s.misses == 0
+    s.record(3, 0, k=6)
+    assert not s.ready() and s.ready()  # the next miss pauses one step again
 
 
 @pytest.fixture(scope="module")

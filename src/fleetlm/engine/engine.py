@@ -650,9 +650,10 @@ class Engine:
         drafts: dict[str, list[int]] = {}
         for d in decode:
             req = self._requests[d.seq_id]
-            room = min(self.config.speculative_tokens, req.seq.max_new_tokens - req.generated - 1,
+            room = min(req.drafts.room(self.config.speculative_tokens),
+                       req.seq.max_new_tokens - req.generated - 1,
                        self.config.max_len - d.position - 2)
-            if room > 0 and req.sampler.plain_greedy and req.drafts.enabled:
+            if room > 0 and req.sampler.plain_greedy and req.drafts.ready():
                 # prompt lookup costs nothing; the draft model runs where it finds nothing
                 drafts[d.seq_id] = propose(req.history, room) or (
                     self.draft.propose(d.seq_id, req.history, room, self.lm.config.vocab_size)
@@ -683,7 +684,7 @@ class Engine:
             draft = drafts[p.seq_id]
             tokens = accept(draft, logits, v)
             if draft:
-                req.drafts.record(len(draft), len(tokens) - 1)
+                req.drafts.record(len(draft), len(tokens) - 1, self.config.speculative_tokens)
             # positions [0, start + len(tokens)) now hold this sequence's keys and values
             self.runner.lengths[p.seq_id] = p.start + len(tokens)
             for i, token in enumerate(tokens):

@@ -10,9 +10,10 @@ an accepted draft token costs little.
 
 Only plain greedy requests speculate (no logprobs, penalties or grammar): their output is the
 argmax at each position, which the check computes exactly, so the text is the one plain
-decoding gives. A request whose drafts keep being rejected stops drafting (see
-:class:`DraftStats`). This module is plain Python over token lists plus one argmax; the
-engine decides when to speculate and runs the check as a chunk through its prefill path.
+decoding gives. Each request's draft length adapts to what it accepts, and a request whose
+drafts are rejected pauses drafting for longer and longer (see :class:`DraftStats`). This
+module is plain Python over token lists plus one argmax; the engine decides when to
+speculate and runs the check as a chunk through its prefill path.
 """
 
 from __future__ import annotations
@@ -60,19 +61,45 @@ def accept(draft: Sequence[int], logits: Tensor, vocab: int) -> list[int]:
 
 @dataclass
 class DraftStats:
-    """One request's drafting record: it stops drafting once, after ``patience`` proposed
-    tokens, fewer than ``min_rate`` of them were accepted (a verify step runs eagerly and
-    costs more than a plain compiled decode step, so rejected drafts are a loss)."""
+    """One request's drafting control: how long its next draft may be, and whether it drafts
+    at all this step. A check of d draft tokens costs about as much as 1 + d/3 plain steps
+    (docs/benchmarks.md), so a rejected draft is a loss and a long one a bigger loss.
 
+    *Length*: +2 after a check that accepted its whole draft, -1 (at least 1) after one
+    that did not (the heuristic of transformers' assisted generation).
+    *Pauses*: a check that accepts nothing pauses drafting for 1, 2, 4, ... up to
+    ``max_pause`` decode steps, doubling with each such check in a row; any accepted token
+    ends the streak. A request that does not copy pays one short check now and then, and
+    one that starts copying later (a quoted passage, a list it repeats) drafts again within
+    ``max_pause`` steps, where stopping for good would miss it."""
+
+    max_pause: int = 16
     proposed: int = 0
     accepted: int = 0
-    patience: int = 16
-    min_rate: float = 0.25
+    length: int | None = None  # the next draft's most tokens; None: the engine's maximum
+    misses: int = 0  # checks in a row that accepted nothing
+    wait: int = 0  # decode steps left before the next draft
 
-    @property
-    def enabled(self) -> bool:
-        return self.proposed < self.patience or self.accepted >= self.min_rate * self.proposed
+    def room(self, k: int) -> int:
+        """At most this many draft tokens now, with ``k`` the engine's maximum."""
+        return k if self.length is None else min(k, self.length)
 
-    def record(self, proposed: int, accepted: int) -> None:
+    def ready(self) -> bool:
+        """Whether to draft at this decode step; call once per step that could draft (a
+        paused request counts its step down)."""
+        if self.wait > 0:
+            self.wait -= 1
+            return False
+        return True
+
+    def record(self, proposed: int, accepted: int, k: int) -> None:
+        """A check of ``proposed`` draft tokens accepted ``accepted``; ``k``: the maximum."""
         self.proposed += proposed
         self.accepted += accepted
+        length = self.room(k)
+        self.length = min(k, length + 2) if accepted >= proposed else max(1, length - 1)
+        if accepted == 0:
+            self.misses += 1
+            self.wait = min(self.max_pause, 1 << min(self.misses - 1, 30))
+        else:
+            self.misses = 0
