@@ -62,7 +62,7 @@ def accept(draft: Sequence[int], logits: Tensor, vocab: int) -> list[int]:
 @dataclass
 class DraftStats:
     """One request's drafting control: how long its next draft may be, and whether it drafts
-    at all this step. A check of d draft tokens costs about as much as 1 + d/3 plain steps
+    at all this step. A check of d draft tokens costs about as much as 1 + 0.3 d plain steps
     (docs/benchmarks.md), so a rejected draft is a loss and a long one a bigger loss.
 
     *Length*: +2 after a check that accepted its whole draft, -1 (at least 1) after one
