@@ -143,3 +143,18 @@ def test_shipped_weights_are_small_and_self_describing():
     assert dtypes == {"F16"}
     assert any("lora_A" in n for n in names) and any("classifier" in n for n in names)
     assert json.loads(meta.to_json())["rank"] == meta.rank
+
+
+def test_decode_with_a_tensors_argmax_matches_its_own_row_by_row_choice():
+    """The model's path hands decode each row's torch argmax; ties (exact, as a quantised
+    model's probabilities can be) must go to the first maximum, as decode's own choice."""
+    import random
+
+    import torch
+
+    rng = random.Random(0)
+    for _ in range(200):
+        rows = [[rng.choice([0.0, 0.1, 0.25, 0.25, 0.5]) for _ in LABELS] for _ in OFFSETS]
+        best = torch.tensor(rows).argmax(-1).tolist()
+        assert best == [max(range(len(r)), key=r.__getitem__) for r in rows]
+        assert decode(TEXT, OFFSETS, rows, LABELS, best=best) == decode(TEXT, OFFSETS, rows, LABELS)

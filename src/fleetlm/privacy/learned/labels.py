@@ -92,7 +92,7 @@ def case_flags(text: str, offsets: Sequence[tuple[int, int]]) -> list[int]:
 
 
 def decode(text: str, offsets: Sequence[tuple[int, int]], probs: Sequence[Sequence[float]],
-           labels: Sequence[str]) -> list[CharSpan]:
+           labels: Sequence[str], best: Sequence[int] | None = None) -> list[CharSpan]:
     """Character spans from per-piece tag probabilities (rows aligned with ``offsets``;
     special pieces are skipped). Lenient BIO: a piece whose most probable tag is not O is
     part of an entity; a B- tag starts one, an I- tag continues the open one whatever its
@@ -101,29 +101,35 @@ def decode(text: str, offsets: Sequence[tuple[int, int]], probs: Sequence[Sequen
     0.52, I-PERSON 0.33) is one PERSON, never a name cut in two with half of it typed as
     something not redacted. Then each span grows to whole words (a placeholder never
     leaves half a name in the clear) and spans of one type separated only by blanks are
-    joined ("450 Præstevænget 15" is one place)."""
+    joined ("450 Præstevænget 15" is one place).
+
+    ``best``: each row's most probable tag index where the caller has it already (a tensor's
+    argmax: the first of equal maxima, as here); else it is found row by row."""
     types = sorted({name[2:] for name in labels if name != "O"})
     columns = {t: [i for i, name in enumerate(labels) if name[2:] == t] for t in types}
     spans: list[list[tuple[int, int, Sequence[float]]]] = []
     open_span: list[tuple[int, int, Sequence[float]]] | None = None
-    for (start, end), row in zip(offsets, probs, strict=True):
+    if best is None:
+        best = [max(range(len(row)), key=row.__getitem__) for row in probs]
+    opening: list[str] = []  # each span's first tag
+    for (start, end), row, k in zip(offsets, probs, best, strict=True):
         if end <= start:
             continue
-        name = labels[max(range(len(row)), key=row.__getitem__)]
+        name = labels[k]
         if name == "O":
             open_span = None
             continue
         if not (name.startswith("I-") and open_span is not None):
             open_span = []
             spans.append(open_span)
+            opening.append(name[2:])
         open_span.append((start, end, row))
     out = []
-    for pieces in spans:
+    for pieces, first in zip(spans, opening, strict=True):
         mass = {t: sum(row[i] for _, _, row in pieces for i in columns[t]) for t in types}
-        first = labels[max(range(len(pieces[0][2])), key=pieces[0][2].__getitem__)][2:]
-        best = max(types, key=lambda t: (mass[t], t == first))  # a tie: the opening tag's
-        out.append(_whole_words(text, pieces[0][0], pieces[-1][1], best,
-                                min(1.0, mass[best] / len(pieces))))
+        kind = max(types, key=lambda t: (mass[t], t == first))  # a tie: the opening tag's
+        out.append(_whole_words(text, pieces[0][0], pieces[-1][1], kind,
+                                min(1.0, mass[kind] / len(pieces))))
     return _join_blank_separated(text, out)
 
 

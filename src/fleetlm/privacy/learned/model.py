@@ -275,17 +275,18 @@ class LearnedNer:
         out = []
         for text, windows_of_text in zip(texts, parts, strict=True):
             offsets, rows = _average_windows(windows_of_text, torch)
-            out.append(decode(text, offsets, rows, self.meta.labels))
+            # each piece's most probable tag by one argmax here, not a Python loop per piece
+            out.append(decode(text, offsets, rows.tolist(), self.meta.labels,
+                              best=rows.argmax(-1).tolist()))
         return out
 
 
 def _average_windows(parts: list[tuple[list[tuple[int, int]], Any]], torch: Any
-                     ) -> tuple[list[tuple[int, int]], list[list[float]]]:
+                     ) -> tuple[list[tuple[int, int]], Any]:
     """One text's pieces in order with their tag probabilities, averaged over the windows
     that hold a piece (neighbouring windows share ``stride`` pieces)."""
     if len(parts) == 1:  # the common case: the text fits one window
-        offsets, probs = parts[0]
-        return offsets, probs.tolist()
+        return parts[0]
     index: dict[tuple[int, int], int] = {}
     for offsets, _ in parts:
         for off in offsets:
@@ -298,7 +299,7 @@ def _average_windows(parts: list[tuple[list[tuple[int, int]], Any]], torch: Any
         count.index_add_(0, rows, torch.ones(len(offsets), 1))
     ordered = sorted(index)
     pick = torch.tensor([index[o] for o in ordered], dtype=torch.long)
-    return ordered, (total[pick] / count[pick]).tolist()
+    return ordered, total[pick] / count[pick]
 
 
 def quantize_int8(model: Any) -> Any:
