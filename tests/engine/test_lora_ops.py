@@ -17,6 +17,7 @@ from fleetlm.engine.lora import (
     lora_delta,
     lora_delta_reference,
     lora_delta_torch,
+    quantize_rows,
 )
 from fleetlm.kernels import lora_sgmv
 
@@ -286,3 +287,64 @@ def test_lora_scale_rules():
     assert lora_scale(16, 4, use_rslora=True) == 8.0
     with pytest.raises(ValueError, match="rank"):
         lora_scale(16, 0)
+
+
+# ---------------------------------------------------------------- int8 buffers
+
+
+def test_quantize_rows_round_trip():
+    w = torch.randn(5, 33, generator=torch.Generator().manual_seed(1))
+    w[2] = 0.0  # an all-zero row: scale 0, values 0
+    q, scale = quantize_rows(w)
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (5,)
+    assert int(q.abs().max()) == 127 and float(scale[2]) == 0.0 and not q[2].any()
+    err = (q.float() * scale[:, None] - w).abs()
+    assert bool((err <= scale[:, None] / 2 + 1e-7).all())  # round to nearest
+
+
+def test_int8_stack_set_clear_and_bytes():
+    q8 = make_stack(SLOT_RANKS, dtype=torch.int8)
+    f32 = make_stack(SLOT_RANKS)
+    assert q8.quantized and not f32.quantized
+    assert q8.a_scale is not None and q8.bt_scale is not None
+    # dequantised, every slot is its float32 twin to within half a step per element
+    deq = q8.dequantized()
+    assert float((deq.a - f32.a).abs().max()) <= float(q8.a_scale.max()) / 2 + 1e-7
+    assert float((deq.bt - f32.bt).abs().max()) <= float(q8.bt_scale.max()) / 2 + 1e-7
+    assert torch.equal(q8.ranks, f32.ranks) and torch.equal(q8.scales, f32.scales)
+    q8.clear(1)
+    assert not q8.a[1].any() and not q8.bt[1].any() and not q8.a_scale[1].any()
+    assert not q8.bt_scale[1].any() and not q8.ranks[1].any()
+    # int8 weights + float32 scales: under a third of float32's bytes at these sizes
+    assert q8.nbytes() < 0.35 * f32.nbytes()
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("impl", IMPLS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("case", ["decode", "mixed", "large_mixed", "prefill_one"])
+def test_int8_buffers_match_the_dequantised_reference(impl, case, x_dtype):
+    """lora_dtype="int8": the kernel and the torch path compute the dequantised weights'
+    delta, in x's dtype; that delta is within ~1% of the float32 adapters'."""
+    slots = SLOTS[case]
+    q8 = make_stack(SLOT_RANKS, dtype=torch.int8)
+    x = torch.randn(len(slots), IN, generator=torch.Generator().manual_seed(4)).to(x_dtype)
+    b = batch(slots)
+    got = impl(x, q8, b)
+    assert got.dtype == x_dtype and got.shape == (len(slots), sum(PARTS))
+    want = lora_delta_reference(x.float(), q8.dequantized(), b)
+    tol = 1e-4 if x_dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want, atol=tol * max(1.0, float(want.abs().max())),
+                               rtol=tol)
+    full = lora_delta_reference(x.float(), make_stack(SLOT_RANKS), b)
+    assert float((got.float() - full).norm() / full.norm()) < 0.02
+
+
+def test_int8_buffer_setting():
+    from fleetlm.engine.engine import EngineConfig, lora_buffer_dtype
+
+    for model_dtype in (torch.float32, torch.bfloat16):
+        assert lora_buffer_dtype("int8", model_dtype) == torch.int8
+    EngineConfig(lora_dtype="int8").validate()
+    q8 = make_stack(SLOT_RANKS, dtype=torch.int8)
+    with pytest.raises(ValueError, match="x is torch.float16 but the adapter buffers are torch.int8"):
+        lora_delta(torch.randn(2, IN).half(), q8, batch([0, 1]))

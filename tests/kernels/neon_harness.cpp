@@ -79,6 +79,31 @@ template <typename T, int MB> void t_expand(int r, int ncols) {
     double s = 0; for (int k = 0; k < r; ++k) s += double(h[m * r + k]) * float(bt[k * ldb + c]);
     check(std::fabs(float(ys[m * ncols + c]) - s) <= tol * (1 + std::fabs(s)), "expand", MB, r, ncols); }
 }
+// lora_sgmv_q8's micro-kernels: x (T) against int8 A rows; h against int8 Bt, column-scaled
+template <typename T, int MB, int RB> void t_shrink_q8(int K) {
+  std::vector<T> xs(MB * K); std::vector<int8_t> a(RB * K); const T* xp[4]; float out[MB * RB];
+  for (auto& v : xs) v = T(rnd());
+  for (auto& v : a) v = int8_t(int(rng() % 255) - 127);
+  for (int m = 0; m < MB; ++m) xp[m] = xs.data() + m * K;
+  neon::shrink_q8<T, MB, RB>(xp, a.data(), K, out);
+  for (int m = 0; m < MB; ++m) for (int j = 0; j < RB; ++j) {
+    double s = 0; for (int k = 0; k < K; ++k) s += double(float(xs[m * K + k])) * a[j * K + k];
+    check(std::fabs(out[m * RB + j] - s) <= 1e-5 * (1 + std::fabs(s)) * K, "shrink q8", MB, RB, K); }
+}
+template <typename T, int MB> void t_expand_q8(int r, int ncols) {
+  const int ldb = ncols + 7; std::vector<int8_t> bt(r * ldb); std::vector<float> h(MB * r), cs(ncols);
+  std::vector<T> ys(MB * ncols); const float* hp[4]; T* yp[4];
+  for (auto& v : bt) v = int8_t(int(rng() % 255) - 127);
+  for (auto& v : h) v = rnd();
+  for (auto& v : cs) v = 0.01f * std::fabs(rnd());
+  for (int m = 0; m < MB; ++m) { hp[m] = h.data() + m * r; yp[m] = ys.data() + m * ncols; }
+  neon::expand_q8<T, MB>(hp, bt.data(), ldb, r, ncols, cs.data(), yp);
+  const double tol = std::is_same_v<T, float> ? 1e-5 : 1e-2;
+  for (int m = 0; m < MB; ++m) for (int c = 0; c < ncols; ++c) {
+    double s = 0; for (int k = 0; k < r; ++k) s += double(h[m * r + k]) * bt[k * ldb + c];
+    s *= cs[c];
+    check(std::fabs(float(ys[m * ncols + c]) - s) <= tol * (1 + std::fabs(s)), "expand q8", MB, r, ncols); }
+}
 // decode_stack.inc's attention helpers: dot(q, key row) and y += a * value row
 template <typename C> void t_attn(int n) {
   std::vector<float> q(n), y(n), y0(n); std::vector<C> k(n);
@@ -97,12 +122,15 @@ int main() {
     t_dot<4, 4>(K); t_dot<4, 3>(K); t_dot<4, 2>(K); t_dot<4, 1>(K); t_dot<1, 1>(K); t_dot<1, 4>(K);
     t_shrink<float, 1, 8>(K); t_shrink<float, 4, 4>(K); t_shrink<float, 3, 2>(K);
     t_shrink<bf16, 2, 5>(K); t_shrink<bf16, 4, 1>(K);
+    t_shrink_q8<float, 1, 8>(K); t_shrink_q8<float, 4, 4>(K); t_shrink_q8<bf16, 2, 5>(K);
+    t_shrink_q8<bf16, 3, 1>(K);
   }
   for (int K : {32, 64, 96, 128, 576}) for (int G : {32, 64, 128}) if (K % G == 0) {
     t_i4dot<4, 4>(K, G); t_i4dot<4, 3>(K, G); t_i4dot<4, 2>(K, G); t_i4dot<4, 1>(K, G);
     t_i4dot<1, 1>(K, G); t_i4dot<1, 4>(K, G); }
   for (int r : {1, 5, 16}) for (int nc = 1; nc <= 64; ++nc) {
-    t_expand<float, 1>(r, nc); t_expand<float, 4>(r, nc); t_expand<bf16, 3>(r, nc); t_expand<bf16, 2>(r, nc); }
+    t_expand<float, 1>(r, nc); t_expand<float, 4>(r, nc); t_expand<bf16, 3>(r, nc); t_expand<bf16, 2>(r, nc);
+    t_expand_q8<float, 1>(r, nc); t_expand_q8<bf16, 4>(r, nc); }
   std::printf("neon harness: %d failures\n", fails);
   return fails != 0;
 }

@@ -23,8 +23,11 @@ from tests.kernels.test_int8_gemv import tol as int8_tol
 from tests.kernels.test_lora_sgmv import CASES as LORA_CASES
 from tests.kernels.test_lora_sgmv import make_stack, random_ranks
 from tests.kernels.test_lora_sgmv import reference as lora_reference
+from tests.kernels.test_lora_sgmv import reference_q8 as lora_reference_q8
 from tests.kernels.test_lora_sgmv import run as lora_run
+from tests.kernels.test_lora_sgmv import run_q8 as lora_run_q8
 from tests.kernels.test_lora_sgmv import tolerance as lora_tol
+from tests.kernels.test_lora_sgmv import tolerance_q8 as lora_tol_q8
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -149,17 +152,20 @@ LORA_EXTRA = {
 LORA_ALL = {**LORA_CASES, **LORA_EXTRA}
 
 
+@pytest.mark.parametrize("weights", ["x_dtype", "int8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", LORA_ALL)
-def test_lora_sgmv_each_path(path: str, case: str, dtype: torch.dtype) -> None:
+def test_lora_sgmv_each_path(path: str, case: str, dtype: torch.dtype, weights: str) -> None:
+    """lora_sgmv (weights in x's dtype) and lora_sgmv_q8 (int8 weights) on each path."""
     layout, slot_ranks, slots = LORA_ALL[case]
-    stack = make_stack(slot_ranks, dtype=dtype, **layout)
+    q8 = weights == "int8"
+    stack = make_stack(slot_ranks, dtype=torch.int8 if q8 else dtype, **layout)
     x = torch.randn(len(slots), layout["in_features"],
                     generator=torch.Generator().manual_seed(5)).to(dtype)
-    got = lora_run(x, stack, slots)
-    ref = lora_reference(x, stack, slots)
+    got = (lora_run_q8 if q8 else lora_run)(x, stack, slots)
+    ref = (lora_reference_q8 if q8 else lora_reference)(x, stack, slots)
     assert got.shape == ref.shape and got.dtype == dtype
-    torch.testing.assert_close(got.float(), ref, **lora_tol(dtype, ref))
+    torch.testing.assert_close(got.float(), ref, **(lora_tol_q8 if q8 else lora_tol)(dtype, ref))
     assert torch.equal(got.float()[ref == 0], ref[ref == 0])
 
 

@@ -141,19 +141,6 @@ BAD = {
 }
 
 
-@pytest.mark.parametrize("case", BAD)
-def test_bad_inputs_raise_clear_errors(case):
-    over, message = BAD[case]
-    with pytest.raises(RuntimeError, match=message):
-        lora_sgmv.lora_sgmv(**_args(**over))
-
-
-def test_fake_kernel_and_schema():
-    args = _args()
-    torch.library.opcheck(torch.ops.fleetlm.lora_sgmv.default, tuple(args.values()),
-                          test_utils=("test_schema", "test_faketensor"))
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_compiled_fullgraph_equals_eager(dtype):
     layout, slot_ranks, slots = CASES["mixed"]
@@ -178,3 +165,105 @@ def test_env_var_disables_the_build(monkeypatch):
     kernel = NativeKernel("fleetlm_test_disabled", lora_sgmv._kernel.source, lora_sgmv.ENV_VAR,
                           never, fallback="nothing")
     assert not kernel.load() and not kernel.is_loaded()
+
+
+# ---------------------------------------------------------------- int8 weights (lora_sgmv_q8)
+
+
+def run_q8(x, stack, slots):
+    t = torch.as_tensor(slots, dtype=torch.long)
+    return lora_sgmv.lora_sgmv_q8(x, stack.a, stack.a_scale, stack.bt, stack.bt_scale,
+                                  stack.ranks, stack.scales, stack.offsets, t)
+
+
+def reference_q8(x, stack, slots):
+    """The float32 delta of the dequantised weights: what the kernel must compute."""
+    return lora_delta_reference(x.float(), stack.dequantized(),
+                                LoraBatch.from_slots(torch.as_tensor(slots)))
+
+
+def tolerance_q8(dtype, ref):
+    scale = max(1.0, float(ref.abs().max()))
+    if dtype == torch.float32:  # fp32 sums of the same products in another order
+        return dict(atol=2e-5 * scale, rtol=1e-5)
+    return dict(atol=1e-2 * scale, rtol=1.6e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES)
+def test_q8_matches_the_dequantised_reference(case, dtype):
+    layout, slot_ranks, slots = CASES[case]
+    stack = make_stack(slot_ranks, dtype=torch.int8, **layout)
+    assert stack.a.dtype == torch.int8 and stack.bt.dtype == torch.int8
+    x = torch.randn(len(slots), layout["in_features"],
+                    generator=torch.Generator().manual_seed(2)).to(dtype)
+    got = run_q8(x, stack, slots)
+    ref = reference_q8(x, stack, slots)
+    assert got.shape == ref.shape and got.dtype == dtype
+    torch.testing.assert_close(got.float(), ref, **tolerance_q8(dtype, ref))
+    assert torch.equal(got.float()[ref == 0], ref[ref == 0])
+
+
+def test_q8_is_within_quantisation_error_of_the_float_adapters():
+    """int8 rows/columns with their own scales: the delta within ~1% of float32 LoRA's."""
+    layout, slot_ranks, slots = CASES["600_tokens_3_slots"]
+    x = torch.randn(len(slots), layout["in_features"], generator=torch.Generator().manual_seed(3))
+    exact = reference(x, make_stack(slot_ranks, dtype=torch.float32, **layout), slots)
+    got = run_q8(x, make_stack(slot_ranks, dtype=torch.int8, **layout), slots)
+    rel = float((got - exact).norm() / exact.norm())
+    assert 0 < rel < 0.015, rel
+
+
+def _args_q8(**over):
+    stack = make_stack(MIXED_RANKS, dtype=torch.int8, **QKV_ODD)
+    args = dict(x=torch.randn(3, 50), a=stack.a, a_scale=stack.a_scale, bt=stack.bt,
+                bt_scale=stack.bt_scale, ranks=stack.ranks, scales=stack.scales,
+                offsets=stack.offsets, token_slots=torch.tensor([0, NO_ADAPTER, 5]))
+    args.update(over)
+    return args
+
+
+BAD_Q8 = {
+    "a_not_int8": (dict(a=torch.zeros(6, 3, 16, 50)), r"a and bt must be \(Char\)"),
+    "a_scale_shape": (dict(a_scale=torch.zeros(6, 3, 8)), r"a_scale must be contiguous float32 \[S, P, R\] = \[6, 3, 16\]"),
+    "a_scale_dtype": (dict(a_scale=torch.zeros(6, 3, 16, dtype=torch.float64)), "a_scale must be contiguous float32"),
+    "bt_scale_shape": (dict(bt_scale=torch.zeros(6, 55)), r"bt_scale must be contiguous float32 \[S, out\] = \[6, 56\]"),
+    "x_float16": (dict(x=torch.randn(3, 50).half()), "float32 or bfloat16"),
+    "slot_range": (dict(token_slots=torch.tensor([0, 6, 1])), r"token_slots\[1\] = 6 is outside"),
+}
+
+
+# op name -> (its Python wrapper, valid arguments with overrides, bad cases)
+OPS = {"lora_sgmv": (lora_sgmv.lora_sgmv, _args, BAD),
+       "lora_sgmv_q8": (lora_sgmv.lora_sgmv_q8, _args_q8, BAD_Q8)}
+
+
+@pytest.mark.parametrize("op, case", [(op, case) for op, (_, _, bad) in OPS.items() for case in bad])
+def test_bad_inputs_raise_clear_errors(op, case):
+    fn, args, bad = OPS[op]
+    over, message = bad[case]
+    with pytest.raises(RuntimeError, match=message):
+        fn(**args(**over))
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_fake_kernel_and_schema(op):
+    args = OPS[op][1]()
+    torch.library.opcheck(getattr(torch.ops.fleetlm, op).default, tuple(args.values()),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_q8_compiled_fullgraph_equals_eager():
+    layout, slot_ranks, slots = CASES["mixed"]
+    stack = make_stack(slot_ranks, dtype=torch.int8, **layout)
+    x = torch.randn(len(slots), layout["in_features"]).bfloat16()
+    t = torch.tensor(slots)
+
+    def proj(x, t):
+        return x.new_ones(()) * 2 + lora_sgmv.lora_sgmv_q8(x * 0.5, stack.a, stack.a_scale, stack.bt,
+                                                           stack.bt_scale, stack.ranks,
+                                                           stack.scales, stack.offsets, t)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(proj, fullgraph=True)
+    torch.testing.assert_close(compiled(x, t), proj(x, t), atol=0, rtol=0)

@@ -304,6 +304,6 @@ def test_serve_refuses_an_unknown_lora_dtype():
 
     r = subprocess.run([sys.executable, "-m", "fleetlm", "serve", "--lora-dtype", "fp8"],
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "--lora-dtype: Input should be 'auto', 'float32' or " \
-        "'bfloat16'" in r.stderr
+    assert r.returncode == 2 and "--lora-dtype: Input should be 'auto', 'float32', " \
+        "'bfloat16' or 'int8'" in r.stderr
     assert "Traceback" not in r.stderr

@@ -55,7 +55,7 @@ class AdaptersBenchConfig(StrictModel):
     adapter_counts: list[int] = Field(default_factory=lambda: [1, 8, 64, 256])
     popularities: list[str] = Field(default_factory=lambda: list(POPULARITIES))
     max_hot_adapters: int = 64
-    lora_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # EngineConfig.lora_dtype
+    lora_dtype: Literal["auto", "float32", "bfloat16", "int8"] = "auto"  # EngineConfig.lora_dtype
     baseline_budget_s: float = 180.0  # most seconds of generation per transformers baseline
     # The transformers baselines serve the first requests of the same stream (their
     # rates are over what they completed): one-at-a-time switching takes ~4 s a request.

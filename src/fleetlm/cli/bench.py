@@ -205,7 +205,7 @@ def bench_adapters(
     max_batch: Annotated[int | None, typer.Option(help="The engine's batch (default: --concurrency); smaller, a queue forms.")] = None,
     max_overtakes: Annotated[int, typer.Option(help="As fleetlm serve: later requests admitted ahead of a waiting one to group adapters (0: arrival order).")] = 64,
     repeat: Annotated[int, typer.Option(help="Rounds of (no adapters, each adapter setting), interleaved; medians reported.")] = 1,
-    lora_dtype: Annotated[str, typer.Option(help="The hot adapters' dtype, as fleetlm serve: auto, float32 or bfloat16.")] = "auto",
+    lora_dtype: Annotated[str, typer.Option(help="The hot adapters' dtype, as fleetlm serve: auto, float32, bfloat16 or int8.")] = "auto",
     baseline_budget_s: Annotated[float, typer.Option(help="Most seconds of generation per transformers baseline.")] = 180.0,
     switching_requests: Annotated[int, typer.Option(help="Requests served by the PEFT switching baseline.")] = 16,
     mixed_requests: Annotated[int, typer.Option(help="Requests served by the PEFT mixed-batch baseline.")] = 64,

@@ -44,7 +44,7 @@ def serve(
     max_hot_adapters: Annotated[int, typer.Option(help="Adapters held in the engine's LoRA slots.")] = 32,
     max_overtakes: Annotated[int, typer.Option(help="When more requests wait than the batch has room for, later requests for adapters already in the batch may go first, so steps read fewer adapters; no request is passed by more than this many (0: arrival order; docs/engine.md).")] = 64,
     max_lora_rank: Annotated[int, typer.Option(help="Largest adapter rank accepted.")] = 16,
-    lora_dtype: Annotated[str, typer.Option(help="The hot adapters' dtype: bfloat16 halves their memory under a float32 model (the delta is then computed in bfloat16); auto picks it where the CPU has native bfloat16, else the model's dtype (docs/engine.md).")] = "auto",
+    lora_dtype: Annotated[str, typer.Option(help="The hot adapters' dtype: bfloat16 halves their memory under a float32 model (the delta is then computed in bfloat16); int8 halves it again (a scale per row/column); auto picks bfloat16 where the CPU has native bfloat16, else the model's dtype (docs/engine.md).")] = "auto",
     config: Annotated[Path | None, typer.Option(help="Routes config (YAML): route names become models that answer with the small model or escalate to a large upstream (docs/router.md).")] = None,
     max_body_mb: Annotated[float, typer.Option(help="Largest request body in MiB; larger ones are refused with 413 (docs/limits.md).")] = 4.0,
     max_upload_mb: Annotated[float, typer.Option(help="Largest adapter upload (its files) in MiB; larger ones are refused with 413.")] = 512.0,

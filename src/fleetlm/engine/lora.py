@@ -97,6 +97,11 @@ class StackedLora:
     Only the first ``ranks[s, p]`` rows of A and of Bt are ever read; the rest is kept
     zero by :meth:`set`/:meth:`clear`. No padding in the out dimension: a slot costs
     R * (P * in + out_total) elements.
+
+    int8 buffers (``allocate(..., dtype=torch.int8)``) hold each A row and each Bt column
+    of a slot quantised symmetrically (round to nearest, [-127, 127]) with its own float32
+    scale: A row k of part p is ``a[s, p, k] * a_scale[s, p, k]``, Bt column c is
+    ``bt[s, :, c] * bt_scale[s, c]`` (see :meth:`dequantized`).
     """
 
     a: Tensor  # [S, P, R, in]      A of part p of slot s in a[s, p, :r]
@@ -104,6 +109,8 @@ class StackedLora:
     ranks: Tensor  # [S, P] int32       rank of part p in slot s (0: part absent / empty slot)
     scales: Tensor  # [S, P] float32
     offsets: Tensor  # [P+1] int64, offsets[-1] == out_total
+    a_scale: Tensor | None = None  # [S, P, R] float32, int8 buffers only
+    bt_scale: Tensor | None = None  # [S, out_total] float32, int8 buffers only
 
     @classmethod
     def allocate(cls, num_slots: int, max_rank: int, in_features: int,
@@ -118,13 +125,22 @@ class StackedLora:
             raise ValueError("StackedLora.allocate: " + "; ".join(problems))
         offsets = torch.tensor([0, *part_sizes], dtype=torch.long).cumsum(0)
         p, out = len(part_sizes), int(offsets[-1])
+        q8 = dtype == torch.int8
         return cls(
             a=torch.zeros(num_slots, p, max_rank, in_features, dtype=dtype, device=device),
             bt=torch.zeros(num_slots, max_rank, out, dtype=dtype, device=device),
             ranks=torch.zeros(num_slots, p, dtype=torch.int32, device=device),
             scales=torch.zeros(num_slots, p, dtype=torch.float32, device=device),
             offsets=offsets.to(device),
+            a_scale=(torch.zeros(num_slots, p, max_rank, dtype=torch.float32, device=device)
+                     if q8 else None),
+            bt_scale=torch.zeros(num_slots, out, dtype=torch.float32, device=device) if q8 else None,
         )
+
+    @property
+    def quantized(self) -> bool:
+        """int8 buffers with per-row (A) and per-column (Bt) scales."""
+        return self.a_scale is not None
 
     @property
     def num_slots(self) -> int:
@@ -181,20 +197,60 @@ class StackedLora:
                 continue
             a, b, scale = part
             r = a.shape[0]
-            self.a[slot, p, :r] = a.to(self.a.dtype)
-            self.bt[slot, :r, offsets[p]:offsets[p + 1]] = b.T.to(self.bt.dtype)
+            cols = slice(offsets[p], offsets[p + 1])
+            if self.a_scale is not None and self.bt_scale is not None:
+                self.a[slot, p, :r], self.a_scale[slot, p, :r] = quantize_rows(a)
+                b_q, self.bt_scale[slot, cols] = quantize_rows(b)  # B's rows: Bt's columns
+                self.bt[slot, :r, cols] = b_q.T
+            else:
+                self.a[slot, p, :r] = a.to(self.a.dtype)
+                self.bt[slot, :r, cols] = b.T.to(self.bt.dtype)
             self.ranks[slot, p] = r
             self.scales[slot, p] = float(scale)
 
     def clear(self, slot: int) -> None:
-        self.a[slot].zero_()
-        self.bt[slot].zero_()
-        self.ranks[slot].zero_()
-        self.scales[slot].zero_()
+        for t in self._tensors()[:4]:
+            t[slot].zero_()
+        if self.a_scale is not None and self.bt_scale is not None:
+            self.a_scale[slot].zero_()
+            self.bt_scale[slot].zero_()
+
+    def _tensors(self) -> tuple[Tensor, ...]:
+        extra = () if self.a_scale is None or self.bt_scale is None else (self.a_scale, self.bt_scale)
+        return (self.a, self.bt, self.ranks, self.scales, self.offsets, *extra)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size()
-                   for t in (self.a, self.bt, self.ranks, self.scales, self.offsets))
+        return sum(t.numel() * t.element_size() for t in self._tensors())
+
+    def a_rows(self, slot: int, part: int, r: int) -> Tensor:
+        """A of ``part`` in ``slot``, [r, in]: the buffer's rows, dequantised to float32
+        for int8 buffers."""
+        a = self.a[slot, part, :r]
+        return a if self.a_scale is None else a.float() * self.a_scale[slot, part, :r, None]
+
+    def bt_block(self, slot: int, r: int, c0: int, c1: int) -> Tensor:
+        """Bt[slot, :r, c0:c1], dequantised to float32 for int8 buffers."""
+        bt = self.bt[slot, :r, c0:c1]
+        return bt if self.bt_scale is None else bt.float() * self.bt_scale[slot, c0:c1]
+
+    def dequantized(self) -> StackedLora:
+        """The same adapters in float32 buffers (what an int8 stack computes with)."""
+        if self.a_scale is None or self.bt_scale is None:
+            return StackedLora(self.a.float(), self.bt.float(), self.ranks, self.scales,
+                               self.offsets)
+        return StackedLora(self.a.float() * self.a_scale[..., None],
+                           self.bt.float() * self.bt_scale[:, None, :], self.ranks,
+                           self.scales, self.offsets)
+
+
+def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 per row of w [n, k]: (q [n, k] int8, scale [n] float32) with
+    w ~= q * scale[:, None], q = round(w / scale) in [-127, 127]; an all-zero row has
+    scale 0."""
+    w = w.float()
+    scale = w.abs().amax(dim=1) / 127.0
+    q = torch.round(w / scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None])
+    return q.clamp_(-127, 127).to(torch.int8), scale
 
 
 def lora_delta_reference(x: Tensor, lora: StackedLora, batch: LoraBatch) -> Tensor:
@@ -209,8 +265,8 @@ def lora_delta_reference(x: Tensor, lora: StackedLora, batch: LoraBatch) -> Tens
             r = int(lora.ranks[s, p])
             if r == 0:
                 continue
-            xa = x2[t].float() @ lora.a[s, p, :r].float().T  # [r]
-            part = xa @ lora.bt[s, :r, offsets[p]:offsets[p + 1]].float()
+            xa = x2[t].float() @ lora.a_rows(s, p, r).float().T  # [r]
+            part = xa @ lora.bt_block(s, r, offsets[p], offsets[p + 1]).float()
             out[t, offsets[p]:offsets[p + 1]] = float(lora.scales[s, p]) * part
     return out.to(x.dtype).reshape(*x.shape[:-1], lora.out_features)
 
@@ -231,8 +287,9 @@ def lora_delta_torch(x: Tensor, lora: StackedLora, batch: LoraBatch) -> Tensor:
             r = ranks[slot][p]
             if r == 0:
                 continue
-            xa = (xs @ lora.a[slot, p, :r].T) * scales[slot][p]  # [n, r]
-            delta[:, offsets[p]:offsets[p + 1]] = xa @ lora.bt[slot, :r, offsets[p]:offsets[p + 1]]
+            xa = (xs @ lora.a_rows(slot, p, r).to(x.dtype).T) * scales[slot][p]  # [n, r]
+            bt = lora.bt_block(slot, r, offsets[p], offsets[p + 1]).to(x.dtype)
+            delta[:, offsets[p]:offsets[p + 1]] = xa @ bt
         if not whole:
             out.index_copy_(0, idx, delta)
     return out
@@ -263,6 +320,12 @@ def _bf16_under_f32(x: Tensor, lora: StackedLora) -> bool:
     return x.dtype == torch.float32 and lora.a.dtype == torch.bfloat16
 
 
+def _dtypes_fit(x: Tensor, lora: StackedLora) -> bool:
+    if lora.quantized:
+        return x.dtype in _KERNEL_DTYPES
+    return x.dtype == lora.a.dtype or _bf16_under_f32(x, lora)
+
+
 def _mismatch(x: Tensor, lora: StackedLora, batch: LoraBatch) -> ValueError:
     problems = []
     if x.shape[-1] != lora.in_features:
@@ -270,10 +333,10 @@ def _mismatch(x: Tensor, lora: StackedLora, batch: LoraBatch) -> ValueError:
     tokens = x.numel() // max(1, x.shape[-1])
     if tokens != batch.num_tokens:
         problems.append(f"x has {tokens} tokens but the LoraBatch has {batch.num_tokens}")
-    if x.dtype != lora.a.dtype and not _bf16_under_f32(x, lora):
+    if not _dtypes_fit(x, lora):
         problems.append(f"x is {x.dtype} but the adapter buffers are {lora.a.dtype}; "
                         "allocate the StackedLora in the model's dtype (or bfloat16 under "
-                        "float32)")
+                        "float32, or int8 under either)")
     return ValueError("lora_delta: " + "; ".join(problems))
 
 
@@ -302,18 +365,26 @@ def lora_delta(x: Tensor, lora: StackedLora, batch: LoraBatch) -> Tensor:
     bfloat16 buffers under float32 activations (``EngineConfig.lora_dtype``: half the
     memory and the bytes a step reads per adapter) compute in bfloat16: x is rounded to
     bfloat16 for the delta alone, and the delta comes back as float32.
+
+    int8 buffers (``lora_dtype="int8"``: half bfloat16's bytes) serve float32 and bfloat16
+    activations alike through ``fleetlm::lora_sgmv_q8``; the torch path dequantises.
     """
     shape = x.shape
     x2 = x if x.dim() == 2 else x.reshape(-1, shape[-1])
     mixed = _bf16_under_f32(x, lora)
     if (shape[-1] != lora.a.shape[3] or x2.shape[0] != batch.token_slots.shape[0]
-            or (x.dtype != lora.a.dtype and not mixed)):
+            or not _dtypes_fit(x, lora)):
         raise _mismatch(x, lora, batch)
     if mixed:
         x2 = x2.to(torch.bfloat16)
     if _use_kernel(x2, lora, batch):
-        out = torch.ops.fleetlm.lora_sgmv(x2, lora.a, lora.bt, lora.ranks, lora.scales,
-                                          lora.offsets, batch.token_slots)
+        if lora.a_scale is not None and lora.bt_scale is not None:
+            out = torch.ops.fleetlm.lora_sgmv_q8(x2, lora.a, lora.a_scale, lora.bt,
+                                                 lora.bt_scale, lora.ranks, lora.scales,
+                                                 lora.offsets, batch.token_slots)
+        else:
+            out = torch.ops.fleetlm.lora_sgmv(x2, lora.a, lora.bt, lora.ranks, lora.scales,
+                                              lora.offsets, batch.token_slots)
     else:
         out = lora_delta_torch(x2, lora, batch)
     if mixed:

@@ -53,7 +53,7 @@ class ServeSettings(StrictModel):
     max_hot_adapters: int = 32
     max_overtakes: int = Field(64, ge=0)  # EngineConfig.max_overtakes
     max_lora_rank: int = 16
-    lora_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    lora_dtype: Literal["auto", "float32", "bfloat16", "int8"] = "auto"
     config: Path | None = None  # routes config (YAML)
     grace_s: float = 30.0  # requests in flight get this long after a stop signal
     # the largest request body, and the largest adapter upload (its files), in MiB: over

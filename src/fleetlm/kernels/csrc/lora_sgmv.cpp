@@ -8,6 +8,11 @@
 // ranks [S, P] int32; scales [S, P] float32; offsets [P+1] int64; token_slots [T] int64.
 // The result [T, out] is in x's dtype; everything accumulates in float32.
 //
+// fleetlm::lora_sgmv_q8 is the same with int8 a and bt (x and the result float32 or bf16):
+// a_scale [S, P, R] float32 scales each A row (applied to the dot product), bt_scale [S, out]
+// float32 each Bt column (applied to the sum before rounding). Half bfloat16's bytes; on the
+// development CPU (Zen 4) no faster than bfloat16 -- the op is not bound by its bytes alone.
+//
 // Tokens are grouped by slot (a counting sort) so each adapter's weights are read once per
 // call however many tokens use it, and only the first r rows of A and of Bt are read.
 // Two phases, each an at::parallel_for over work items split by estimated cost:
@@ -112,10 +117,25 @@ inline __m512i round_bf16_hi(__m512 v) {
   return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
                                _mm512_set1_epi32(0x7FC00000));
 }
-// out[m * RB + j] = <x[m][0:K], a[j * K : (j + 1) * K]> for m < MB, j < RB
-template <int MB, int RB>
-inline void shrink_f32(const float* const* x, const float* __restrict a, int64_t K,
-                             float* out) {
+// In-order loads of 16 values as fp32 (bf16 widened, int8 converted) and stores of 16 fp32
+// (rounded to bf16 to nearest even), masked.
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const bf16* p, __mmask16 m) {
+  const __m256i v = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+inline __m512 load16(const int8_t* p, __mmask16 m) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
+}
+inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+inline void store16(bf16* p, __m512 v, __mmask16 m) {
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(round_bf16_hi(v), 16)));
+}
+
+// out[m * RB + j] = <x[m][0:K], a[j * K : (j + 1) * K]> for m < MB, j < RB, 16 at a time
+// (float32 x and A; or int8 A, unscaled, under float32 or bf16 x)
+template <typename TX, typename TW, int MB, int RB>
+inline void shrink_lin(const TX* const* x, const TW* __restrict a, int64_t K, float* out) {
   __m512 acc[MB][RB];
 #pragma GCC unroll 8
   for (int m = 0; m < MB; ++m)
@@ -124,10 +144,10 @@ inline void shrink_f32(const float* const* x, const float* __restrict a, int64_t
   auto step = [&](int64_t k, __mmask16 mask) __attribute__((always_inline)) {
     __m512 xv[MB];
 #pragma GCC unroll 8
-    for (int m = 0; m < MB; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, x[m] + k);
+    for (int m = 0; m < MB; ++m) xv[m] = load16(x[m] + k, mask);
 #pragma GCC unroll 8
     for (int j = 0; j < RB; ++j) {
-      const __m512 av = _mm512_maskz_loadu_ps(mask, a + j * K + k);
+      const __m512 av = load16(a + j * K + k, mask);
 #pragma GCC unroll 8
       for (int m = 0; m < MB; ++m) acc[m][j] = _mm512_fmadd_ps(xv[m], av, acc[m][j]);
     }
@@ -139,6 +159,14 @@ inline void shrink_f32(const float* const* x, const float* __restrict a, int64_t
   for (int m = 0; m < MB; ++m)
 #pragma GCC unroll 8
     for (int j = 0; j < RB; ++j) out[m * RB + j] = _mm512_reduce_add_ps(acc[m][j]);
+}
+template <int MB, int RB>
+inline void shrink_f32(const float* const* x, const float* a, int64_t K, float* out) {
+  shrink_lin<float, float, MB, RB>(x, a, K, out);
+}
+template <typename T, int MB, int RB>
+inline void shrink_q8(const T* const* x, const int8_t* a, int64_t K, float* out) {
+  shrink_lin<T, int8_t, MB, RB>(x, a, K, out);
 }
 
 // The same for bf16: x and A are both split into even/odd halves, 32 elements per step.
@@ -178,11 +206,12 @@ inline void shrink_bf16(const bf16* const* x, const bf16* __restrict a, int64_t 
     for (int j = 0; j < RB; ++j) out[m * RB + j] = _mm512_reduce_add_ps(acc[m][j]);
 }
 
-// y[m][c] = sum_k h[m][k] * bt[k * ldb + c] for the `ncols` (<= 64) columns of this block;
-// each bt row segment is loaded once for all MB tokens.
-template <int MB, int NV>  // NV vectors of 16 columns
-inline void expand_block_f32(const float* const* h, const float* __restrict bt, int64_t ldb,
-                             int64_t r, int64_t ncols, float* const* y) {
+// y[m][c] = colscale[c] * sum_k h[m][k] * bt[k * ldb + c] for the `ncols` (<= 64) columns
+// of this block (no colscale: nullptr); each bt row segment is loaded once for all MB
+// tokens. float32 Bt and y, or int8 Bt under float32 or bf16 y.
+template <typename TY, typename TW, int MB, int NV>  // NV vectors of 16 columns
+inline void expand_block_lin(const float* const* h, const TW* __restrict bt, int64_t ldb,
+                             int64_t r, int64_t ncols, const float* colscale, TY* const* y) {
   const __mmask16 last = mask16(ncols - (NV - 1) * 16);
   __m512 acc[MB][NV];
 #pragma GCC unroll 4
@@ -190,11 +219,10 @@ inline void expand_block_f32(const float* const* h, const float* __restrict bt, 
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
   for (int64_t k = 0; k < r; ++k) {
-    const float* row = bt + k * ldb;
+    const TW* row = bt + k * ldb;
     __m512 b[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v)
-      b[v] = (v == NV - 1) ? _mm512_maskz_loadu_ps(last, row + 16 * v) : _mm512_loadu_ps(row + 16 * v);
+    for (int v = 0; v < NV; ++v) b[v] = load16(row + 16 * v, v == NV - 1 ? last : __mmask16(0xFFFF));
 #pragma GCC unroll 4
     for (int m = 0; m < MB; ++m) {
       const __m512 hv = _mm512_set1_ps(h[m][k]);
@@ -203,23 +231,36 @@ inline void expand_block_f32(const float* const* h, const float* __restrict bt, 
     }
   }
 #pragma GCC unroll 4
-  for (int m = 0; m < MB; ++m)
+  for (int v = 0; v < NV; ++v) {
+    const __mmask16 mask = v == NV - 1 ? last : __mmask16(0xFFFF);
+    const __m512 cs = colscale != nullptr ? load16(colscale + 16 * v, mask) : _mm512_set1_ps(1.f);
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v)
-      _mm512_mask_storeu_ps(y[m] + 16 * v, (v == NV - 1) ? last : __mmask16(0xFFFF), acc[m][v]);
+    for (int m = 0; m < MB; ++m)
+      store16(y[m] + 16 * v, colscale != nullptr ? _mm512_mul_ps(acc[m][v], cs) : acc[m][v], mask);
+  }
 }
 
 // ncols (1..64) output columns for MB tokens
+template <typename TY, typename TW, int MB>
+inline void expand_lin(const float* const* h, const TW* bt, int64_t ldb, int64_t r,
+                       int64_t ncols, const float* colscale, TY* const* y) {
+  switch ((ncols + 15) / 16) {
+    case 1: return expand_block_lin<TY, TW, MB, 1>(h, bt, ldb, r, ncols, colscale, y);
+    case 2: return expand_block_lin<TY, TW, MB, 2>(h, bt, ldb, r, ncols, colscale, y);
+    case 3: return expand_block_lin<TY, TW, MB, 3>(h, bt, ldb, r, ncols, colscale, y);
+    case 4: return expand_block_lin<TY, TW, MB, 4>(h, bt, ldb, r, ncols, colscale, y);
+    default: TORCH_INTERNAL_ASSERT(false, "fleetlm::lora_sgmv: bad column block ", ncols);
+  }
+}
 template <int MB>
 inline void expand_f32(const float* const* h, const float* bt, int64_t ldb, int64_t r,
                        int64_t ncols, float* const* y) {
-  switch ((ncols + 15) / 16) {
-    case 1: return expand_block_f32<MB, 1>(h, bt, ldb, r, ncols, y);
-    case 2: return expand_block_f32<MB, 2>(h, bt, ldb, r, ncols, y);
-    case 3: return expand_block_f32<MB, 3>(h, bt, ldb, r, ncols, y);
-    case 4: return expand_block_f32<MB, 4>(h, bt, ldb, r, ncols, y);
-    default: TORCH_INTERNAL_ASSERT(false, "fleetlm::lora_sgmv: bad column block ", ncols);
-  }
+  expand_lin<float, float, MB>(h, bt, ldb, r, ncols, nullptr, y);
+}
+template <typename T, int MB>
+inline void expand_q8(const float* const* h, const int8_t* bt, int64_t ldb, int64_t r,
+                      int64_t ncols, const float* colscale, T* const* y) {
+  expand_lin<T, int8_t, MB>(h, bt, ldb, r, ncols, colscale, y);
 }
 
 #include "lora_sgmv_avx512_bf16.inc"  // pack_bf16 (software rounding), expand_bf16
@@ -276,8 +317,20 @@ inline __m128i to_bf16x8(__m256 v) {
   return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08));
 }
 
-template <typename T, int MB, int RB>
-inline void shrink_tail(const T* const* x, const T* a, int64_t K, int64_t k0,
+// In-order loads of 8 values as fp32 (bf16 widened, int8 converted); stores of 8 fp32
+// (rounded to bf16)
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const bf16* p) { return load8_bf16(p); }
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(bf16* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_bf16x8(v));
+}
+
+template <typename TX, typename TW, int MB, int RB>
+inline void shrink_tail(const TX* const* x, const TW* a, int64_t K, int64_t k0,
                         const __m256 (&acc)[MB][RB], float* out) {
   for (int m = 0; m < MB; ++m)
     for (int j = 0; j < RB; ++j) {
@@ -288,9 +341,9 @@ inline void shrink_tail(const T* const* x, const T* a, int64_t K, int64_t k0,
     }
 }
 
-template <int MB, int RB>
-inline void shrink_f32(const float* const* x, const float* __restrict a, int64_t K,
-                       float* out) {
+// 8 at a time in order: float32 x and A, or int8 A (unscaled) under float32 or bf16 x
+template <typename TX, typename TW, int MB, int RB>
+inline void shrink_lin(const TX* const* x, const TW* __restrict a, int64_t K, float* out) {
   __m256 acc[MB][RB];
 #pragma GCC unroll 8
   for (int m = 0; m < MB; ++m)
@@ -300,15 +353,23 @@ inline void shrink_f32(const float* const* x, const float* __restrict a, int64_t
   for (; k + 8 <= K; k += 8) {
     __m256 xv[MB];
 #pragma GCC unroll 8
-    for (int m = 0; m < MB; ++m) xv[m] = _mm256_loadu_ps(x[m] + k);
+    for (int m = 0; m < MB; ++m) xv[m] = load8(x[m] + k);
 #pragma GCC unroll 8
     for (int j = 0; j < RB; ++j) {
-      const __m256 av = _mm256_loadu_ps(a + j * K + k);
+      const __m256 av = load8(a + j * K + k);
 #pragma GCC unroll 8
       for (int m = 0; m < MB; ++m) acc[m][j] = _mm256_fmadd_ps(xv[m], av, acc[m][j]);
     }
   }
-  shrink_tail<float, MB, RB>(x, a, K, k, acc, out);
+  shrink_tail<TX, TW, MB, RB>(x, a, K, k, acc, out);
+}
+template <int MB, int RB>
+inline void shrink_f32(const float* const* x, const float* a, int64_t K, float* out) {
+  shrink_lin<float, float, MB, RB>(x, a, K, out);
+}
+template <typename T, int MB, int RB>
+inline void shrink_q8(const T* const* x, const int8_t* a, int64_t K, float* out) {
+  shrink_lin<T, int8_t, MB, RB>(x, a, K, out);
 }
 
 template <int MB, int RB>
@@ -339,28 +400,23 @@ inline void shrink_bf16(const bf16* const* x, const bf16* __restrict a, int64_t 
       }
     }
   }
-  shrink_tail<bf16, MB, RB>(x, a, K, k, acc, out);
+  shrink_tail<bf16, bf16, MB, RB>(x, a, K, k, acc, out);
 }
 
-// columns [c, c + 8 * NV) for MB tokens, each Bt row segment loaded once
-template <typename T, int MB, int NV>
-inline void expand_vec(const float* const* h, const T* __restrict bt, int64_t ldb, int64_t r,
-                       int64_t c, T* const* y) {
+// columns [c, c + 8 * NV) for MB tokens, each Bt row segment loaded once; colscale: the
+// columns' factors (int8 Bt) or nullptr
+template <typename TY, typename TW, int MB, int NV>
+inline void expand_vec(const float* const* h, const TW* __restrict bt, int64_t ldb, int64_t r,
+                       int64_t c, const float* colscale, TY* const* y) {
   __m256 acc[MB][NV];
 #pragma GCC unroll 4
   for (int m = 0; m < MB; ++m)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_setzero_ps();
   for (int64_t k = 0; k < r; ++k) {
-    const T* row = bt + k * ldb + c;
     __m256 b[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      if constexpr (std::is_same_v<T, bf16>)
-        b[v] = load8_bf16(row + 8 * v);
-      else
-        b[v] = _mm256_loadu_ps(row + 8 * v);
-    }
+    for (int v = 0; v < NV; ++v) b[v] = load8(bt + k * ldb + c + 8 * v);
 #pragma GCC unroll 4
     for (int m = 0; m < MB; ++m) {
       const __m256 hv = _mm256_set1_ps(h[m][k]);
@@ -369,41 +425,45 @@ inline void expand_vec(const float* const* h, const T* __restrict bt, int64_t ld
     }
   }
 #pragma GCC unroll 4
-  for (int m = 0; m < MB; ++m)
+  for (int v = 0; v < NV; ++v) {
+    const __m256 cs = colscale != nullptr ? _mm256_loadu_ps(colscale + c + 8 * v)
+                                          : _mm256_set1_ps(1.f);
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      if constexpr (std::is_same_v<T, bf16>)
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(y[m] + c + 8 * v), to_bf16x8(acc[m][v]));
-      else
-        _mm256_storeu_ps(y[m] + c + 8 * v, acc[m][v]);
-    }
+    for (int m = 0; m < MB; ++m)
+      store8(y[m] + c + 8 * v, colscale != nullptr ? _mm256_mul_ps(acc[m][v], cs) : acc[m][v]);
+  }
 }
 
-template <typename T, int MB>
-inline void expand_any(const float* const* h, const T* bt, int64_t ldb, int64_t r,
-                       int64_t ncols, T* const* y) {
+template <typename TY, typename TW, int MB>
+inline void expand_any(const float* const* h, const TW* bt, int64_t ldb, int64_t r,
+                       int64_t ncols, const float* colscale, TY* const* y) {
   int64_t c = 0;
-  for (; c + 16 <= ncols; c += 16) expand_vec<T, MB, 2>(h, bt, ldb, r, c, y);
+  for (; c + 16 <= ncols; c += 16) expand_vec<TY, TW, MB, 2>(h, bt, ldb, r, c, colscale, y);
   if (c + 8 <= ncols) {
-    expand_vec<T, MB, 1>(h, bt, ldb, r, c, y);
+    expand_vec<TY, TW, MB, 1>(h, bt, ldb, r, c, colscale, y);
     c += 8;
   }
   for (; c < ncols; ++c)  // the last < 8 columns
     for (int m = 0; m < MB; ++m) {
       float s = 0.f;
       for (int64_t k = 0; k < r; ++k) s += h[m][k] * static_cast<float>(bt[k * ldb + c]);
-      y[m][c] = static_cast<T>(s);
+      y[m][c] = static_cast<TY>(colscale != nullptr ? s * colscale[c] : s);
     }
 }
 template <int MB>
 inline void expand_f32(const float* const* h, const float* bt, int64_t ldb, int64_t r,
                        int64_t ncols, float* const* y) {
-  expand_any<float, MB>(h, bt, ldb, r, ncols, y);
+  expand_any<float, float, MB>(h, bt, ldb, r, ncols, nullptr, y);
 }
 template <int MB>
 inline void expand_bf16(const float* const* h, const bf16* bt, int64_t ldb, int64_t r,
                         int64_t ncols, bf16* const* y) {
-  expand_any<bf16, MB>(h, bt, ldb, r, ncols, y);
+  expand_any<bf16, bf16, MB>(h, bt, ldb, r, ncols, nullptr, y);
+}
+template <typename T, int MB>
+inline void expand_q8(const float* const* h, const int8_t* bt, int64_t ldb, int64_t r,
+                      int64_t ncols, const float* colscale, T* const* y) {
+  expand_any<T, int8_t, MB>(h, bt, ldb, r, ncols, colscale, y);
 }
 
 }  // namespace avx2
@@ -420,9 +480,16 @@ inline float32x4_t load4(const float* p) { return vld1q_f32(p); }
 inline float32x4_t load4(const bf16* p) {  // 4 bf16 -> 4 fp32
   return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(reinterpret_cast<const uint16_t*>(p)), 16));
 }
+inline float32x4_t load4(const int8_t* p) {  // 4 int8 -> 4 fp32, reading only those 4 bytes
+  int32_t w;
+  std::memcpy(&w, p, sizeof(w));
+  const int16x8_t v = vmovl_s8(vreinterpret_s8_s32(vdup_n_s32(w)));
+  return vcvtq_f32_s32(vmovl_s16(vget_low_s16(v)));
+}
 
-template <typename T, int MB, int RB>
-inline void shrink_any(const T* const* x, const T* __restrict a, int64_t K, float* out) {
+// x of type TX against A rows of type TW (TW = int8_t: unscaled, the driver scales)
+template <typename TX, typename TW, int MB, int RB>
+inline void shrink_any(const TX* const* x, const TW* __restrict a, int64_t K, float* out) {
   float32x4_t acc[MB][RB];
   for (int m = 0; m < MB; ++m)
     for (int j = 0; j < RB; ++j) acc[m][j] = vdupq_n_f32(0.f);
@@ -445,16 +512,21 @@ inline void shrink_any(const T* const* x, const T* __restrict a, int64_t K, floa
 }
 template <int MB, int RB>
 inline void shrink_f32(const float* const* x, const float* a, int64_t K, float* out) {
-  shrink_any<float, MB, RB>(x, a, K, out);
+  shrink_any<float, float, MB, RB>(x, a, K, out);
 }
 template <int MB, int RB>
 inline void shrink_bf16(const bf16* const* x, const bf16* a, int64_t K, float* out) {
-  shrink_any<bf16, MB, RB>(x, a, K, out);
+  shrink_any<bf16, bf16, MB, RB>(x, a, K, out);
+}
+template <typename T, int MB, int RB>
+inline void shrink_q8(const T* const* x, const int8_t* a, int64_t K, float* out) {
+  shrink_any<T, int8_t, MB, RB>(x, a, K, out);
 }
 
-template <typename T, int MB>
-inline void expand_any(const float* const* h, const T* __restrict bt, int64_t ldb, int64_t r,
-                       int64_t ncols, T* const* y) {
+// colscale: per-column factor (int8 Bt), or nullptr
+template <typename TX, typename TW, int MB>
+inline void expand_any(const float* const* h, const TW* __restrict bt, int64_t ldb, int64_t r,
+                       int64_t ncols, const float* colscale, TX* const* y) {
   int64_t c = 0;
   for (; c + 8 <= ncols; c += 8) {  // 8 columns x MB tokens
     float32x4_t acc[MB][2];
@@ -467,28 +539,37 @@ inline void expand_any(const float* const* h, const T* __restrict bt, int64_t ld
       }
     }
     for (int m = 0; m < MB; ++m) {
+      if (colscale != nullptr) {
+        acc[m][0] = vmulq_f32(acc[m][0], vld1q_f32(colscale + c));
+        acc[m][1] = vmulq_f32(acc[m][1], vld1q_f32(colscale + c + 4));
+      }
       float tmp[8];
       vst1q_f32(tmp, acc[m][0]);
       vst1q_f32(tmp + 4, acc[m][1]);
-      for (int i = 0; i < 8; ++i) y[m][c + i] = static_cast<T>(tmp[i]);
+      for (int i = 0; i < 8; ++i) y[m][c + i] = static_cast<TX>(tmp[i]);
     }
   }
   for (; c < ncols; ++c)  // the last < 8 columns
     for (int m = 0; m < MB; ++m) {
       float s = 0.f;
       for (int64_t k = 0; k < r; ++k) s += h[m][k] * static_cast<float>(bt[k * ldb + c]);
-      y[m][c] = static_cast<T>(s);
+      y[m][c] = static_cast<TX>(colscale != nullptr ? s * colscale[c] : s);
     }
 }
 template <int MB>
 inline void expand_f32(const float* const* h, const float* bt, int64_t ldb, int64_t r,
                        int64_t ncols, float* const* y) {
-  expand_any<float, MB>(h, bt, ldb, r, ncols, y);
+  expand_any<float, float, MB>(h, bt, ldb, r, ncols, nullptr, y);
 }
 template <int MB>
 inline void expand_bf16(const float* const* h, const bf16* bt, int64_t ldb, int64_t r,
                         int64_t ncols, bf16* const* y) {
-  expand_any<bf16, MB>(h, bt, ldb, r, ncols, y);
+  expand_any<bf16, bf16, MB>(h, bt, ldb, r, ncols, nullptr, y);
+}
+template <typename T, int MB>
+inline void expand_q8(const float* const* h, const int8_t* bt, int64_t ldb, int64_t r,
+                      int64_t ncols, const float* colscale, T* const* y) {
+  expand_any<T, int8_t, MB>(h, bt, ldb, r, ncols, colscale, y);
 }
 
 }  // namespace neon
@@ -498,8 +579,8 @@ inline void expand_bf16(const float* const* h, const bf16* bt, int64_t ldb, int6
 // ------------------------------------------------------------------ scalar
 namespace scalar {
 
-template <typename T, int MB, int RB>
-inline void shrink_block_scalar(const T* const* x, const T* __restrict a, int64_t K,
+template <typename TX, typename TW, int MB, int RB>
+inline void shrink_block_scalar(const TX* const* x, const TW* __restrict a, int64_t K,
                                 float* out) {
   for (int m = 0; m < MB; ++m)
     for (int j = 0; j < RB; ++j) {
@@ -511,36 +592,48 @@ inline void shrink_block_scalar(const T* const* x, const T* __restrict a, int64_
 }
 template <int MB, int RB>
 inline void shrink_f32(const float* const* x, const float* a, int64_t K, float* out) {
-  shrink_block_scalar<float, MB, RB>(x, a, K, out);
+  shrink_block_scalar<float, float, MB, RB>(x, a, K, out);
 }
 template <int MB, int RB>
 inline void shrink_bf16(const bf16* const* x, const bf16* a, int64_t K, float* out) {
-  shrink_block_scalar<bf16, MB, RB>(x, a, K, out);
+  shrink_block_scalar<bf16, bf16, MB, RB>(x, a, K, out);
+}
+template <typename T, int MB, int RB>
+inline void shrink_q8(const T* const* x, const int8_t* a, int64_t K, float* out) {
+  shrink_block_scalar<T, int8_t, MB, RB>(x, a, K, out);
 }
 
-template <typename T, int MB>
-inline void expand_block_scalar(const float* const* h, const T* __restrict bt, int64_t ldb,
-                                int64_t r, int64_t ncols, T* const* y) {
+// colscale: per-column factor (int8 Bt), or nullptr
+template <typename TX, typename TW, int MB>
+inline void expand_block_scalar(const float* const* h, const TW* __restrict bt, int64_t ldb,
+                                int64_t r, int64_t ncols, const float* colscale,
+                                TX* const* y) {
   float acc[kExpandBlock];
   for (int m = 0; m < MB; ++m) {
     std::fill(acc, acc + ncols, 0.f);
     for (int64_t k = 0; k < r; ++k) {
       const float hk = h[m][k];
-      const T* row = bt + k * ldb;
+      const TW* row = bt + k * ldb;
       for (int64_t c = 0; c < ncols; ++c) acc[c] += hk * static_cast<float>(row[c]);
     }
-    for (int64_t c = 0; c < ncols; ++c) y[m][c] = static_cast<T>(acc[c]);
+    for (int64_t c = 0; c < ncols; ++c)
+      y[m][c] = static_cast<TX>(colscale != nullptr ? acc[c] * colscale[c] : acc[c]);
   }
 }
 template <int MB>
 inline void expand_f32(const float* const* h, const float* bt, int64_t ldb, int64_t r,
                              int64_t ncols, float* const* y) {
-  expand_block_scalar<float, MB>(h, bt, ldb, r, ncols, y);
+  expand_block_scalar<float, float, MB>(h, bt, ldb, r, ncols, nullptr, y);
 }
 template <int MB>
 inline void expand_bf16(const float* const* h, const bf16* bt, int64_t ldb, int64_t r,
                               int64_t ncols, bf16* const* y) {
-  expand_block_scalar<bf16, MB>(h, bt, ldb, r, ncols, y);
+  expand_block_scalar<bf16, bf16, MB>(h, bt, ldb, r, ncols, nullptr, y);
+}
+template <typename T, int MB>
+inline void expand_q8(const float* const* h, const int8_t* bt, int64_t ldb, int64_t r,
+                      int64_t ncols, const float* colscale, T* const* y) {
+  expand_block_scalar<T, int8_t, MB>(h, bt, ldb, r, ncols, colscale, y);
 }
 
 }  // namespace scalar
@@ -570,6 +663,15 @@ inline void expand_bf16(const float* const* h, const bf16* bt, int64_t ldb, int6
                        int64_t ncols, bf16* const* y) {                                   \
       EXPAND_BF16_NS::expand_bf16<MB>(h, bt, ldb, r, ncols, y);                           \
     }                                                                                     \
+    template <int MB, int RB, typename T>                                                 \
+    static void shrink(const T* const* x, const int8_t* a, int64_t K, float* out) {       \
+      NS::shrink_q8<T, MB, RB>(x, a, K, out);                                             \
+    }                                                                                     \
+    template <int MB, typename T>                                                         \
+    static void expand_q8(const float* const* h, const int8_t* bt, int64_t ldb, int64_t r, \
+                          int64_t ncols, const float* colscale, T* const* y) {            \
+      NS::expand_q8<T, MB>(h, bt, ldb, r, ncols, colscale, y);                            \
+    }                                                                                     \
   };
 
 #if defined(FLEETLM_LORA_X86)
@@ -585,9 +687,9 @@ FLEETLM_LORA_PATH(ScalarPath, scalar, 8, scalar)
 
 // ------------------------------------------------------------------ dispatch to templates
 
-// rb rows of A (1..8 for MB <= 2, 1..4 otherwise) against MB tokens
-template <class Path, typename T, int MB>
-inline void shrink_rows(int64_t rb, const T* const* x, const T* a, int64_t K, float* out) {
+// rb rows of A (1..8 for MB <= 2, 1..4 otherwise) against MB tokens; W: A's type
+template <class Path, typename T, typename W, int MB>
+inline void shrink_rows(int64_t rb, const T* const* x, const W* a, int64_t K, float* out) {
   switch (rb) {
     case 1: return Path::template shrink<MB, 1>(x, a, K, out);
     case 2: return Path::template shrink<MB, 2>(x, a, K, out);
@@ -607,29 +709,40 @@ inline void shrink_rows(int64_t rb, const T* const* x, const T* a, int64_t K, fl
   TORCH_INTERNAL_ASSERT(false, "fleetlm::lora_sgmv: bad row block ", rb, " for ", MB, " tokens");
 }
 
-template <class Path, typename T>
-inline void shrink_tokens(int64_t mb, int64_t rb, const T* const* x, const T* a, int64_t K,
+template <class Path, typename T, typename W>
+inline void shrink_tokens(int64_t mb, int64_t rb, const T* const* x, const W* a, int64_t K,
                           float* out) {
   switch (mb) {
-    case 1: return shrink_rows<Path, T, 1>(rb, x, a, K, out);
-    case 2: return shrink_rows<Path, T, 2>(rb, x, a, K, out);
-    case 3: return shrink_rows<Path, T, 3>(rb, x, a, K, out);
-    case 4: return shrink_rows<Path, T, 4>(rb, x, a, K, out);
+    case 1: return shrink_rows<Path, T, W, 1>(rb, x, a, K, out);
+    case 2: return shrink_rows<Path, T, W, 2>(rb, x, a, K, out);
+    case 3: return shrink_rows<Path, T, W, 3>(rb, x, a, K, out);
+    case 4: return shrink_rows<Path, T, W, 4>(rb, x, a, K, out);
     default: TORCH_INTERNAL_ASSERT(false, "fleetlm::lora_sgmv: bad token block ", mb);
   }
 }
 
-// ncols (1..64) output columns for mb tokens
-template <class Path, typename T>
-inline void expand_tokens(int64_t mb, const float* const* h, const T* bt, int64_t ldb, int64_t r,
-                          int64_t ncols, T* const* y) {
-  switch (mb) {
-    case 1: return Path::template expand<1>(h, bt, ldb, r, ncols, y);
-    case 2: return Path::template expand<2>(h, bt, ldb, r, ncols, y);
-    case 3: return Path::template expand<3>(h, bt, ldb, r, ncols, y);
-    case 4: return Path::template expand<4>(h, bt, ldb, r, ncols, y);
-    default: TORCH_INTERNAL_ASSERT(false, "fleetlm::lora_sgmv: bad token block ", mb);
+// ncols (1..64) output columns for mb tokens; colscale: Bt's column scales (int8 Bt only)
+template <class Path, typename T, typename W>
+inline void expand_tokens(int64_t mb, const float* const* h, const W* bt, int64_t ldb, int64_t r,
+                          int64_t ncols, const float* colscale, T* const* y) {
+  if constexpr (std::is_same_v<W, int8_t>) {
+    switch (mb) {
+      case 1: return Path::template expand_q8<1>(h, bt, ldb, r, ncols, colscale, y);
+      case 2: return Path::template expand_q8<2>(h, bt, ldb, r, ncols, colscale, y);
+      case 3: return Path::template expand_q8<3>(h, bt, ldb, r, ncols, colscale, y);
+      case 4: return Path::template expand_q8<4>(h, bt, ldb, r, ncols, colscale, y);
+      default: break;
+    }
+  } else {
+    switch (mb) {
+      case 1: return Path::template expand<1>(h, bt, ldb, r, ncols, y);
+      case 2: return Path::template expand<2>(h, bt, ldb, r, ncols, y);
+      case 3: return Path::template expand<3>(h, bt, ldb, r, ncols, y);
+      case 4: return Path::template expand<4>(h, bt, ldb, r, ncols, y);
+      default: break;
+    }
   }
+  TORCH_INTERNAL_ASSERT(false, "fleetlm::lora_sgmv: bad token block ", mb);
 }
 
 // ------------------------------------------------------------------ run-time choice
@@ -711,10 +824,13 @@ inline float* scratch(int64_t n) {
   return buf.data();
 }
 
-template <class Path, typename T>
-void lora_sgmv_impl(const T* x, int64_t T_, int64_t K, const T* a, const T* bt, int64_t P,
-                    int64_t R, int64_t N, const int32_t* ranks, const float* scales,
-                    const int64_t* offsets, const int64_t* slots, int64_t S, T* y) {
+// W: the weights' type (T, or int8_t with a_scale [S, P, R] per A row and bt_scale [S, N]
+// per Bt column; both nullptr otherwise)
+template <class Path, typename T, typename W>
+void lora_sgmv_impl(const T* x, int64_t T_, int64_t K, const W* a, const float* a_scale,
+                    const W* bt, const float* bt_scale, int64_t P, int64_t R, int64_t N,
+                    const int32_t* ranks, const float* scales, const int64_t* offsets,
+                    const int64_t* slots, int64_t S, T* y) {
   // ---- group tokens by slot (counting sort, slot order); tokens without adapter -> zeros
   std::vector<int64_t> count(S + 1, 0);
   for (int64_t t = 0; t < T_; ++t) ++count[slots[t] + 1];  // bucket 0: no adapter
@@ -754,7 +870,8 @@ void lora_sgmv_impl(const T* x, int64_t T_, int64_t K, const T* a, const T* bt, 
     const Group& G = groups[it.group];
     const int64_t s = G.slot, p = it.part;
     const float scale = scales[s * P + p];
-    const T* ap = a + ((s * P + p) * R) * K;
+    const W* ap = a + ((s * P + p) * R) * K;
+    const float* row_scale = a_scale != nullptr ? a_scale + (s * P + p) * R : nullptr;
     const T* xp[4];
     float* hp[4];
     float out[4 * 8];
@@ -768,9 +885,11 @@ void lora_sgmv_impl(const T* x, int64_t T_, int64_t K, const T* a, const T* bt, 
       const int64_t rows = mb <= 2 ? Path::kFewTokenRows : 4;
       for (int64_t k = it.lo; k < it.hi; k += rows) {
         const int64_t rb = std::min(rows, it.hi - k);
-        shrink_tokens<Path, T>(mb, rb, xp, ap + k * K, K, out);
+        shrink_tokens<Path, T, W>(mb, rb, xp, ap + k * K, K, out);
         for (int64_t m = 0; m < mb; ++m)
-          for (int64_t j = 0; j < rb; ++j) hp[m][k + j] = scale * out[m * rb + j];
+          for (int64_t j = 0; j < rb; ++j)
+            hp[m][k + j] = (row_scale != nullptr ? scale * row_scale[k + j] : scale) *
+                           out[m * rb + j];
       }
     }
   });
@@ -796,7 +915,8 @@ void lora_sgmv_impl(const T* x, int64_t T_, int64_t K, const T* a, const T* bt, 
     const Group& G = groups[it.group];
     const int64_t s = G.slot, p = it.part;
     const int64_t r = ranks[s * P + p];
-    const T* bp = bt + s * R * N;
+    const W* bp = bt + s * R * N;
+    const float* col_scale = bt_scale != nullptr ? bt_scale + s * N : nullptr;
     const float* hp[4];
     T* yp[4];
     T* yc[4];
@@ -816,16 +936,19 @@ void lora_sgmv_impl(const T* x, int64_t T_, int64_t K, const T* a, const T* bt, 
       for (int64_t c = it.lo; c < it.hi; c += kExpandBlock) {
         const int64_t ncols = std::min(kExpandBlock, it.hi - c);
         for (int64_t m = 0; m < mb; ++m) yc[m] = yp[m] + c;
-        expand_tokens<Path, T>(mb, hp, bp + c, N, r, ncols, yc);
+        expand_tokens<Path, T, W>(mb, hp, bp + c, N, r, ncols,
+                                  col_scale != nullptr ? col_scale + c : nullptr, yc);
       }
     }
   });
 }
 
-at::Tensor lora_sgmv_cpu(const at::Tensor& x_in, const at::Tensor& a, const at::Tensor& bt,
-                         const at::Tensor& ranks_in, const at::Tensor& scales_in,
-                         const at::Tensor& offsets_in, const at::Tensor& slots_in) {
-  const char* op = "fleetlm::lora_sgmv: ";
+// Checks both ops share (all but the weights' dtype and the q8 scales); the weights'
+// dtype is `wdtype` (x's, or int8).
+void check_args(const char* op, const at::Tensor& x_in, const at::Tensor& a,
+                const at::Tensor& bt, at::ScalarType wdtype, const at::Tensor& ranks_in,
+                const at::Tensor& scales_in, const at::Tensor& offsets_in,
+                const at::Tensor& slots_in) {
   for (const at::Tensor* t : {&x_in, &a, &bt, &ranks_in, &scales_in, &offsets_in, &slots_in})
     TORCH_CHECK(t->device().is_cpu(), op, "all tensors must be on CPU, got one on ", t->device());
   TORCH_CHECK(x_in.dim() == 2, op, "x must be 2-D [T, in], got shape ", x_in.sizes());
@@ -834,9 +957,9 @@ at::Tensor lora_sgmv_cpu(const at::Tensor& x_in, const at::Tensor& a, const at::
   const auto dtype = x_in.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, op,
               "x must be float32 or bfloat16, got ", dtype);
-  TORCH_CHECK(a.scalar_type() == dtype && bt.scalar_type() == dtype, op,
-              "a and bt must have x's dtype (", dtype, "), got a ", a.scalar_type(), ", bt ",
-              bt.scalar_type());
+  TORCH_CHECK(a.scalar_type() == wdtype && bt.scalar_type() == wdtype, op,
+              wdtype == dtype ? "a and bt must have x's dtype (" : "a and bt must be (", wdtype,
+              "), got a ", a.scalar_type(), ", bt ", bt.scalar_type());
   const int64_t T_ = x_in.size(0), K = x_in.size(1);
   const int64_t S = a.size(0), P = a.size(1), R = a.size(2), N = bt.size(2);
   TORCH_CHECK(a.size(3) == K, op, "x has ", K, " features but a is ", a.sizes(),
@@ -861,9 +984,8 @@ at::Tensor lora_sgmv_cpu(const at::Tensor& x_in, const at::Tensor& a, const at::
               slots_in.sizes());
   // Copying the weights on every call would silently cost more than the product itself.
   TORCH_CHECK(a.is_contiguous() && bt.is_contiguous(), op, "a and bt must be contiguous");
-
-  const at::Tensor ranks = ranks_in.contiguous(), scales = scales_in.contiguous();
-  const at::Tensor offsets = offsets_in.contiguous(), slots = slots_in.contiguous();
+  const at::Tensor ranks = ranks_in.contiguous(), offsets = offsets_in.contiguous();
+  const at::Tensor slots = slots_in.contiguous();
   const int32_t* rp = ranks.data_ptr<int32_t>();
   const int64_t* op_ = offsets.data_ptr<int64_t>();
   const int64_t* sp = slots.data_ptr<int64_t>();
@@ -877,22 +999,39 @@ at::Tensor lora_sgmv_cpu(const at::Tensor& x_in, const at::Tensor& a, const at::
   for (int64_t t = 0; t < T_; ++t)
     TORCH_CHECK(sp[t] >= -1 && sp[t] < S, op, "token_slots[", t, "] = ", sp[t],
                 " is outside [-1, S = ", S, ")");
+}
 
+// The delta on the path in use, after check_args; kQ8 (int8 A and Bt) needs a_scale and
+// bt_scale, else the weights have x's dtype.
+template <bool kQ8>
+at::Tensor run_checked(const at::Tensor& x_in, const at::Tensor& a, const float* a_scale,
+                       const at::Tensor& bt, const float* bt_scale, const at::Tensor& ranks_in,
+                       const at::Tensor& scales_in, const at::Tensor& offsets_in,
+                       const at::Tensor& slots_in) {
+  const int64_t T_ = x_in.size(0), K = x_in.size(1);
+  const int64_t S = a.size(0), P = a.size(1), R = a.size(2), N = bt.size(2);
   auto y = at::empty({T_, N}, x_in.options());
   if (T_ == 0 || N == 0) return y;
   if (K == 0 || R == 0 || S == 0) return y.zero_();
-  const at::Tensor x = x_in.contiguous();
+  const at::Tensor x = x_in.contiguous(), ranks = ranks_in.contiguous();
+  const at::Tensor scales = scales_in.contiguous(), offsets = offsets_in.contiguous();
+  const at::Tensor slots = slots_in.contiguous();
+  const int32_t* rp = ranks.data_ptr<int32_t>();
   const float* sc = scales.data_ptr<float>();
+  const int64_t* op_ = offsets.data_ptr<int64_t>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
   const auto run = [&](auto path) {
     using Path = decltype(path);
-    if (dtype == at::kFloat) {
-      lora_sgmv_impl<Path, float>(x.data_ptr<float>(), T_, K, a.data_ptr<float>(),
-                                  bt.data_ptr<float>(), P, R, N, rp, sc, op_, sp, S,
-                                  y.data_ptr<float>());
+    if (x.scalar_type() == at::kFloat) {
+      using Wt = std::conditional_t<kQ8, int8_t, float>;
+      lora_sgmv_impl<Path, float, Wt>(x.data_ptr<float>(), T_, K, a.data_ptr<Wt>(), a_scale,
+                                      bt.data_ptr<Wt>(), bt_scale, P, R, N, rp, sc, op_, sp, S,
+                                      y.data_ptr<float>());
     } else {
-      lora_sgmv_impl<Path, bf16>(x.data_ptr<bf16>(), T_, K, a.data_ptr<bf16>(),
-                                 bt.data_ptr<bf16>(), P, R, N, rp, sc, op_, sp, S,
-                                 y.data_ptr<bf16>());
+      using Wt = std::conditional_t<kQ8, int8_t, bf16>;
+      lora_sgmv_impl<Path, bf16, Wt>(x.data_ptr<bf16>(), T_, K, a.data_ptr<Wt>(), a_scale,
+                                     bt.data_ptr<Wt>(), bt_scale, P, R, N, rp, sc, op_, sp, S,
+                                     y.data_ptr<bf16>());
     }
   };
   switch (current_path()) {
@@ -907,6 +1046,38 @@ at::Tensor lora_sgmv_cpu(const at::Tensor& x_in, const at::Tensor& a, const at::
     default: run(ScalarPath{}); break;
   }
   return y;
+}
+
+at::Tensor lora_sgmv_cpu(const at::Tensor& x, const at::Tensor& a, const at::Tensor& bt,
+                         const at::Tensor& ranks, const at::Tensor& scales,
+                         const at::Tensor& offsets, const at::Tensor& slots) {
+  check_args("fleetlm::lora_sgmv: ", x, a, bt, x.scalar_type(), ranks, scales, offsets, slots);
+  return run_checked<false>(x, a, nullptr, bt, nullptr, ranks, scales, offsets, slots);
+}
+
+// int8 A and Bt: a_scale [S, P, R] float32 per A row, bt_scale [S, out] float32 per Bt
+// column (of each slot: over its R rows); delta = scale * ((x @ (A * a_scale).T) @ Bt) *
+// bt_scale, computed as the products of the int8 values, scaled after each sum.
+at::Tensor lora_sgmv_q8_cpu(const at::Tensor& x, const at::Tensor& a, const at::Tensor& a_scale,
+                            const at::Tensor& bt, const at::Tensor& bt_scale,
+                            const at::Tensor& ranks, const at::Tensor& scales,
+                            const at::Tensor& offsets, const at::Tensor& slots) {
+  const char* op = "fleetlm::lora_sgmv_q8: ";
+  check_args(op, x, a, bt, at::kChar, ranks, scales, offsets, slots);
+  const int64_t S = a.size(0), P = a.size(1), R = a.size(2), N = bt.size(2);
+  TORCH_CHECK(a_scale.device().is_cpu() && bt_scale.device().is_cpu(), op,
+              "a_scale and bt_scale must be on CPU");
+  TORCH_CHECK(a_scale.scalar_type() == at::kFloat && a_scale.dim() == 3 &&
+                  a_scale.size(0) == S && a_scale.size(1) == P && a_scale.size(2) == R &&
+                  a_scale.is_contiguous(),
+              op, "a_scale must be contiguous float32 [S, P, R] = [", S, ", ", P, ", ", R,
+              "], got ", a_scale.scalar_type(), " ", a_scale.sizes());
+  TORCH_CHECK(bt_scale.scalar_type() == at::kFloat && bt_scale.dim() == 2 &&
+                  bt_scale.size(0) == S && bt_scale.size(1) == N && bt_scale.is_contiguous(),
+              op, "bt_scale must be contiguous float32 [S, out] = [", S, ", ", N, "], got ",
+              bt_scale.scalar_type(), " ", bt_scale.sizes());
+  return run_checked<true>(x, a, a_scale.data_ptr<float>(), bt, bt_scale.data_ptr<float>(),
+                             ranks, scales, offsets, slots);
 }
 
 std::string lora_sgmv_isa() { return path_name(current_path()); }
@@ -924,10 +1095,14 @@ TORCH_LIBRARY_FRAGMENT(fleetlm, m) {
   m.def(
       "lora_sgmv(Tensor x, Tensor a, Tensor bt, Tensor ranks, Tensor scales, Tensor offsets, "
       "Tensor token_slots) -> Tensor");
+  m.def(
+      "lora_sgmv_q8(Tensor x, Tensor a, Tensor a_scale, Tensor bt, Tensor bt_scale, "
+      "Tensor ranks, Tensor scales, Tensor offsets, Tensor token_slots) -> Tensor");
   m.def("lora_sgmv_isa() -> str", &fleetlm::lora_sgmv_isa);
   m.def("lora_sgmv_set_isa(str isa) -> str", &fleetlm::lora_sgmv_set_isa);
 }
 
 TORCH_LIBRARY_IMPL(fleetlm, CPU, m) {
   m.impl("lora_sgmv", &fleetlm::lora_sgmv_cpu);
+  m.impl("lora_sgmv_q8", &fleetlm::lora_sgmv_q8_cpu);
 }
