@@ -30,6 +30,9 @@ def test_bench_speculative_writes_json_with_identical_tokens(tmp_path):
     assert data["greedy_identical"] is True
     assert plain["generated_tokens"] == spec["generated_tokens"] > 0
     assert spec["steps"] < plain["steps"]  # the copied passage is drafted and accepted
+    assert 0 < spec["draft_tokens_accepted"] <= spec["draft_tokens_proposed"]
+    assert spec["acceptance"] == round(spec["draft_tokens_accepted"] / spec["draft_tokens_proposed"], 3)
+    assert "acceptance" not in plain and len(plain["decode_tok_s_per_request"]) == 1
     assert data["speedup"] > 0
     # the model as its own draft: whatever it proposes where prompt lookup found nothing is
     # accepted, so it takes no more steps than prompt lookup alone, for the same tokens

@@ -121,6 +121,11 @@ def test_speculation_gives_the_plain_greedy_tokens_in_fewer_steps(lm, store, ada
     assert got == want and reasons == ["length", "length"]
     assert spec_steps < plain_steps, "drafts from a repetitive context should be accepted"
     assert all(len(t) == 48 for t in got)  # never past max_tokens
+    # the counters: every step saved is an accepted draft token (one token a step otherwise)
+    stats, none = spec.stats(), plain.stats()
+    assert none["draft_tokens_proposed"] == none["draft_tokens_accepted"] == 0
+    assert 0 < stats["draft_tokens_accepted"] <= stats["draft_tokens_proposed"]
+    assert stats["draft_tokens_accepted"] >= plain_steps - spec_steps
 
 
 def test_requests_that_sample_or_report_logprobs_are_not_drafted(lm, store):

@@ -95,18 +95,28 @@ def run(cfg: SpecBenchConfig, out: Path | None) -> dict[str, Any]:
                                          prefix_cache_bytes=0), draft=d)
         engine.warmup()
         _one(engine, prompts[0], 8)  # warm-up
+        proposed0, accepted0 = engine.draft_tokens_proposed, engine.draft_tokens_accepted
         rates, toks = [], []
         for p in prompts:
             rate, t = _one(engine, p, cfg.max_new_tokens)
             rates.append(rate)
             toks.append(t)
         runs[label] = {"decode_tok_s_p50": round(median(rates), 1),
+                       "decode_tok_s_per_request": [round(r, 1) for r in rates],
                        "generated_tokens": sum(len(t) for t in toks), "steps": engine.steps}
+        proposed = engine.draft_tokens_proposed - proposed0
+        if proposed:
+            accepted = engine.draft_tokens_accepted - accepted0
+            runs[label].update(draft_tokens_proposed=proposed, draft_tokens_accepted=accepted,
+                               acceptance=round(accepted / proposed, 3))
         if engine.draft is not None:
             runs[label]["draft_model_tokens_proposed"] = engine.draft.proposed
         tokens[label] = toks
+        share = (f", {runs[label]['acceptance']:.0%} of {proposed} drafted tokens accepted"
+                 if proposed else "")
         console.print(f"  {label:>11}: {runs[label]['decode_tok_s_p50']} tok/s decode "
-                      f"({runs[label]['steps']} steps)")
+                      f"({runs[label]['steps']} steps{share}; per request "
+                      f"{', '.join(f'{r:.0f}' for r in rates)})")
     results["runs"] = runs
     results["fleetlm"] = fleetlm_settings(lm)
     results["speedup"] = round(runs["speculative"]["decode_tok_s_p50"]

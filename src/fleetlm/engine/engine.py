@@ -280,6 +280,9 @@ class Engine:
             store.subscribe(self._on_adapter_changed)
         self.steps = 0
         self.generated_tokens = 0
+        # speculative decoding: draft tokens checked, and those the model agreed with
+        self.draft_tokens_proposed = 0
+        self.draft_tokens_accepted = 0
 
     # -- public API -------------------------------------------------------------------
 
@@ -455,6 +458,8 @@ class Engine:
                 "hot_adapters": dict(self.scheduler.hot_adapters()),
                 "steps": self.steps,
                 "generated_tokens": self.generated_tokens,
+                "draft_tokens_proposed": self.draft_tokens_proposed,
+                "draft_tokens_accepted": self.draft_tokens_accepted,
             }
 
     # -- the loop ---------------------------------------------------------------------
@@ -692,6 +697,8 @@ class Engine:
             tokens = accept(draft, logits, v)
             if draft:
                 req.drafts.record(len(draft), len(tokens) - 1, self.config.speculative_tokens)
+                self.draft_tokens_proposed += len(draft)
+                self.draft_tokens_accepted += len(tokens) - 1
             # positions [0, start + len(tokens)) now hold this sequence's keys and values
             self.runner.lengths[p.seq_id] = p.start + len(tokens)
             for i, token in enumerate(tokens):
