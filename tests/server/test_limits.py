@@ -307,3 +307,25 @@ def test_serve_refuses_an_unknown_lora_dtype():
     assert r.returncode == 2 and "--lora-dtype: Input should be 'auto', 'float32', " \
         "'bfloat16' or 'int8'" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("lora_dtype, shown", [("int8", "int8"), ("float32", "float32")])
+def test_build_says_what_the_adapter_slots_are(tiny_base, tmp_path, lora_dtype, shown):
+    """The start-up lines name the hot slots' count, dtype and memory (what --lora-dtype
+    auto chose is otherwise invisible)."""
+    from fleetlm.server.run import ServeSettings, build
+
+    lines: list[str] = []
+    settings = ServeSettings(model=str(tiny_base), adapters_dir=tmp_path / "adapters",
+                             state_db=str(tmp_path / "state.db"), compile=False, dtype="float32",
+                             lora_dtype=lora_dtype, max_hot_adapters=3, max_lora_rank=8,
+                             max_len=256)
+    served = build(settings, say=lines.append)
+    try:
+        lora = served.engine.runner.lora
+        assert lora is not None
+        want = (f"fleetlm: 3 hot adapter slots of rank <= 8, {shown} (--lora-dtype "
+                f"{lora_dtype}), {lora.nbytes() / 2**20:.0f} MiB")
+        assert want in lines, lines
+    finally:
+        served.engine.shutdown()

@@ -90,6 +90,7 @@ class MultiLoraBuffers:
         self.config = cfg
         self.num_slots = num_slots
         self.max_rank = max_rank
+        self.dtype = dtype
         shapes = projection_shapes(cfg)
         self.layers: list[dict[str, StackedLora]] = [
             {

@@ -121,6 +121,11 @@ def build(settings: ServeSettings, say: Callable[[str], None]) -> Served:
                     store=store, draft=draft)
     say(f"fleetlm: {lm.name} {str(lm.dtype).removeprefix('torch.')}, weights {lm.quantize}, "
         f"{'compiling decode steps' if engine.lm.model.decode_compiled else 'eager'}")
+    if engine.runner.lora is not None:
+        lora = engine.runner.lora
+        say(f"fleetlm: {lora.num_slots} hot adapter slots of rank <= {lora.max_rank}, "
+            f"{str(lora.dtype).removeprefix('torch.')} (--lora-dtype {s.lora_dtype}), "
+            f"{lora.nbytes() / 2**20:.0f} MiB")
     warm = engine.warmup()
     if engine.lm.model.decode_compiled:
         say(f"fleetlm: decode steps compiled in {warm:.1f} s (cached for the next start in "
