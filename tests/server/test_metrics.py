@@ -60,6 +60,9 @@ def test_request_token_and_latency_metrics(server):
     assert _value(after, "fleetlm_queue_depth") == 0 and _value(after, "fleetlm_running") == 0
     assert _value(after, "fleetlm_hot_adapters") == 1 and _value(after, "fleetlm_warm_adapters") >= 1
     assert _value(after, "fleetlm_generated_tokens") >= r.usage.completion_tokens
+    # no speculation configured: nothing drafted
+    assert _value(after, "fleetlm_draft_tokens_proposed") == 0
+    assert _value(after, "fleetlm_draft_tokens_accepted") == 0
 
 
 def test_refused_requests_are_counted_by_model_and_status(server):

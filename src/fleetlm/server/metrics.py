@@ -83,6 +83,11 @@ class ServerMetrics:
                                          ["route", "upstream"], registry=r)
         self.generated = Gauge("fleetlm_generated_tokens", "Tokens generated since start",
                                registry=r)
+        # speculative decoding (--speculative-tokens): accepted / proposed is the draft hit rate
+        self.drafted = Gauge("fleetlm_draft_tokens_proposed", "Draft tokens checked by the "
+                             "model since start (speculative decoding)", registry=r)
+        self.draft_accepted = Gauge("fleetlm_draft_tokens_accepted", "Draft tokens the model "
+                                    "agreed with since start (speculative decoding)", registry=r)
         self._unknown_models: set[str] = set()
         self._unknown_lock = threading.Lock()
 
@@ -111,6 +116,8 @@ class ServerMetrics:
         self.hot.set(len(s["hot_adapters"]))
         self.warm.set(len(engine.store.warm_names()) if engine.store is not None else 0)
         self.generated.set(s["generated_tokens"])
+        self.drafted.set(s["draft_tokens_proposed"])
+        self.draft_accepted.set(s["draft_tokens_accepted"])
         return bytes(generate_latest(self.registry))
 
 
