@@ -209,11 +209,9 @@ class StackedLora:
             self.scales[slot, p] = float(scale)
 
     def clear(self, slot: int) -> None:
-        for t in self._tensors()[:4]:
-            t[slot].zero_()
-        if self.a_scale is not None and self.bt_scale is not None:
-            self.a_scale[slot].zero_()
-            self.bt_scale[slot].zero_()
+        for t in (self.a, self.bt, self.ranks, self.scales, self.a_scale, self.bt_scale):
+            if t is not None:
+                t[slot].zero_()
 
     def _tensors(self) -> tuple[Tensor, ...]:
         extra = () if self.a_scale is None or self.bt_scale is None else (self.a_scale, self.bt_scale)

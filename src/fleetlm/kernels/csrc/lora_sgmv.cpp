@@ -80,6 +80,8 @@ constexpr int64_t kWeightCost = 4;
 //   shrink_f32/shrink_bf16<MB, RB>(x, a, K, out): out[m * RB + j] = <x[m][0:K], a[j*K:(j+1)*K]>
 //   expand_f32/expand_bf16<MB>(h, bt, ldb, r, ncols, y):
 //       y[m][c] = sum_{k < r} h[m][k] * bt[k * ldb + c] for c < ncols (<= 64)
+//   shrink_q8<T, MB, RB> and expand_q8<T, MB>(..., colscale, y): the same with int8 A / Bt
+//       under T = float or bf16 x and y; expand_q8 multiplies column c's sum by colscale[c]
 //
 // bf16 is widened to fp32 by bit shifts, 32 elements at a time (AVX-512): a 512-bit load
 // of 32 bf16 holds element 2i in the low and 2i+1 in the high half of 32-bit lane i, so
