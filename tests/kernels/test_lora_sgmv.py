@@ -224,7 +224,7 @@ def _args_q8(**over):
 
 
 BAD_Q8 = {
-    "a_not_int8": (dict(a=torch.zeros(6, 3, 16, 50)), r"a and bt must be \(Char\)"),
+    "a_not_int8": (dict(a=torch.zeros(6, 3, 16, 50)), r"a and bt must be int8 \(Char\), got a Float"),
     "a_scale_shape": (dict(a_scale=torch.zeros(6, 3, 8)), r"a_scale must be contiguous float32 \[S, P, R\] = \[6, 3, 16\]"),
     "a_scale_dtype": (dict(a_scale=torch.zeros(6, 3, 16, dtype=torch.float64)), "a_scale must be contiguous float32"),
     "bt_scale_shape": (dict(bt_scale=torch.zeros(6, 55)), r"bt_scale must be contiguous float32 \[S, out\] = \[6, 56\]"),

@@ -960,7 +960,7 @@ void check_args(const char* op, const at::Tensor& x_in, const at::Tensor& a,
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, op,
               "x must be float32 or bfloat16, got ", dtype);
   TORCH_CHECK(a.scalar_type() == wdtype && bt.scalar_type() == wdtype, op,
-              wdtype == dtype ? "a and bt must have x's dtype (" : "a and bt must be (", wdtype,
+              wdtype == dtype ? "a and bt must have x's dtype (" : "a and bt must be int8 (", wdtype,
               "), got a ", a.scalar_type(), ", bt ", bt.scalar_type());
   const int64_t T_ = x_in.size(0), K = x_in.size(1);
   const int64_t S = a.size(0), P = a.size(1), R = a.size(2), N = bt.size(2);
