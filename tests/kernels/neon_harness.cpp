@@ -60,7 +60,7 @@ template <typename T, int MB, int RB> void t_shrink(int K) {
   for (auto& v : xs) v = T(rnd());
   for (auto& v : a) v = T(rnd());
   for (int m = 0; m < MB; ++m) xp[m] = xs.data() + m * K;
-  if constexpr (std::is_same_v<T, float>) neon::shrink_f32<MB, RB>(xp, a.data(), K, out);
+  if constexpr (std::is_same_v<T, float>) neon::shrink_lin<float, float, MB, RB>(xp, a.data(), K, out);
   else neon::shrink_bf16<MB, RB>(xp, a.data(), K, out);
   for (int m = 0; m < MB; ++m) for (int j = 0; j < RB; ++j) {
     double s = 0; for (int k = 0; k < K; ++k) s += double(float(xs[m * K + k])) * float(a[j * K + k]);
@@ -72,7 +72,7 @@ template <typename T, int MB> void t_expand(int r, int ncols) {
   for (auto& v : bt) v = T(rnd());
   for (auto& v : h) v = rnd();
   for (int m = 0; m < MB; ++m) { hp[m] = h.data() + m * r; yp[m] = ys.data() + m * ncols; }
-  if constexpr (std::is_same_v<T, float>) neon::expand_f32<MB>(hp, bt.data(), ldb, r, ncols, yp);
+  if constexpr (std::is_same_v<T, float>) neon::expand_lin<float, float, MB>(hp, bt.data(), ldb, r, ncols, nullptr, yp);
   else neon::expand_bf16<MB>(hp, bt.data(), ldb, r, ncols, yp);
   const double tol = std::is_same_v<T, float> ? 1e-5 : 1e-2;
   for (int m = 0; m < MB; ++m) for (int c = 0; c < ncols; ++c) {
@@ -85,7 +85,7 @@ template <typename T, int MB, int RB> void t_shrink_q8(int K) {
   for (auto& v : xs) v = T(rnd());
   for (auto& v : a) v = int8_t(int(rng() % 255) - 127);
   for (int m = 0; m < MB; ++m) xp[m] = xs.data() + m * K;
-  neon::shrink_q8<T, MB, RB>(xp, a.data(), K, out);
+  neon::shrink_lin<T, int8_t, MB, RB>(xp, a.data(), K, out);
   for (int m = 0; m < MB; ++m) for (int j = 0; j < RB; ++j) {
     double s = 0; for (int k = 0; k < K; ++k) s += double(float(xs[m * K + k])) * a[j * K + k];
     check(std::fabs(out[m * RB + j] - s) <= 1e-5 * (1 + std::fabs(s)) * K, "shrink q8", MB, RB, K); }
@@ -97,7 +97,7 @@ template <typename T, int MB> void t_expand_q8(int r, int ncols) {
   for (auto& v : h) v = rnd();
   for (auto& v : cs) v = 0.01f * std::fabs(rnd());
   for (int m = 0; m < MB; ++m) { hp[m] = h.data() + m * r; yp[m] = ys.data() + m * ncols; }
-  neon::expand_q8<T, MB>(hp, bt.data(), ldb, r, ncols, cs.data(), yp);
+  neon::expand_lin<T, int8_t, MB>(hp, bt.data(), ldb, r, ncols, cs.data(), yp);
   const double tol = std::is_same_v<T, float> ? 1e-5 : 1e-2;
   for (int m = 0; m < MB; ++m) for (int c = 0; c < ncols; ++c) {
     double s = 0; for (int k = 0; k < r; ++k) s += double(h[m * r + k]) * bt[k * ldb + c];

@@ -77,11 +77,13 @@ constexpr int64_t kWeightCost = 4;
 // ------------------------------------------------------------------ micro-kernels
 //
 // Every path provides, for MB <= 4 tokens (x[m], h[m], y[m] are per-token row pointers):
-//   shrink_f32/shrink_bf16<MB, RB>(x, a, K, out): out[m * RB + j] = <x[m][0:K], a[j*K:(j+1)*K]>
-//   expand_f32/expand_bf16<MB>(h, bt, ldb, r, ncols, y):
-//       y[m][c] = sum_{k < r} h[m][k] * bt[k * ldb + c] for c < ncols (<= 64)
-//   shrink_q8<T, MB, RB> and expand_q8<T, MB>(..., colscale, y): the same with int8 A / Bt
-//       under T = float or bf16 x and y; expand_q8 multiplies column c's sum by colscale[c]
+//   shrink_lin<TX, TW, MB, RB>(x, a, K, out): out[m * RB + j] = <x[m][0:K], a[j*K:(j+1)*K]>
+//   expand_lin<TY, TW, MB>(h, bt, ldb, r, ncols, colscale, y):
+//       y[m][c] = colscale[c] * sum_{k < r} h[m][k] * bt[k * ldb + c] for c < ncols (<= 64)
+//       (colscale nullptr: no factor)
+//   for float x/y with float weights, and float or bf16 x/y with int8 weights (unscaled;
+//   the driver applies A's row scales, colscale Bt's column scales); and
+//   shrink_bf16<MB, RB> / expand_bf16<MB> for bf16 x, weights and y.
 //
 // bf16 is widened to fp32 by bit shifts, 32 elements at a time (AVX-512): a 512-bit load
 // of 32 bf16 holds element 2i in the low and 2i+1 in the high half of 32-bit lane i, so
@@ -161,14 +163,6 @@ inline void shrink_lin(const TX* const* x, const TW* __restrict a, int64_t K, fl
   for (int m = 0; m < MB; ++m)
 #pragma GCC unroll 8
     for (int j = 0; j < RB; ++j) out[m * RB + j] = _mm512_reduce_add_ps(acc[m][j]);
-}
-template <int MB, int RB>
-inline void shrink_f32(const float* const* x, const float* a, int64_t K, float* out) {
-  shrink_lin<float, float, MB, RB>(x, a, K, out);
-}
-template <typename T, int MB, int RB>
-inline void shrink_q8(const T* const* x, const int8_t* a, int64_t K, float* out) {
-  shrink_lin<T, int8_t, MB, RB>(x, a, K, out);
 }
 
 // The same for bf16: x and A are both split into even/odd halves, 32 elements per step.
@@ -253,16 +247,6 @@ inline void expand_lin(const float* const* h, const TW* bt, int64_t ldb, int64_t
     case 4: return expand_block_lin<TY, TW, MB, 4>(h, bt, ldb, r, ncols, colscale, y);
     default: TORCH_INTERNAL_ASSERT(false, "fleetlm::lora_sgmv: bad column block ", ncols);
   }
-}
-template <int MB>
-inline void expand_f32(const float* const* h, const float* bt, int64_t ldb, int64_t r,
-                       int64_t ncols, float* const* y) {
-  expand_lin<float, float, MB>(h, bt, ldb, r, ncols, nullptr, y);
-}
-template <typename T, int MB>
-inline void expand_q8(const float* const* h, const int8_t* bt, int64_t ldb, int64_t r,
-                      int64_t ncols, const float* colscale, T* const* y) {
-  expand_lin<T, int8_t, MB>(h, bt, ldb, r, ncols, colscale, y);
 }
 
 #include "lora_sgmv_avx512_bf16.inc"  // pack_bf16 (software rounding), expand_bf16
@@ -365,14 +349,6 @@ inline void shrink_lin(const TX* const* x, const TW* __restrict a, int64_t K, fl
   }
   shrink_tail<TX, TW, MB, RB>(x, a, K, k, acc, out);
 }
-template <int MB, int RB>
-inline void shrink_f32(const float* const* x, const float* a, int64_t K, float* out) {
-  shrink_lin<float, float, MB, RB>(x, a, K, out);
-}
-template <typename T, int MB, int RB>
-inline void shrink_q8(const T* const* x, const int8_t* a, int64_t K, float* out) {
-  shrink_lin<T, int8_t, MB, RB>(x, a, K, out);
-}
 
 template <int MB, int RB>
 inline void shrink_bf16(const bf16* const* x, const bf16* __restrict a, int64_t K,
@@ -437,7 +413,7 @@ inline void expand_vec(const float* const* h, const TW* __restrict bt, int64_t l
 }
 
 template <typename TY, typename TW, int MB>
-inline void expand_any(const float* const* h, const TW* bt, int64_t ldb, int64_t r,
+inline void expand_lin(const float* const* h, const TW* bt, int64_t ldb, int64_t r,
                        int64_t ncols, const float* colscale, TY* const* y) {
   int64_t c = 0;
   for (; c + 16 <= ncols; c += 16) expand_vec<TY, TW, MB, 2>(h, bt, ldb, r, c, colscale, y);
@@ -453,19 +429,9 @@ inline void expand_any(const float* const* h, const TW* bt, int64_t ldb, int64_t
     }
 }
 template <int MB>
-inline void expand_f32(const float* const* h, const float* bt, int64_t ldb, int64_t r,
-                       int64_t ncols, float* const* y) {
-  expand_any<float, float, MB>(h, bt, ldb, r, ncols, nullptr, y);
-}
-template <int MB>
 inline void expand_bf16(const float* const* h, const bf16* bt, int64_t ldb, int64_t r,
                         int64_t ncols, bf16* const* y) {
-  expand_any<bf16, bf16, MB>(h, bt, ldb, r, ncols, nullptr, y);
-}
-template <typename T, int MB>
-inline void expand_q8(const float* const* h, const int8_t* bt, int64_t ldb, int64_t r,
-                      int64_t ncols, const float* colscale, T* const* y) {
-  expand_any<T, int8_t, MB>(h, bt, ldb, r, ncols, colscale, y);
+  expand_lin<bf16, bf16, MB>(h, bt, ldb, r, ncols, nullptr, y);
 }
 
 }  // namespace avx2
@@ -491,7 +457,7 @@ inline float32x4_t load4(const int8_t* p) {  // 4 int8 -> 4 fp32, reading only t
 
 // x of type TX against A rows of type TW (TW = int8_t: unscaled, the driver scales)
 template <typename TX, typename TW, int MB, int RB>
-inline void shrink_any(const TX* const* x, const TW* __restrict a, int64_t K, float* out) {
+inline void shrink_lin(const TX* const* x, const TW* __restrict a, int64_t K, float* out) {
   float32x4_t acc[MB][RB];
   for (int m = 0; m < MB; ++m)
     for (int j = 0; j < RB; ++j) acc[m][j] = vdupq_n_f32(0.f);
@@ -513,21 +479,13 @@ inline void shrink_any(const TX* const* x, const TW* __restrict a, int64_t K, fl
     }
 }
 template <int MB, int RB>
-inline void shrink_f32(const float* const* x, const float* a, int64_t K, float* out) {
-  shrink_any<float, float, MB, RB>(x, a, K, out);
-}
-template <int MB, int RB>
 inline void shrink_bf16(const bf16* const* x, const bf16* a, int64_t K, float* out) {
-  shrink_any<bf16, bf16, MB, RB>(x, a, K, out);
-}
-template <typename T, int MB, int RB>
-inline void shrink_q8(const T* const* x, const int8_t* a, int64_t K, float* out) {
-  shrink_any<T, int8_t, MB, RB>(x, a, K, out);
+  shrink_lin<bf16, bf16, MB, RB>(x, a, K, out);
 }
 
 // colscale: per-column factor (int8 Bt), or nullptr
 template <typename TX, typename TW, int MB>
-inline void expand_any(const float* const* h, const TW* __restrict bt, int64_t ldb, int64_t r,
+inline void expand_lin(const float* const* h, const TW* __restrict bt, int64_t ldb, int64_t r,
                        int64_t ncols, const float* colscale, TX* const* y) {
   int64_t c = 0;
   for (; c + 8 <= ncols; c += 8) {  // 8 columns x MB tokens
@@ -559,19 +517,9 @@ inline void expand_any(const float* const* h, const TW* __restrict bt, int64_t l
     }
 }
 template <int MB>
-inline void expand_f32(const float* const* h, const float* bt, int64_t ldb, int64_t r,
-                       int64_t ncols, float* const* y) {
-  expand_any<float, float, MB>(h, bt, ldb, r, ncols, nullptr, y);
-}
-template <int MB>
 inline void expand_bf16(const float* const* h, const bf16* bt, int64_t ldb, int64_t r,
                         int64_t ncols, bf16* const* y) {
-  expand_any<bf16, bf16, MB>(h, bt, ldb, r, ncols, nullptr, y);
-}
-template <typename T, int MB>
-inline void expand_q8(const float* const* h, const int8_t* bt, int64_t ldb, int64_t r,
-                      int64_t ncols, const float* colscale, T* const* y) {
-  expand_any<T, int8_t, MB>(h, bt, ldb, r, ncols, colscale, y);
+  expand_lin<bf16, bf16, MB>(h, bt, ldb, r, ncols, nullptr, y);
 }
 
 }  // namespace neon
@@ -582,7 +530,7 @@ inline void expand_q8(const float* const* h, const int8_t* bt, int64_t ldb, int6
 namespace scalar {
 
 template <typename TX, typename TW, int MB, int RB>
-inline void shrink_block_scalar(const TX* const* x, const TW* __restrict a, int64_t K,
+inline void shrink_lin(const TX* const* x, const TW* __restrict a, int64_t K,
                                 float* out) {
   for (int m = 0; m < MB; ++m)
     for (int j = 0; j < RB; ++j) {
@@ -593,21 +541,13 @@ inline void shrink_block_scalar(const TX* const* x, const TW* __restrict a, int6
     }
 }
 template <int MB, int RB>
-inline void shrink_f32(const float* const* x, const float* a, int64_t K, float* out) {
-  shrink_block_scalar<float, float, MB, RB>(x, a, K, out);
-}
-template <int MB, int RB>
 inline void shrink_bf16(const bf16* const* x, const bf16* a, int64_t K, float* out) {
-  shrink_block_scalar<bf16, bf16, MB, RB>(x, a, K, out);
-}
-template <typename T, int MB, int RB>
-inline void shrink_q8(const T* const* x, const int8_t* a, int64_t K, float* out) {
-  shrink_block_scalar<T, int8_t, MB, RB>(x, a, K, out);
+  shrink_lin<bf16, bf16, MB, RB>(x, a, K, out);
 }
 
 // colscale: per-column factor (int8 Bt), or nullptr
 template <typename TX, typename TW, int MB>
-inline void expand_block_scalar(const float* const* h, const TW* __restrict bt, int64_t ldb,
+inline void expand_lin(const float* const* h, const TW* __restrict bt, int64_t ldb,
                                 int64_t r, int64_t ncols, const float* colscale,
                                 TX* const* y) {
   float acc[kExpandBlock];
@@ -623,19 +563,9 @@ inline void expand_block_scalar(const float* const* h, const TW* __restrict bt, 
   }
 }
 template <int MB>
-inline void expand_f32(const float* const* h, const float* bt, int64_t ldb, int64_t r,
-                             int64_t ncols, float* const* y) {
-  expand_block_scalar<float, float, MB>(h, bt, ldb, r, ncols, nullptr, y);
-}
-template <int MB>
 inline void expand_bf16(const float* const* h, const bf16* bt, int64_t ldb, int64_t r,
                               int64_t ncols, bf16* const* y) {
-  expand_block_scalar<bf16, bf16, MB>(h, bt, ldb, r, ncols, nullptr, y);
-}
-template <typename T, int MB>
-inline void expand_q8(const float* const* h, const int8_t* bt, int64_t ldb, int64_t r,
-                      int64_t ncols, const float* colscale, T* const* y) {
-  expand_block_scalar<T, int8_t, MB>(h, bt, ldb, r, ncols, colscale, y);
+  expand_lin<bf16, bf16, MB>(h, bt, ldb, r, ncols, nullptr, y);
 }
 
 }  // namespace scalar
@@ -649,7 +579,7 @@ inline void expand_q8(const float* const* h, const int8_t* bt, int64_t ldb, int6
     static constexpr int64_t kFewTokenRows = FEW_TOKEN_ROWS;                              \
     template <int MB, int RB>                                                             \
     static void shrink(const float* const* x, const float* a, int64_t K, float* out) {    \
-      NS::shrink_f32<MB, RB>(x, a, K, out);                                               \
+      NS::template shrink_lin<float, float, MB, RB>(x, a, K, out);                         \
     }                                                                                     \
     template <int MB, int RB>                                                             \
     static void shrink(const bf16* const* x, const bf16* a, int64_t K, float* out) {      \
@@ -658,7 +588,7 @@ inline void expand_q8(const float* const* h, const int8_t* bt, int64_t ldb, int6
     template <int MB>                                                                     \
     static void expand(const float* const* h, const float* bt, int64_t ldb, int64_t r,    \
                        int64_t ncols, float* const* y) {                                  \
-      NS::expand_f32<MB>(h, bt, ldb, r, ncols, y);                                        \
+      NS::template expand_lin<float, float, MB>(h, bt, ldb, r, ncols, nullptr, y);        \
     }                                                                                     \
     template <int MB>                                                                     \
     static void expand(const float* const* h, const bf16* bt, int64_t ldb, int64_t r,     \
@@ -667,12 +597,12 @@ inline void expand_q8(const float* const* h, const int8_t* bt, int64_t ldb, int6
     }                                                                                     \
     template <int MB, int RB, typename T>                                                 \
     static void shrink(const T* const* x, const int8_t* a, int64_t K, float* out) {       \
-      NS::shrink_q8<T, MB, RB>(x, a, K, out);                                             \
+      NS::template shrink_lin<T, int8_t, MB, RB>(x, a, K, out);                           \
     }                                                                                     \
     template <int MB, typename T>                                                         \
     static void expand_q8(const float* const* h, const int8_t* bt, int64_t ldb, int64_t r, \
                           int64_t ncols, const float* colscale, T* const* y) {            \
-      NS::expand_q8<T, MB>(h, bt, ldb, r, ncols, colscale, y);                            \
+      NS::template expand_lin<T, int8_t, MB>(h, bt, ldb, r, ncols, colscale, y);          \
     }                                                                                     \
   };
 
