@@ -43,8 +43,7 @@ def make_stack(slot_ranks, in_features=IN, parts=PARTS, max_rank=RMAX,
 
 
 def as_float(stack: StackedLora) -> StackedLora:
-    return StackedLora(stack.a.float(), stack.bt.float(), stack.ranks, stack.scales,
-                       stack.offsets)
+    return stack.dequantized()  # float32 buffers of the same (bfloat16-exact) values
 
 
 def batch(slots) -> LoraBatch:

@@ -14,20 +14,16 @@ import sys
 import pytest
 import torch
 
-from fleetlm.engine.lora import NO_ADAPTER, StackedLora
+from fleetlm.engine.lora import NO_ADAPTER
 from fleetlm.kernels import cpu, int8_gemv, lora_sgmv
 from tests.kernels.paths import PATHS, forced_path
 from tests.kernels.test_int8_gemv import make as make_int8
 from tests.kernels.test_int8_gemv import reference as int8_reference
 from tests.kernels.test_int8_gemv import tol as int8_tol
 from tests.kernels.test_lora_sgmv import CASES as LORA_CASES
+from tests.kernels.test_lora_sgmv import check_against_reference as check_lora_against_reference
 from tests.kernels.test_lora_sgmv import make_stack, random_ranks
-from tests.kernels.test_lora_sgmv import reference as lora_reference
-from tests.kernels.test_lora_sgmv import reference_q8 as lora_reference_q8
 from tests.kernels.test_lora_sgmv import run as lora_run
-from tests.kernels.test_lora_sgmv import run_q8 as lora_run_q8
-from tests.kernels.test_lora_sgmv import tolerance as lora_tol
-from tests.kernels.test_lora_sgmv import tolerance_q8 as lora_tol_q8
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -157,16 +153,7 @@ LORA_ALL = {**LORA_CASES, **LORA_EXTRA}
 @pytest.mark.parametrize("case", LORA_ALL)
 def test_lora_sgmv_each_path(path: str, case: str, dtype: torch.dtype, weights: str) -> None:
     """lora_sgmv (weights in x's dtype) and lora_sgmv_q8 (int8 weights) on each path."""
-    layout, slot_ranks, slots = LORA_ALL[case]
-    q8 = weights == "int8"
-    stack = make_stack(slot_ranks, dtype=torch.int8 if q8 else dtype, **layout)
-    x = torch.randn(len(slots), layout["in_features"],
-                    generator=torch.Generator().manual_seed(5)).to(dtype)
-    got = (lora_run_q8 if q8 else lora_run)(x, stack, slots)
-    ref = (lora_reference_q8 if q8 else lora_reference)(x, stack, slots)
-    assert got.shape == ref.shape and got.dtype == dtype
-    torch.testing.assert_close(got.float(), ref, **(lora_tol_q8 if q8 else lora_tol)(dtype, ref))
-    assert torch.equal(got.float()[ref == 0], ref[ref == 0])
+    check_lora_against_reference(*LORA_ALL[case], dtype, weights, seed=5)
 
 
 def test_lora_sgmv_bf16_output_within_one_ulp_of_fp32(path: str) -> None:
@@ -177,7 +164,7 @@ def test_lora_sgmv_bf16_output_within_one_ulp_of_fp32(path: str) -> None:
     x = torch.randn(len(slots), layout["in_features"],
                     generator=torch.Generator().manual_seed(2)).bfloat16()
     got = lora_run(x, bf, slots).float()
-    f32 = StackedLora(bf.a.float(), bf.bt.float(), bf.ranks, bf.scales, bf.offsets)
+    f32 = bf.dequantized()  # the same values in float32 buffers
     want = lora_run(x.float(), f32, slots)  # bf16 inputs are exact in fp32
     # fp32 sums in another order differ by ~1e-7 of the terms: near-zero (cancelled)
     # outputs get an absolute allowance

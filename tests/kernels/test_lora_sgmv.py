@@ -40,8 +40,10 @@ def run(x, stack, slots):
 
 
 def reference(x, stack, slots):
-    f = StackedLora(stack.a.float(), stack.bt.float(), stack.ranks, stack.scales, stack.offsets)
-    return lora_delta_reference(x.float(), f, LoraBatch.from_slots(torch.as_tensor(slots)))
+    """The float32 delta of the stack's weights as float32 (int8 ones dequantised): what
+    the kernel must compute."""
+    return lora_delta_reference(x.float(), stack.dequantized(),
+                                LoraBatch.from_slots(torch.as_tensor(slots)))
 
 
 def random_ranks(num_slots, num_parts, max_rank, seed):
@@ -73,19 +75,27 @@ def tolerance(dtype, ref):
     return dict(atol=1e-2 * max(1.0, float(ref.abs().max())), rtol=1.6e-2)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", CASES)
-def test_matches_reference(case, dtype):
-    layout, slot_ranks, slots = CASES[case]
-    stack = make_stack(slot_ranks, dtype=dtype, **layout)
+def check_against_reference(layout, slot_ranks, slots, dtype, weights, seed):
+    """lora_sgmv (weights in x's dtype) or lora_sgmv_q8 (``weights="int8"``) against its
+    reference, within its tolerance, with exact zeros where nothing applies (no adapter,
+    empty slot, absent part)."""
+    q8 = weights == "int8"
+    stack = make_stack(slot_ranks, dtype=torch.int8 if q8 else dtype, **layout)
+    assert stack.a.dtype == stack.bt.dtype == (torch.int8 if q8 else dtype)
     x = torch.randn(len(slots), layout["in_features"],
-                    generator=torch.Generator().manual_seed(2)).to(dtype)
-    got = run(x, stack, slots)
+                    generator=torch.Generator().manual_seed(seed)).to(dtype)
+    got = (run_q8 if q8 else run)(x, stack, slots)
     ref = reference(x, stack, slots)
     assert got.shape == ref.shape and got.dtype == dtype
-    torch.testing.assert_close(got.float(), ref, **tolerance(dtype, ref))
-    # exact zeros where nothing applies: no adapter, empty slot, absent part
+    torch.testing.assert_close(got.float(), ref, **(tolerance_q8 if q8 else tolerance)(dtype, ref))
     assert torch.equal(got.float()[ref == 0], ref[ref == 0])
+
+
+@pytest.mark.parametrize("weights", ["x_dtype", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES)
+def test_matches_reference(case, dtype, weights):
+    check_against_reference(*CASES[case], dtype, weights, seed=2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -176,32 +186,11 @@ def run_q8(x, stack, slots):
                                   stack.ranks, stack.scales, stack.offsets, t)
 
 
-def reference_q8(x, stack, slots):
-    """The float32 delta of the dequantised weights: what the kernel must compute."""
-    return lora_delta_reference(x.float(), stack.dequantized(),
-                                LoraBatch.from_slots(torch.as_tensor(slots)))
-
-
 def tolerance_q8(dtype, ref):
     scale = max(1.0, float(ref.abs().max()))
     if dtype == torch.float32:  # fp32 sums of the same products in another order
         return dict(atol=2e-5 * scale, rtol=1e-5)
     return dict(atol=1e-2 * scale, rtol=1.6e-2)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", CASES)
-def test_q8_matches_the_dequantised_reference(case, dtype):
-    layout, slot_ranks, slots = CASES[case]
-    stack = make_stack(slot_ranks, dtype=torch.int8, **layout)
-    assert stack.a.dtype == torch.int8 and stack.bt.dtype == torch.int8
-    x = torch.randn(len(slots), layout["in_features"],
-                    generator=torch.Generator().manual_seed(2)).to(dtype)
-    got = run_q8(x, stack, slots)
-    ref = reference_q8(x, stack, slots)
-    assert got.shape == ref.shape and got.dtype == dtype
-    torch.testing.assert_close(got.float(), ref, **tolerance_q8(dtype, ref))
-    assert torch.equal(got.float()[ref == 0], ref[ref == 0])
 
 
 def test_q8_is_within_quantisation_error_of_the_float_adapters():
