@@ -33,3 +33,12 @@ class EngineBusy(FleetLMError):
     def __init__(self, message: str, retry_after_s: float = 1.0):
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class EngineUnavailable(FleetLMError):
+    """No engine could take or finish the request: the replica serving it died, or none
+    could be started (HTTP 503 with Retry-After; the request may be retried)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

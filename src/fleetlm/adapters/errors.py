@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fleetlm.errors import FleetLMError
 
 MAX_SHOWN = 8  # an adapter for another base model can have hundreds of misshapen tensors
@@ -23,6 +25,10 @@ class AdapterError(FleetLMError):
         if len(problems) > MAX_SHOWN:
             shown += f"; ... and {len(problems) - MAX_SHOWN} more problems"
         super().__init__(f"adapter {adapter!r}: {shown}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled with its own arguments (an engine replica's refusal crosses processes)."""
+        return type(self), (self.adapter, *self.problems), self.__dict__
 
 
 class AdapterNotFound(AdapterError):

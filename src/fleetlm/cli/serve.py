@@ -3,13 +3,15 @@ HTTP API, optionally behind the routes of a config file.
 
 Wiring only: the options become :class:`fleetlm.server.run.ServeSettings`;
 :func:`fleetlm.server.run.build` loads and assembles, :func:`fleetlm.server.run.run` serves
-until a signal stops it.
+until a signal stops it. With ``--ray`` the ``--ray-*``/replica options also become
+:class:`fleetlm.cluster.settings.ClusterSettings` and :func:`fleetlm.cluster.deploy.run`
+serves the same API from a Ray Serve application (docs/scale-out.md).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -23,6 +25,9 @@ from fleetlm.cli.options import (
     fail,
 )
 from fleetlm.errors import FleetLMError
+
+if TYPE_CHECKING:
+    from fleetlm.server.run import ServeSettings
 
 app = typer.Typer()
 
@@ -49,6 +54,15 @@ def serve(
     max_body_mb: Annotated[float, typer.Option(help="Largest request body in MiB; larger ones are refused with 413 (docs/limits.md).")] = 4.0,
     max_upload_mb: Annotated[float, typer.Option(help="Largest adapter upload (its files) in MiB; larger ones are refused with 413.")] = 512.0,
     state_db: Annotated[str | None, typer.Option(help="State store (keys, tenants, audit log, cost ledger): a SQLite path or a postgresql:// URL; default $FLEETLM_STATE_DB, else $FLEETLM_HOME/state.db (docs/security.md).")] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="Serve from a Ray Serve application: an ingress and autoscaled engine replicas, requests routed to a replica that holds their adapter (docs/scale-out.md).")] = False,
+    ray_address: Annotated[str | None, typer.Option(help="With --ray: an existing cluster (auto, ray://HOST:10001); default: start a local one.")] = None,
+    min_replicas: Annotated[int, typer.Option(help="With --ray: fewest engine replicas (0: none while idle; the first request waits for one).")] = 1,
+    max_replicas: Annotated[int, typer.Option(help="With --ray: most engine replicas.")] = 1,
+    replica_threads: Annotated[int, typer.Option(help="With --ray: CPUs (torch threads) per engine replica.")] = 1,
+    ingress_replicas: Annotated[int, typer.Option(help="With --ray: HTTP ingress replicas (more than one needs a shared --state-db, e.g. PostgreSQL).")] = 1,
+    target_ongoing_requests: Annotated[float, typer.Option(help="With --ray: requests in flight per replica the autoscaler aims for.")] = 16.0,
+    downscale_delay_s: Annotated[float, typer.Option(help="With --ray: seconds below target before a replica is removed.")] = 120.0,
+    downscale_to_zero_delay_s: Annotated[float, typer.Option(help="With --ray and --min-replicas 0: idle seconds before the last replica goes.")] = 300.0,
 ) -> None:
     """Serve the model (and every adapter in the store) over an OpenAI-compatible HTTP API."""
     from pydantic import ValidationError
@@ -70,11 +84,40 @@ def serve(
         lines = ["--" + line.split(":", 1)[0].replace("_", "-") + ":" + line.split(":", 1)[1]
                  for line in format_errors(e, "fleetlm serve --help")]
         fail(problems_error(None, "options", lines))
+    if ray:
+        _serve_ray(settings, ray_address=ray_address, min_replicas=min_replicas,
+                   max_replicas=max_replicas, replica_threads=replica_threads,
+                   ingress_replicas=ingress_replicas,
+                   target_ongoing_requests=target_ongoing_requests,
+                   downscale_delay_s=downscale_delay_s,
+                   downscale_to_zero_delay_s=downscale_to_zero_delay_s)
+        return
     try:
         served = build(settings, say=lambda line: typer.echo(line, err=True))
         typer.echo(f"fleetlm: serving {served.name!r} with adapters from {served.adapters_root} "
                    f"on http://{host}:{port}/v1", err=True)
         run(served)
+    except FleetLMError as e:
+        fail(e)
+        return
+    typer.echo("fleetlm: stopped", err=True)
+
+
+def _serve_ray(settings: ServeSettings, ray_address: str | None, **replicas: Any) -> None:
+    from pydantic import ValidationError
+
+    from fleetlm.cluster.deploy import run
+    from fleetlm.cluster.settings import ClusterSettings
+    from fleetlm.config import format_errors, problems_error
+
+    try:
+        cluster = ClusterSettings(address=ray_address, **replicas)
+    except ValidationError as e:
+        lines = ["--" + line.split(":", 1)[0].replace("_", "-") + ":" + line.split(":", 1)[1]
+                 for line in format_errors(e, "fleetlm serve --help")]
+        fail(problems_error(None, "options", lines))
+    try:
+        run(settings, cluster, say=lambda line: typer.echo(line, err=True))
     except FleetLMError as e:
         fail(e)
         return

@@ -5,6 +5,7 @@ Every error the API answers is an :class:`APIError` rendered by :func:`error_bod
 domain error becomes an HTTP one:
 
     EngineBusy       429  rate_limit_exceeded, Retry-After
+    EngineUnavailable 503 engine_unavailable, Retry-After (a Ray engine replica died)
     AdapterNotFound  404  param: the field naming the adapter
     AdapterError     422  (an adapter that fails validation)
     ConfigError      400  param: ``ConfigError.param``, the request field the error names
@@ -23,7 +24,7 @@ from typing import Any
 from fastapi.exceptions import RequestValidationError
 
 from fleetlm.adapters.errors import AdapterError, AdapterNotFound
-from fleetlm.errors import ConfigError, EngineBusy, FleetLMError
+from fleetlm.errors import ConfigError, EngineBusy, EngineUnavailable, FleetLMError
 
 INVALID_REQUEST = "invalid_request_error"
 
@@ -51,6 +52,9 @@ def api_error(e: BaseException, *, adapter_param: str = "model") -> APIError:
         return e
     if isinstance(e, EngineBusy):
         return APIError(429, str(e), "rate_limit_exceeded", code="engine_busy",
+                        headers={"Retry-After": str(max(1, round(e.retry_after_s)))})
+    if isinstance(e, EngineUnavailable):
+        return APIError(503, str(e), "server_error", code="engine_unavailable",
                         headers={"Retry-After": str(max(1, round(e.retry_after_s)))})
     if isinstance(e, AdapterNotFound):
         code = "model_not_found" if adapter_param == "model" else "adapter_not_found"

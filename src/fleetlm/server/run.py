@@ -30,7 +30,9 @@ from fleetlm.errors import FleetLMError
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from fleetlm.engine.engine import Engine
+    from fleetlm.engine.engine import Engine, EngineConfig
+    from fleetlm.models.loader import LoadedModel
+    from fleetlm.server.auth import Gateway
     from fleetlm.server.hybrid import Router
     from fleetlm.state.db import StateDB
 
@@ -86,39 +88,50 @@ class Served:
     state: StateDB
 
 
-def build(settings: ServeSettings, say: Callable[[str], None]) -> Served:
-    """Load the model, open the adapter store, check the routes against them and assemble
-    the app. ``say`` receives the start-up lines (warnings, where things are)."""
-    from fleetlm.adapters import AdapterStore
-    from fleetlm.engine.engine import Engine, EngineConfig
-    from fleetlm.models.loader import load_model
+def adapters_root(settings: ServeSettings) -> Path:
+    """The adapter store's folder: ``--adapters-dir`` or the user data folder."""
     from fleetlm.paths import default_adapters_dir
-    from fleetlm.server.app import create_app
+
+    return settings.adapters_dir or default_adapters_dir()
+
+
+def engine_config(settings: ServeSettings) -> EngineConfig:
+    """The engine settings ``fleetlm serve``'s options give (one engine, or each replica's)."""
+    from fleetlm.engine.engine import EngineConfig
+
+    s = settings
+    return EngineConfig(max_running=s.max_batch, max_len=s.max_len,
+                        max_hot_adapters=s.max_hot_adapters, max_overtakes=s.max_overtakes,
+                        max_lora_rank=s.max_lora_rank, lora_dtype=s.lora_dtype,
+                        compile=s.compile, prefix_cache_bytes=int(s.prefix_cache_mb * (1 << 20)),
+                        speculative_tokens=s.speculative_tokens)
+
+
+def open_gateway(settings: ServeSettings, say: Callable[[str], None]) -> tuple[StateDB, Gateway]:
+    """The state store (a bad URL fails here, before any model loads) and the gateway on it."""
     from fleetlm.server.auth import Gateway, is_loopback
     from fleetlm.state.db import open_state
 
-    s = settings
-    routes_cfg = None
-    if s.config is not None:
-        from fleetlm.router.config import load_routes
-
-        routes_cfg = load_routes(s.config)  # before the model: a bad file fails at once
-    state = open_state(s.state_db)  # before the model too: a bad URL fails at once
-    gateway = Gateway(state, require_keys=not is_loopback(s.host))
+    state = open_state(settings.state_db)
+    gateway = Gateway(state, require_keys=not is_loopback(settings.host))
     say(f"fleetlm: state store {state.display_url}; {gateway.describe()}")
+    return state, gateway
+
+
+def build_engine(settings: ServeSettings, say: Callable[[str], None]) -> Engine:
+    """Load the model (and the draft model), open the adapter store, build the engine and
+    compile its decode steps: what one process, or one engine replica, serves."""
+    from fleetlm.adapters import AdapterStore
+    from fleetlm.engine.engine import Engine
+    from fleetlm.models.loader import load_model
+
+    s = settings
     lm = load_model(s.model, dtype=s.dtype, quantize=s.quantize)
     draft = (load_model(s.draft_model, dtype=s.dtype, quantize=s.quantize)
              if s.draft_model else None)
-    root = s.adapters_dir or default_adapters_dir()
-    store = AdapterStore(root, lm.config, dtype=lm.model.dtype, max_rank=s.max_lora_rank)
-    engine = Engine(lm, EngineConfig(max_running=s.max_batch, max_len=s.max_len,
-                                     max_hot_adapters=s.max_hot_adapters,
-                                     max_overtakes=s.max_overtakes,
-                                     max_lora_rank=s.max_lora_rank, lora_dtype=s.lora_dtype,
-                                     compile=s.compile,
-                                     prefix_cache_bytes=int(s.prefix_cache_mb * (1 << 20)),
-                                     speculative_tokens=s.speculative_tokens),
-                    store=store, draft=draft)
+    store = AdapterStore(adapters_root(s), lm.config, dtype=lm.model.dtype,
+                         max_rank=s.max_lora_rank)
+    engine = Engine(lm, engine_config(s), store=store, draft=draft)
     say(f"fleetlm: {lm.name} {str(lm.dtype).removeprefix('torch.')}, weights {lm.quantize}, "
         f"{'compiling decode steps' if engine.lm.model.decode_compiled else 'eager'}")
     if engine.runner.lora is not None:
@@ -132,7 +145,23 @@ def build(settings: ServeSettings, say: Callable[[str], None]) -> Served:
             f"{os.environ.get('TORCHINDUCTOR_CACHE_DIR', 'the inductor cache')})")
     elif s.compile:
         say("fleetlm: decode steps run eagerly (compilation off or failed; see above)")
-    name = s.model if "/" not in s.model and not s.model.endswith(".gguf") else lm.name
+    return engine
+
+
+def api_name(settings: ServeSettings, lm: LoadedModel) -> str:
+    """The base model's name in the API: the embedded name as given, else the model's."""
+    m = settings.model
+    return m if "/" not in m and not m.endswith(".gguf") else lm.name
+
+
+def assemble(settings: ServeSettings, engine: Any, name: str, state: StateDB,
+             gateway: Gateway, routes_cfg: Any, say: Callable[[str], None],
+             ) -> tuple[FastAPI, Router | None]:
+    """The app over ``engine`` (an :class:`Engine`, or anything with its serving surface:
+    the Ray ingress's remote engine), with the routes of ``routes_cfg`` when given."""
+    from fleetlm.server.app import create_app
+
+    s = settings
     router = None
     if routes_cfg is not None:
         from fleetlm.router.ledger import Ledger
@@ -140,13 +169,34 @@ def build(settings: ServeSettings, say: Callable[[str], None]) -> Served:
 
         # the routes file's ledger_path, else the ledger table of the state store
         ledger = Ledger(routes_cfg.ledger_path if routes_cfg.ledger_path else state)
-        router = Router.for_server(routes_cfg, name, store, ledger=ledger)
+        router = Router.for_server(routes_cfg, name, engine.store, ledger=ledger)
         for warning in router.upstreams.missing_keys():
             say(f"fleetlm: warning: {warning}")
         say(f"fleetlm: routes {', '.join(router.routes)}; ledger {router.ledger.path}")
     app = create_app(engine, name, router, max_body_bytes=int(s.max_body_mb * (1 << 20)),
                      max_upload_bytes=int(s.max_upload_mb * (1 << 20)), gateway=gateway)
-    return Served(s, name, root, engine, app, router, state)
+    return app, router
+
+
+def load_routes_file(settings: ServeSettings) -> Any:
+    """The routes config of ``--config`` (None without one), read before any model loads
+    so a bad file fails at once."""
+    if settings.config is None:
+        return None
+    from fleetlm.router.config import load_routes
+
+    return load_routes(settings.config)
+
+
+def build(settings: ServeSettings, say: Callable[[str], None]) -> Served:
+    """Load the model, open the adapter store, check the routes against them and assemble
+    the app. ``say`` receives the start-up lines (warnings, where things are)."""
+    routes_cfg = load_routes_file(settings)
+    state, gateway = open_gateway(settings, say)
+    engine = build_engine(settings, say)
+    name = api_name(settings, engine.lm)
+    app, router = assemble(settings, engine, name, state, gateway, routes_cfg, say)
+    return Served(settings, name, adapters_root(settings), engine, app, router, state)
 
 
 def run(served: Served) -> None:

@@ -1,0 +1,158 @@
+"""The Ray Serve application of ``fleetlm serve --ray``, and running it.
+
+    app = application(serve_settings, cluster_settings)   # ingress + engine deployments
+    handle = start(serve_settings, cluster_settings)       # connect/start Ray, deploy
+    run(serve_settings, cluster_settings, say=print)       # the CLI: deploy, wait for a signal
+
+Two deployments:
+
+- ``engine``: :class:`~fleetlm.cluster.replica.EngineReplica`, ``replica_threads`` CPUs each,
+  autoscaled between ``min_replicas`` (0 allowed) and ``max_replicas`` on requests in
+  flight; each replica's adapters are Serve's multiplexed models (up to
+  ``max_hot_adapters``), so requests for an adapter go where it is hot.
+- ``ingress``: :class:`~fleetlm.cluster.ingress.Ingress`, the HTTP app (no CPUs reserved:
+  it waits on the replicas), behind Ray Serve's proxy on ``--host``/``--port``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from fleetlm.errors import FleetLMError
+
+if TYPE_CHECKING:
+    from fleetlm.cluster.settings import ClusterSettings
+    from fleetlm.server.run import ServeSettings
+
+ENGINE = "engine"
+INGRESS = "ingress"
+# how long a replica may take to start (load the model, compile the decode steps) before
+# Ray Serve reports the deployment unhealthy
+REPLICA_START_S = 600.0
+
+
+def engine_deployment(settings: ServeSettings, cluster: ClusterSettings) -> Any:
+    """The engine deployment, its multiplexed-adapter LRU as large as the engine's hot set."""
+    from ray import serve
+
+    from fleetlm.cluster.replica import EngineReplica
+
+    class FleetlmEngine(EngineReplica):
+        @serve.multiplexed(max_num_models_per_replica=max(1, settings.max_hot_adapters))
+        async def load_adapter(self, name: str) -> str:
+            return await self._load_adapter(name)
+
+    return serve.deployment(
+        FleetlmEngine, name=ENGINE,
+        ray_actor_options={"num_cpus": cluster.replica_threads,
+                           "runtime_env": {"env_vars": cluster.metric_env()}},
+        autoscaling_config=cluster.autoscaling(),
+        # requests a replica takes at once: its batch plus a queue as long again
+        max_ongoing_requests=2 * settings.max_batch,
+        health_check_period_s=10, health_check_timeout_s=30,
+        graceful_shutdown_timeout_s=settings.grace_s,
+    )
+
+
+def ingress_deployment(cluster: ClusterSettings) -> Any:
+    from ray import serve
+
+    from fleetlm.cluster.ingress import Ingress
+
+    return serve.deployment(serve.ingress()(Ingress), name=INGRESS,
+                            num_replicas=cluster.ingress_replicas,
+                            ray_actor_options={"num_cpus": 0,
+                                               "runtime_env": {"env_vars": cluster.metric_env()}},
+                            max_ongoing_requests=1024)
+
+
+def application(settings: ServeSettings, cluster: ClusterSettings) -> Any:
+    """The bound application: the ingress, given a handle to the engine deployment."""
+    data = settings.model_dump(mode="json")
+    engine = engine_deployment(settings, cluster).bind(data, cluster.replica_threads)
+    return ingress_deployment(cluster).bind(engine, data)
+
+
+def connect(cluster: ClusterSettings) -> bool:
+    """Join ``cluster.address`` or start a local cluster (True: started here, so ours to
+    stop). Usage statistics off: nothing leaves the machine."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return False
+    if cluster.address:
+        ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+        return False
+    ray.init(num_cpus=cluster.num_cpus or os.cpu_count(), include_dashboard=False,
+             log_to_driver=False)
+    return True
+
+
+def start(settings: ServeSettings, cluster: ClusterSettings) -> Any:
+    """Deploy the application (Ray connected or started first) and wait until it runs;
+    its ingress handle. Serve's HTTP proxy listens on ``settings.host:settings.port``."""
+    from ray import serve
+
+    connect(cluster)
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    with warnings.catch_warnings():  # Ray 2.60 still reads the field it calls deprecated
+        warnings.filterwarnings("ignore", message=".*metrics_interval_s.*")
+        return serve.run(application(settings, cluster), name=cluster.app_name,
+                         route_prefix="/")
+
+
+def replica_count(cluster: ClusterSettings, deployment: str = ENGINE) -> int:
+    """Running replicas of a deployment of the application (0 when scaled to zero)."""
+    from ray import serve
+
+    app = serve.status().applications.get(cluster.app_name)
+    if app is None or deployment not in app.deployments:
+        return 0
+    from ray.serve._private.common import ReplicaState
+
+    counts = app.deployments[deployment].replica_states
+    return int(counts.get(ReplicaState.RUNNING, 0))
+
+
+def run(settings: ServeSettings, cluster: ClusterSettings, say: Callable[[str], None]) -> None:
+    """``fleetlm serve --ray``: deploy, then serve until SIGTERM or Ctrl-C; the application
+    is deleted on the way out, and a local cluster started here is stopped."""
+    import ray
+    from ray import serve
+
+    if cluster.ingress_replicas > 1 and not (settings.state_db or os.environ.get(
+            "FLEETLM_STATE_DB", "")).startswith("postgresql"):
+        say("fleetlm: warning: several ingress replicas on a SQLite state store each lock "
+            "the one file, and a multi-node cluster cannot share it; pass --state-db "
+            "postgresql://...")
+    started = connect(cluster)
+    where = "a local Ray cluster" if started else f"the Ray cluster at {cluster.address}"
+    say(f"fleetlm: deploying {cluster.app_name!r} on {where}: engine replicas "
+        f"{cluster.min_replicas}..{cluster.max_replicas}, {cluster.replica_threads} thread(s) "
+        "each")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        try:
+            start(settings, cluster)
+        except Exception as e:  # noqa: BLE001 -- Ray's deploy errors vary: name the fix
+            raise FleetLMError(f"the Ray Serve application did not start: {e} (see the "
+                               "replica logs under /tmp/ray/session_latest/logs)") from e
+        say(f"fleetlm: serving on http://{settings.host}:{settings.port}/v1 through Ray Serve "
+            f"({replica_count(cluster)} engine replica(s) running); Ctrl-C stops")
+        stop.wait()
+    finally:
+        if ray.is_initialized():
+            try:
+                serve.delete(cluster.app_name)
+            finally:
+                if started:
+                    serve.shutdown()
+                    ray.shutdown()

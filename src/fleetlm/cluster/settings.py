@@ -1,0 +1,73 @@
+"""How ``fleetlm serve --ray`` lays the engine out on a Ray cluster (one field per option)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from fleetlm.config import StrictModel
+
+
+class ClusterSettings(StrictModel):
+    """Replicas and autoscaling of the engine deployment; the ingress is fixed-size.
+
+    Engine replicas scale between ``min_replicas`` (0: none while idle; the first request
+    then waits for one to start) and ``max_replicas`` on requests in flight per replica
+    (``target_ongoing_requests``). A replica goes after ``downscale_delay_s`` below target;
+    the last one after ``downscale_to_zero_delay_s`` without requests.
+    """
+
+    address: str | None = None  # an existing cluster ("ray://host:10001", "auto"); None: local
+    app_name: str = "fleetlm"
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    replica_threads: int = Field(1, ge=1)  # CPUs reserved and torch threads, per engine replica
+    target_ongoing_requests: float = Field(16.0, gt=0)
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(120.0, ge=0)
+    downscale_to_zero_delay_s: float = Field(300.0, ge=0)
+    # the window of in-flight counts the autoscaler averages over, and how often replicas
+    # report them (Ray's defaults: 30 s and 10 s; the window must be the longer)
+    look_back_period_s: float = Field(30.0, gt=0)
+    metrics_interval_s: float = Field(10.0, gt=0)
+    ingress_replicas: int = Field(1, ge=1)
+    # a local cluster's CPUs (None: all of this machine's); ignored with an address
+    num_cpus: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _replica_range(self) -> ClusterSettings:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas "
+                             f"({self.min_replicas}); raise --max-replicas")
+        if self.look_back_period_s <= self.metrics_interval_s:
+            raise ValueError(f"look_back_period_s ({self.look_back_period_s}) must be longer "
+                             f"than metrics_interval_s ({self.metrics_interval_s})")
+        if self.initial_replicas is not None and not (
+                self.min_replicas <= self.initial_replicas <= self.max_replicas):
+            raise ValueError(f"initial_replicas ({self.initial_replicas}) must lie in "
+                             f"[min_replicas, max_replicas] = [{self.min_replicas}, "
+                             f"{self.max_replicas}]")
+        return self
+
+    def autoscaling(self) -> dict[str, Any]:
+        """Ray Serve's ``autoscaling_config`` for the engine deployment."""
+        cfg: dict[str, Any] = {
+            "min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+            "target_ongoing_requests": self.target_ongoing_requests,
+            "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
+            "downscale_to_zero_delay_s": self.downscale_to_zero_delay_s,
+            "look_back_period_s": self.look_back_period_s,
+            "metrics_interval_s": self.metrics_interval_s,
+        }
+        if self.initial_replicas is not None:
+            cfg["initial_replicas"] = self.initial_replicas
+        return cfg
+
+    def metric_env(self) -> dict[str, str]:
+        """How often replicas and handles report their load, for the autoscaler (Ray reads
+        it from these variables; the AutoscalingConfig field is deprecated)."""
+        every = str(self.metrics_interval_s)
+        return {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": every,
+                "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": every}
