@@ -81,9 +81,7 @@ def serve(
                                  lora_dtype=lora_dtype, config=config, max_body_mb=max_body_mb,
                                  max_upload_mb=max_upload_mb, state_db=state_db)
     except ValidationError as e:  # each line names its option: --max-body-mb: ...
-        lines = ["--" + line.split(":", 1)[0].replace("_", "-") + ":" + line.split(":", 1)[1]
-                 for line in format_errors(e, "fleetlm serve --help")]
-        fail(problems_error(None, "options", lines))
+        fail(problems_error(None, "options", option_lines(format_errors(e, "fleetlm serve --help"))))
     if ray:
         _serve_ray(settings, ray_address=ray_address, min_replicas=min_replicas,
                    max_replicas=max_replicas, replica_threads=replica_threads,
@@ -113,12 +111,21 @@ def _serve_ray(settings: ServeSettings, ray_address: str | None, **replicas: Any
     try:
         cluster = ClusterSettings(address=ray_address, **replicas)
     except ValidationError as e:
-        lines = ["--" + line.split(":", 1)[0].replace("_", "-") + ":" + line.split(":", 1)[1]
-                 for line in format_errors(e, "fleetlm serve --help")]
-        fail(problems_error(None, "options", lines))
+        fail(problems_error(None, "options", option_lines(format_errors(e, "fleetlm serve --help"))))
     try:
         run(settings, cluster, say=lambda line: typer.echo(line, err=True))
     except FleetLMError as e:
         fail(e)
         return
     typer.echo("fleetlm: stopped", err=True)
+
+
+def option_lines(lines: list[str]) -> list[str]:
+    """Settings errors as option errors: ``max_body_mb: ...`` -> ``--max-body-mb: ...``; a
+    check across options (no single field) keeps its message, which names them."""
+    out = []
+    for line in lines:
+        field, _, rest = line.partition(":")
+        out.append(rest.strip() if field.strip() == "(top level)"
+                   else "--" + field.replace("_", "-") + ":" + rest)
+    return out

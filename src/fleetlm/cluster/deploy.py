@@ -1,6 +1,7 @@
 """The Ray Serve application of ``fleetlm serve --ray``, and running it.
 
     app = application(serve_settings, cluster_settings)   # ingress + engine deployments
+    app = build_app({"model": "smollm2-135m", "cluster": {"max_replicas": 4}})  # Serve config
     handle = start(serve_settings, cluster_settings)       # connect/start Ray, deploy
     run(serve_settings, cluster_settings, say=print)       # the CLI: deploy, wait for a signal
 
@@ -76,6 +77,19 @@ def application(settings: ServeSettings, cluster: ClusterSettings) -> Any:
     data = settings.model_dump(mode="json")
     engine = engine_deployment(settings, cluster).bind(data, cluster.replica_threads)
     return ingress_deployment(cluster).bind(engine, data)
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """Ray Serve's application builder (``import_path: fleetlm.cluster.deploy:build_app``
+    in a Serve config or a KubeRay ``RayService``): ``args`` holds ``fleetlm serve``'s
+    settings by field name, and a ``cluster`` mapping of :class:`ClusterSettings` fields.
+    Unknown keys are errors, as on the command line."""
+    from fleetlm.cluster.settings import ClusterSettings
+    from fleetlm.server.run import ServeSettings
+
+    args = dict(args)
+    cluster = ClusterSettings.model_validate(args.pop("cluster", {}))
+    return application(ServeSettings.model_validate(args), cluster)
 
 
 def connect(cluster: ClusterSettings) -> bool:
