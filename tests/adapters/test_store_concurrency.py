@@ -132,3 +132,28 @@ def test_failed_load_is_reported_to_every_waiter(tmp_path: Path, base_cfg: Llama
     # the store still works
     make_random_adapter(store.root / "good", base_cfg, rank=2)
     assert store.get("good").rank == 2
+
+
+def test_a_replace_by_another_process_drops_the_warm_copy_and_tells_the_engine(
+        tmp_path: Path, base_cfg: LlamaConfig) -> None:
+    """Two stores on one folder stand for two processes (an ingress and an engine replica
+    on a shared folder): what one replaces, the other notices on its next validate()."""
+    mine = AdapterStore(tmp_path / "s", base_cfg)
+    other = AdapterStore(tmp_path / "s", base_cfg)
+    mine.add(make_random_adapter(tmp_path / "v1", base_cfg, rank=4, seed=1), name="a")
+    changed: list[str] = []
+    mine.subscribe(changed.append)
+    mine.validate("a")
+    assert mine.get("a").rank == 4 and mine.warm_names() == ["a"]
+    mine.validate("a")
+    assert changed == []  # unchanged: no signal, the warm copy stays
+    other.add(make_random_adapter(tmp_path / "v2", base_cfg, rank=8, seed=2), name="a",
+              overwrite=True)
+    assert mine.validate("a").rank == 8
+    assert changed == ["a"] and mine.warm_names() == []  # dropped, listeners told once
+    assert mine.get("a").rank == 8
+    mine.validate("a")
+    assert changed == ["a"]
+    other.remove("a")
+    with pytest.raises(AdapterNotFound):
+        mine.validate("a")

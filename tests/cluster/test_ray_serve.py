@@ -238,6 +238,31 @@ def test_keys_hold_across_ingress_replicas(ray_url: str, settings: ServeSettings
     assert len(answered_by) == 2
 
 
+def test_an_adapter_replaced_through_the_ingress_is_never_served_stale(
+        ray_url: str, single_url: str, settings: ServeSettings, files: Path) -> None:
+    admin = _auth(settings, role="admin")
+    old, new = ADAPTERS[5], ADAPTERS[6]
+    body = {"prompt": "The weather today", "max_tokens": 8, "temperature": 0}
+
+    def text(url: str, model: str) -> str:
+        r = httpx.post(f"{url}/v1/completions", json={**body, "model": model}, headers=admin,
+                       timeout=60)
+        assert r.status_code == 200, r.text
+        return str(r.json()["choices"][0]["text"])
+
+    for _ in range(4):  # hot on whichever replicas Serve picks
+        before = text(ray_url, old)
+    want = text(single_url, new)
+    assert before != want
+    upload = [("files", (p.name, p.read_bytes())) for p in sorted((files / new).iterdir())
+              if p.is_file()]
+    r = httpx.post(f"{ray_url}/v1/adapters", data={"name": old, "overwrite": "true"},
+                   files=upload, headers=admin, timeout=60)
+    assert r.status_code == 201, r.text
+    # every replica notices the replaced folder on its next request for it
+    assert [text(ray_url, old) for _ in range(6)] == [want] * 6
+
+
 def _engine_replicas() -> list[Any]:
     import ray
 
@@ -281,7 +306,7 @@ def test_a_killed_replica_fails_its_requests_with_503_and_is_replaced(
     assert r.status_code == 200
 
 
-def _auth(settings: ServeSettings) -> dict[str, str]:
+def _auth(settings: ServeSettings, role: str = "user") -> dict[str, str]:
     """A key of its own (keys exist once the keys test ran; harmless otherwise)."""
     from fleetlm.state.db import open_state
     from fleetlm.state.keys import KeyStore
@@ -291,7 +316,7 @@ def _auth(settings: ServeSettings) -> dict[str, str]:
     try:
         if TenantStore(db).get("acme") is None:
             TenantStore(db).create("acme")
-        secret, _ = KeyStore(db).create("acme", "user")
+        secret, _ = KeyStore(db).create("acme", role)
     finally:
         db.close()
     return {"Authorization": f"Bearer {secret}"}

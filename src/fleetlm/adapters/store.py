@@ -175,7 +175,9 @@ class AdapterStore:
         """inspect_folder, cached while both files keep their inode, size and mtime (the
         engine validates on every request: ~2 ms for a 30-layer adapter, ~0.1 ms cached).
         Read again if the files changed meanwhile (a replace by another process): the
-        config and the header must come from one copy."""
+        config and the header must come from one copy. A folder found changed since it was
+        last inspected was replaced by another process (an ingress or another replica on a
+        shared folder): its warm copy is dropped and the listeners told, as after add()."""
         for _ in range(_READ_TRIES):
             key = _stat_key(path)
             with self._lock:
@@ -191,7 +193,13 @@ class AdapterStore:
                 raise
             if _stat_key(path) == key:
                 with self._lock:
+                    replaced = cached is not None and self._specs.get(name) is cached
                     self._specs[name] = (key, spec)
+                    if replaced:  # by another process (this one's add/remove drop the entry)
+                        self._warm.drop(name)
+                        self._versions[name] = self._versions.get(name, 0) + 1
+                if replaced:
+                    self._changed(name)  # the engine drops its hot copy: never served stale
                 return spec
         raise AdapterError(name, f"{path} kept changing while it was read; retry")
 

@@ -88,15 +88,17 @@ def _summary(name: str, stamps: dict[int, list[float]], starts: dict[int, float]
             "itl_p50_ms": percentile(itl, 50), "itl_p99_ms": percentile(itl, 99)}
 
 
-async def _http_run(url: str, model: str, prompts: list[Any], concurrency: int,
+async def http_load(url: str, model: str, prompts: list[Any], concurrency: int,
                     max_new_tokens: int, budget_s: float, name: str = "server",
                     extra: dict[str, Any] | None = None,
-                    progress: Update | None = None, keepalive: bool = True) -> dict[str, Any]:
+                    progress: Update | None = None, keepalive: bool = True,
+                    models: list[str] | None = None) -> dict[str, Any]:
     """A closed loop of ``concurrency`` streaming /v1/completions clients; ``extra`` joins
     every request body (how each server is told to ignore end-of-sequence); ``progress``
     hears the number of requests completed; ``keepalive=False`` opens a connection per
     request (llama-server's HTTP library closes a kept-alive connection after a few
-    requests, and a client reusing it then sees "Server disconnected")."""
+    requests, and a client reusing it then sees "Server disconnected"); ``models`` gives
+    request i the model ``models[i]`` instead of ``model`` (an adapter per request)."""
     import httpx
 
     stamps: dict[int, list[float]] = {}
@@ -110,7 +112,8 @@ async def _http_run(url: str, model: str, prompts: list[Any], concurrency: int,
         while next_i < len(prompts) and time.perf_counter() - t0 < budget_s:
             i = next_i
             next_i += 1
-            body = {"model": model, "prompt": prompts[i], "max_tokens": max_new_tokens,
+            body = {"model": models[i] if models else model, "prompt": prompts[i],
+                    "max_tokens": max_new_tokens,
                     "temperature": 0, "stream": True, **(extra or {"ignore_eos": True})}
             starts[i] = time.perf_counter()
             stamps[i] = []
@@ -155,7 +158,7 @@ def serve_process(cfg: ServeBenchConfig, max_batch: int) -> contextlib.AbstractC
            "--quantize", cfg.quantize, "--compile" if cfg.compile else "--no-compile",
            "--port", str(port), "--max-batch", str(max_batch),
            "--max-len", str(cfg.prompt_tokens + cfg.max_new_tokens + 1)]
-    return _process(cmd, port, "/health")
+    return http_process(cmd, port, "/health")
 
 
 LLAMA_SERVER_BUILD = Path("build/llama-server/bin/llama-server")  # where `make llama-server` puts it
@@ -180,7 +183,7 @@ def llama_server_process(binary: Path, gguf: Path, ctx_per_slot: int, slots: int
            "--threads", str(threads), "--threads-batch", str(threads),
            "--parallel", str(slots), "--ctx-size", str(ctx_per_slot * slots),
            "--cont-batching", "--no-webui"]
-    return _process(cmd, port, "/health")
+    return http_process(cmd, port, "/health")
 
 
 def llama_cpp_process(gguf: Path, ctx: int, threads: int) -> contextlib.AbstractContextManager[str]:
@@ -191,11 +194,11 @@ def llama_cpp_process(gguf: Path, ctx: int, threads: int) -> contextlib.Abstract
            "--port", str(port), "--n_ctx", str(ctx), "--n_threads", str(threads),
            "--n_threads_batch", str(threads), "--verbose", "False",
            "--interrupt_requests", "False"]  # queue concurrent requests, do not cut streams
-    return _process(cmd, port, "/v1/models")
+    return http_process(cmd, port, "/v1/models")
 
 
 @contextlib.contextmanager
-def _process(cmd: list[str], port: int, ready_path: str) -> Iterator[str]:
+def http_process(cmd: list[str], port: int, ready_path: str) -> Iterator[str]:
     import httpx
 
     home = tempfile.mkdtemp(prefix="fleetlm-bench-serve-")
@@ -263,11 +266,11 @@ def _llama_server_runs(cfg: ServeBenchConfig, texts: list[str], results: dict[st
                               cfg.llama_cpp_threads) as url:
         for c in cfg.concurrency:
             n = min(cfg.num_requests, max(c * 4, 8))
-            asyncio.run(_http_run(url, cfg.model, texts[:c], c, 4, cfg.time_budget_s,
+            asyncio.run(http_load(url, cfg.model, texts[:c], c, 4, cfg.time_budget_s,
                                   "llama-server", {"ignore_eos": True},
                                   keepalive=False))  # warm
             with Progress("bench serve") as p:
-                r = asyncio.run(_http_run(
+                r = asyncio.run(http_load(
                     url, cfg.model, texts[:n], c, cfg.max_new_tokens, cfg.time_budget_s,
                     "llama-server", {"ignore_eos": True},
                     p.task(f"llama-server, {c} concurrent", n), keepalive=False))
@@ -317,9 +320,9 @@ def run(cfg: ServeBenchConfig, out: Path | None) -> dict[str, Any]:
     with serve_process(cfg, max(cfg.concurrency)) as url:
         for c in cfg.concurrency:
             n = min(cfg.num_requests, max(c * 4, 8))
-            asyncio.run(_http_run(url, cfg.model, prompts[:c], c, 4, cfg.time_budget_s))  # warm
+            asyncio.run(http_load(url, cfg.model, prompts[:c], c, 4, cfg.time_budget_s))  # warm
             with Progress("bench serve") as p:
-                r = asyncio.run(_http_run(url, cfg.model, prompts[:n], c, cfg.max_new_tokens,
+                r = asyncio.run(http_load(url, cfg.model, prompts[:n], c, cfg.max_new_tokens,
                                           cfg.time_budget_s,
                                           progress=p.task(f"server, {c} concurrent", n)))
             r.update(concurrency=c, system="server")
@@ -343,10 +346,10 @@ def run(cfg: ServeBenchConfig, out: Path | None) -> dict[str, Any]:
             with llama_cpp_process(gguf, ctx, cfg.llama_cpp_threads) as url:
                 for c in cfg.concurrency:
                     n = min(cfg.num_requests, max(c * 4, 8))
-                    asyncio.run(_http_run(url, cfg.model, texts[:1], 1, 4, cfg.time_budget_s,
+                    asyncio.run(http_load(url, cfg.model, texts[:1], 1, 4, cfg.time_budget_s,
                                           "llama.cpp", ban_eos))  # warm
                     with Progress("bench serve") as p:
-                        r = asyncio.run(_http_run(
+                        r = asyncio.run(http_load(
                             url, cfg.model, texts[:n], c, cfg.max_new_tokens,
                             cfg.time_budget_s, "llama.cpp", ban_eos,
                             p.task(f"llama.cpp server, {c} concurrent", n)))

@@ -346,3 +346,37 @@ def bench_gateway(
         fail(e)
         return
     typer.echo(json.dumps({k: result[k] for k in ("endpoints", "in_process", "pass")}, indent=2))
+
+
+@app.command("cluster")
+def bench_cluster(
+    model: ModelOpt = "smollm2-135m",
+    out: OutOpt = None,
+    dtype: DTypeArg = DTypeOpt.auto,
+    quantize: QuantArg = QuantOpt.auto,
+    compile: Annotated[bool, typer.Option(help="Compiled decode steps, as `fleetlm serve` (its default).")] = True,
+    concurrency: Annotated[int, typer.Option(help="Concurrent streaming clients.")] = 32,
+    num_requests: Annotated[int, typer.Option(help="Requests per throughput measurement (base model).")] = 96,
+    adapter_requests: Annotated[int, typer.Option(help="Requests of the adapter-routing measurements.")] = 192,
+    adapters: Annotated[int, typer.Option(help="Distinct adapters (random, rank --rank).")] = 64,
+    hot_per_replica: Annotated[int, typer.Option(help="Hot adapters per engine replica.")] = 16,
+    replicas: Annotated[int, typer.Option(help="Engine replicas of the adapter-routing runs (one thread each).")] = 2,
+    rank: Annotated[int, typer.Option(help="LoRA rank of the generated adapters.")] = 16,
+    prompt_tokens: Annotated[int, typer.Option(help="Tokens per prompt.")] = 64,
+    max_new_tokens: Annotated[int, typer.Option(help="Greedy tokens per request.")] = 32,
+    skip: Annotated[str, typer.Option(help="Comma-separated phases to leave out: overhead, affinity, cold-start, scale-up.")] = "",
+) -> None:
+    """Ray Serve against one process: the Ray path's throughput loss (one replica), adapter-
+    affine against random routing (hot-hit rate, throughput), cold start from zero replicas,
+    and scale-up time under a step in load; each system started as `fleetlm serve [--ray]`."""
+    from fleetlm.bench.cluster import ClusterBenchConfig, run
+
+    try:
+        run(ClusterBenchConfig(model=model, dtype=dtype.value, quantize=quantize.value,
+                               compile=compile, concurrency=concurrency,
+                               num_requests=num_requests, adapter_requests=adapter_requests,
+                               adapters=adapters, hot_per_replica=hot_per_replica,
+                               replicas=replicas, rank=rank, prompt_tokens=prompt_tokens,
+                               max_new_tokens=max_new_tokens, skip=_names(skip)), out)
+    except (FleetLMError, ValueError) as e:
+        fail(e)

@@ -60,6 +60,7 @@ def serve(
     max_replicas: Annotated[int, typer.Option(help="With --ray: most engine replicas.")] = 1,
     replica_threads: Annotated[int, typer.Option(help="With --ray: CPUs (torch threads) per engine replica.")] = 1,
     ingress_replicas: Annotated[int, typer.Option(help="With --ray: HTTP ingress replicas (more than one needs a shared --state-db, e.g. PostgreSQL).")] = 1,
+    adapter_affinity: Annotated[bool, typer.Option(help="With --ray: send requests for an adapter to a replica that holds it (Serve's model multiplexing); --no-adapter-affinity routes them like any request.")] = True,
     target_ongoing_requests: Annotated[float, typer.Option(help="With --ray: requests in flight per replica the autoscaler aims for.")] = 16.0,
     downscale_delay_s: Annotated[float, typer.Option(help="With --ray: seconds below target before a replica is removed.")] = 120.0,
     downscale_to_zero_delay_s: Annotated[float, typer.Option(help="With --ray and --min-replicas 0: idle seconds before the last replica goes.")] = 300.0,
@@ -85,7 +86,7 @@ def serve(
     if ray:
         _serve_ray(settings, ray_address=ray_address, min_replicas=min_replicas,
                    max_replicas=max_replicas, replica_threads=replica_threads,
-                   ingress_replicas=ingress_replicas,
+                   ingress_replicas=ingress_replicas, adapter_affinity=adapter_affinity,
                    target_ongoing_requests=target_ongoing_requests,
                    downscale_delay_s=downscale_delay_s,
                    downscale_to_zero_delay_s=downscale_to_zero_delay_s)

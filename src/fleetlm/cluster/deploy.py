@@ -76,7 +76,7 @@ def application(settings: ServeSettings, cluster: ClusterSettings) -> Any:
     """The bound application: the ingress, given a handle to the engine deployment."""
     data = settings.model_dump(mode="json")
     engine = engine_deployment(settings, cluster).bind(data, cluster.replica_threads)
-    return ingress_deployment(cluster).bind(engine, data)
+    return ingress_deployment(cluster).bind(engine, data, cluster.adapter_affinity)
 
 
 def build_app(args: dict[str, Any]) -> Any:
@@ -103,6 +103,9 @@ def connect(cluster: ClusterSettings) -> bool:
     if cluster.address:
         ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
         return False
+    # Ray starts its workers at nice 15 by default; the engine replicas are the work here,
+    # and on a small machine they would lose the cores to anything else running
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(num_cpus=cluster.num_cpus or os.cpu_count(), include_dashboard=False,
              log_to_driver=False)
     return True

@@ -20,9 +20,10 @@ class Ingress:
     """Wrapped by ``serve.ingress()`` in :mod:`fleetlm.cluster.deploy`; ``engine`` is the
     engine deployment's handle (Serve passes it for the bound deployment)."""
 
-    def __init__(self, engine: Any, settings: dict[str, Any]) -> None:
+    def __init__(self, engine: Any, settings: dict[str, Any], affinity: bool = True) -> None:
         self.engine_handle = engine
         self.settings = settings
+        self.affinity = affinity
         self.remote: Any = None
         self._close: list[Any] = []
 
@@ -47,7 +48,8 @@ class Ingress:
         lm = load_model(s.model, dtype="float32", quantize="none")
         store = AdapterStore(adapters_root(s), lm.config, dtype=lm.model.dtype,
                              max_rank=s.max_lora_rank)
-        self.remote = RemoteEngine(self.engine_handle, lm, engine_config(s), store)
+        self.remote = RemoteEngine(self.engine_handle, lm, engine_config(s), store,
+                                   affinity=self.affinity)
         app, router = assemble(s, self.remote, api_name(s, lm), state, gateway, routes_cfg,
                                say=log.info)
         if router is not None:

@@ -30,11 +30,13 @@ PIN_REFUSED = ("pinning is per engine replica and not available with --ray yet; 
 class RemoteEngine:
     """The engine deployment behind ``handle`` (a Serve DeploymentHandle), for the app."""
 
-    def __init__(self, handle: Any, lm: Any, config: EngineConfig, store: Any) -> None:
+    def __init__(self, handle: Any, lm: Any, config: EngineConfig, store: Any,
+                 affinity: bool = True) -> None:
         import uuid
 
         self.handle, self.lm, self.config, self.store = handle, lm, config, store
         self.ingress = uuid.uuid4().hex[:8]  # which ingress replica answered /health
+        self.affinity = affinity  # False: adapters are not routed by (bench cluster)
         self._lock = threading.Lock()
         self.in_flight = 0
         self.generated_tokens = 0
@@ -50,7 +52,8 @@ class RemoteEngine:
         there. Raises the engine's refusals on the first ``__anext__``."""
         if adapter is not None and self.store is not None:
             self.store.validate(adapter)  # an unknown name never reaches a replica
-        call = self.handle.options(stream=True, multiplexed_model_id=adapter or "")
+        model_id = adapter if adapter is not None and self.affinity else ""
+        call = self.handle.options(stream=True, multiplexed_model_id=model_id)
         gen = call.generate.remote(prompt, params, adapter)
         finished = False
         with self._lock:

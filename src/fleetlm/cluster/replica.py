@@ -39,16 +39,42 @@ class EngineReplica:
     """The engine deployment's replica (decorated by :mod:`fleetlm.cluster.deploy`)."""
 
     def __init__(self, settings: dict[str, Any], threads: int) -> None:
-        import torch
+        import threading
 
-        from fleetlm.server.run import ServeSettings, build_engine
+        from fleetlm.server.run import ServeSettings
 
-        torch.set_num_threads(threads)
         serve_settings = ServeSettings.model_validate(settings)
-        self.engine = build_engine(serve_settings, say=log.info)
-        self.engine.start()
         self.replica = _replica_id()
         self.adapter_loads = 0
+        self._ready = threading.Event()
+        self._failed: BaseException | None = None
+        self.engine: Any = None
+        # Everything torch does in this process happens on this one thread: the model load,
+        # the compiled graphs' warm-up and every step. OpenMP gives each thread that opens
+        # parallel regions its own worker pool, and two pools on the same cores made decode
+        # steps ~2x slower (docs/engine.md; fleetlm serve runs its engine on the main thread
+        # for the same reason).
+        self._thread = threading.Thread(target=self._run, args=(serve_settings, threads),
+                                        name="fleetlm-engine", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._failed is not None:
+            raise self._failed
+
+    def _run(self, settings: Any, threads: int) -> None:
+        import torch
+
+        from fleetlm.server.run import build_engine
+
+        try:
+            torch.set_num_threads(threads)
+            self.engine = build_engine(settings, say=log.info)
+        except BaseException as e:  # noqa: BLE001 -- re-raised by __init__ on Ray's thread
+            self._failed = e
+            return
+        finally:
+            self._ready.set()
+        self.engine.run(until=lambda: False)  # until shutdown()
 
     async def _load_adapter(self, name: str) -> str:
         """Serve's multiplexed loader (an LRU miss): read the adapter into the warm tier now,
@@ -95,13 +121,13 @@ class EngineReplica:
 
     def check_health(self) -> None:
         """Ray Serve's health check: a replica whose engine thread died is replaced."""
-        if not self.engine.loop_alive:
+        if not self._thread.is_alive():
             raise RuntimeError(f"replica {self.replica}: the engine loop is not running")
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)
         if engine is not None:
-            engine.shutdown(timeout=5)
+            engine.shutdown(timeout=5)  # run() returns after its current step
 
 
 def _replica_id() -> str:

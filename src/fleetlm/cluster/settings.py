@@ -33,6 +33,9 @@ class ClusterSettings(StrictModel):
     look_back_period_s: float = Field(30.0, gt=0)
     metrics_interval_s: float = Field(10.0, gt=0)
     ingress_replicas: int = Field(1, ge=1)
+    # requests for an adapter carry it as Serve's multiplexed model id (routed to a replica
+    # that holds it); False routes them like any request (to measure what affinity buys)
+    adapter_affinity: bool = True
     # a local cluster's CPUs (None: all of this machine's); ignored with an address
     num_cpus: int | None = Field(None, ge=1)
 

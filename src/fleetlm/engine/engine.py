@@ -409,11 +409,6 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="fleetlm-engine", daemon=True)
         self._thread.start()
 
-    @property
-    def loop_alive(self) -> bool:
-        """Whether the loop thread of :meth:`start` is running."""
-        return self._thread is not None and self._thread.is_alive()
-
     def shutdown(self, timeout: float | None = None) -> None:
         """Stop the loop thread (after its current step) and cancel unfinished requests.
         Final: the engine cannot be started again."""
