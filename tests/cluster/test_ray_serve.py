@@ -64,6 +64,33 @@ def settings(tiny_base: Path, files: Path, postgres_server: Any) -> ServeSetting
 
 
 @pytest.fixture(scope="module")
+def upstream() -> Iterator[Any]:
+    """The large model: a recording OpenAI-compatible stub on loopback."""
+    from tests.openai_stub import Reply, stub_starter
+
+    starter = stub_starter()
+    yield next(starter)(Reply("from the large model"))
+    for _ in starter:
+        pass
+
+
+@pytest.fixture(scope="module")
+def routes_file(upstream: Any, files: Path) -> Path:
+    """Route "echo": always the large model ($1 / $2 per 1M tokens), PII off; the ledger is
+    the state store's table (PostgreSQL here), shared by every ingress replica."""
+    import yaml
+
+    path = files.parent / "routes.yaml"
+    path.write_text(yaml.safe_dump({
+        "upstreams": {"up": {"base_url": upstream.base_url, "model": "big",
+                             "price_per_1m_input": 1.0, "price_per_1m_output": 2.0,
+                             "max_tokens": 64}},
+        "routes": {"echo": {"small": ADAPTERS[7], "policy": "always-large", "pii": "off",
+                            "large": ["up"]}}}))
+    return path
+
+
+@pytest.fixture(scope="module")
 def cluster() -> ClusterSettings:
     return ClusterSettings(min_replicas=2, max_replicas=2, num_cpus=2, ingress_replicas=2,
                            look_back_period_s=2, metrics_interval_s=0.5,
@@ -72,7 +99,8 @@ def cluster() -> ClusterSettings:
 
 
 @pytest.fixture(scope="module")
-def ray_url(settings: ServeSettings, cluster: ClusterSettings) -> Iterator[str]:
+def ray_url(settings: ServeSettings, cluster: ClusterSettings, routes_file: Path,
+            ) -> Iterator[str]:
     """``fleetlm serve --ray`` as a user runs it (it starts the local cluster); this process
     then joins that cluster to look at and act on the replicas."""
     import ray
@@ -83,7 +111,7 @@ def ray_url(settings: ServeSettings, cluster: ClusterSettings) -> Iterator[str]:
            "--dtype", "float32", "--quantize", "none", "--no-compile", "--max-batch", "4",
            "--max-len", "256", "--max-hot-adapters", str(HOT), "--prefix-cache-mb", "0",
            "--state-db", str(settings.state_db), "--min-replicas", "2", "--max-replicas", "2",
-           "--ingress-replicas", "2"]
+           "--ingress-replicas", "2", "--config", str(routes_file)]
     log = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
     try:
@@ -261,6 +289,45 @@ def test_an_adapter_replaced_through_the_ingress_is_never_served_stale(
     assert r.status_code == 201, r.text
     # every replica notices the replaced folder on its next request for it
     assert [text(ray_url, old) for _ in range(6)] == [want] * 6
+
+
+def test_a_tenant_budget_is_spent_once_across_ingress_replicas(
+        ray_url: str, settings: ServeSettings, upstream: Any) -> None:
+    from fleetlm.router.ledger import Ledger
+    from fleetlm.state.db import open_state
+    from fleetlm.state.keys import KeyStore
+    from fleetlm.state.tenants import TenantPolicy, TenantStore
+
+    db = open_state(settings.state_db)
+    try:
+        TenantStore(db).create("thrifty", TenantPolicy(budget_daily_usd=1e-6))
+        secret, _ = KeyStore(db).create("thrifty", "user")
+    finally:
+        db.close()
+    key = {"Authorization": f"Bearer {secret}"}
+    body = {"model": "echo", "messages": [{"role": "user", "content": "Say hi"}],
+            "max_tokens": 3, "temperature": 0}
+    before = len(upstream.bodies)
+    r = httpx.post(f"{ray_url}/v1/chat/completions", json=body, headers=key, timeout=60)
+    # 11 + 7 tokens at $1 / $2 per 1M: $2.5e-5, over the $1e-6 a day
+    assert r.status_code == 200 and "x-fleetlm-fallback" not in r.headers, r.text
+    assert r.json()["choices"][0]["message"]["content"] == "from the large model"
+    time.sleep(2.5)  # each ingress re-reads a tenant's spend from the ledger every 2 s
+    answered_by = set()
+    for _ in range(8):  # both ingress replicas: the small model answers, nothing escalates
+        r = httpx.post(f"{ray_url}/v1/chat/completions", json=body, headers=key, timeout=60)
+        assert r.status_code == 200 and r.headers["x-fleetlm-fallback"] == "over_daily_budget"
+        answered_by.add(stats(ray_url)["ingress"])
+    assert len(upstream.bodies) == before + 1 and len(answered_by) == 2
+    db = open_state(settings.state_db)
+    try:
+        ledger = Ledger(db)
+        rows = [e for e in ledger.query() if e.tenant == "thrifty"]
+        ledger.close()
+    finally:
+        db.close()
+    assert sorted(e.decision for e in rows) == ["fallback"] * 8 + ["large"]
+    assert sum(e.cost_usd for e in rows) == pytest.approx(2.5e-5)
 
 
 def _engine_replicas() -> list[Any]:

@@ -7,6 +7,7 @@ import asyncio
 import pickle
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -200,3 +201,15 @@ def test_the_kuberay_manifest_builds_the_application() -> None:
         build_app({**app_cfg["args"], "cluster": {"max_replica": 3}})
     with pytest.raises(ValidationError, match="max_batchs"):
         build_app({**app_cfg["args"], "max_batchs": 3})
+
+
+def test_serve_ray_checks_the_routes_file_before_starting_ray(tmp_path: Any) -> None:
+    bad = tmp_path / "routes.yaml"
+    bad.write_text("routes:\n  r:\n    small: 'not a name!'\n    policy: always-small\n")
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "fleetlm", "serve", "--ray", "--config", str(bad)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "routes.r.small" in r.stderr and "Traceback" not in r.stderr
+    assert "Ray" not in r.stderr.split("error:")[0]  # failed before any cluster started
+    assert time.perf_counter() - t0 < 60

@@ -148,6 +148,12 @@ def run(settings: ServeSettings, cluster: ClusterSettings, say: Callable[[str], 
         say("fleetlm: warning: several ingress replicas on a SQLite state store each lock "
             "the one file, and a multi-node cluster cannot share it; pass --state-db "
             "postgresql://...")
+    # what can be checked here fails here, with its own message, before any replica starts
+    from fleetlm.server.run import load_routes_file
+    from fleetlm.state.db import open_state
+
+    load_routes_file(settings)
+    open_state(settings.state_db).close()
     started = connect(cluster)
     where = "a local Ray cluster" if started else f"the Ray cluster at {cluster.address}"
     say(f"fleetlm: deploying {cluster.app_name!r} on {where}: engine replicas "
@@ -160,8 +166,8 @@ def run(settings: ServeSettings, cluster: ClusterSettings, say: Callable[[str], 
         try:
             start(settings, cluster)
         except Exception as e:  # noqa: BLE001 -- Ray's deploy errors vary: name the fix
-            raise FleetLMError(f"the Ray Serve application did not start: {e} (see the "
-                               "replica logs under /tmp/ray/session_latest/logs)") from e
+            raise FleetLMError(f"the Ray Serve application did not start: {e}{_why(cluster)} "
+                               "(replica logs: /tmp/ray/session_latest/logs/serve)") from e
         say(f"fleetlm: serving on http://{settings.host}:{settings.port}/v1 through Ray Serve "
             f"({replica_count(cluster)} engine replica(s) running); Ctrl-C stops")
         stop.wait()
@@ -173,3 +179,20 @@ def run(settings: ServeSettings, cluster: ClusterSettings, say: Callable[[str], 
                 if started:
                     serve.shutdown()
                     ray.shutdown()
+
+
+def _why(cluster: ClusterSettings) -> str:
+    """The last line of the failing replica's error in Serve's status (a fleetlm error
+    names the field and the fix), or nothing."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(cluster.app_name)
+    except Exception:  # noqa: BLE001 -- the cluster may be gone: the error stands alone
+        return ""
+    texts = [app.message] if app is not None else []
+    if app is not None:
+        texts += [d.message for d in app.deployments.values()]
+    lines = [ln.strip() for t in texts if t for ln in t.splitlines() if ln.strip()]
+    ours = [ln for ln in lines if ln.startswith("fleetlm.") or ln.startswith("routes.")]
+    return ("; " + " ".join(ours[-2:])) if ours else ""
