@@ -36,6 +36,7 @@ app = typer.Typer()
 def serve(
     model: ModelOpt = "smollm2-135m",
     adapters_dir: AdaptersDirArg = None,
+    adapters_url: Annotated[str | None, typer.Option(help="Adapters in an object store (s3://bucket/prefix, gs://..., file:///...; fsspec, with the protocol's package installed): each process serves local copies kept in --adapters-dir (default: under the cache), refreshed within 5 s of a change (docs/scale-out.md).")] = None,
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     dtype: DTypeArg = DTypeOpt.auto,
@@ -72,7 +73,8 @@ def serve(
     from fleetlm.server.run import ServeSettings, build, run
 
     try:
-        settings = ServeSettings(model=model, adapters_dir=adapters_dir, host=host, port=port,
+        settings = ServeSettings(model=model, adapters_dir=adapters_dir,
+                                 adapters_url=adapters_url, host=host, port=port,
                                  dtype=dtype.value, quantize=quantize.value, compile=compile,
                                  prefix_cache_mb=prefix_cache_mb,
                                  speculative_tokens=speculative_tokens,
@@ -93,7 +95,9 @@ def serve(
         return
     try:
         served = build(settings, say=lambda line: typer.echo(line, err=True))
-        typer.echo(f"fleetlm: serving {served.name!r} with adapters from {served.adapters_root} "
+        source = f"{adapters_url} (copies in {served.adapters_root})" if adapters_url \
+            else str(served.adapters_root)
+        typer.echo(f"fleetlm: serving {served.name!r} with adapters from {source} "
                    f"on http://{host}:{port}/v1", err=True)
         run(served)
     except FleetLMError as e:

@@ -28,16 +28,15 @@ class Ingress:
         self._close: list[Any] = []
 
     def __serve_build_asgi_app__(self) -> Any:
-        from fleetlm.adapters import AdapterStore
         from fleetlm.cluster.remote import RemoteEngine
         from fleetlm.models.loader import load_model
         from fleetlm.server.run import (
             ServeSettings,
-            adapters_root,
             api_name,
             assemble,
             engine_config,
             load_routes_file,
+            open_adapter_store,
             open_gateway,
         )
 
@@ -46,8 +45,7 @@ class Ingress:
         state, gateway = open_gateway(s, say=log.info)
         # the tokenizer and chat template; float32, unquantised: nothing runs on it here
         lm = load_model(s.model, dtype="float32", quantize="none")
-        store = AdapterStore(adapters_root(s), lm.config, dtype=lm.model.dtype,
-                             max_rank=s.max_lora_rank)
+        store = open_adapter_store(s, lm.config, lm.model.dtype)
         self.remote = RemoteEngine(self.engine_handle, lm, engine_config(s), store,
                                    affinity=self.affinity)
         app, router = assemble(s, self.remote, api_name(s, lm), state, gateway, routes_cfg,

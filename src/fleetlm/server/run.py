@@ -42,6 +42,9 @@ class ServeSettings(StrictModel):
 
     model: str = "smollm2-135m"
     adapters_dir: Path | None = None  # None: the user data folder (fleetlm.paths)
+    # adapters in an object store (s3://..., any fsspec URL): adapters_dir (default: a
+    # folder under the cache) then holds this process's copies (fleetlm.adapters.mirror)
+    adapters_url: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     dtype: str = "auto"
@@ -89,10 +92,31 @@ class Served:
 
 
 def adapters_root(settings: ServeSettings) -> Path:
-    """The adapter store's folder: ``--adapters-dir`` or the user data folder."""
-    from fleetlm.paths import default_adapters_dir
+    """The adapter store's folder: ``--adapters-dir`` or the user data folder; with
+    ``--adapters-url``, the local copies' folder (default: one per URL under the cache)."""
+    import hashlib
 
-    return settings.adapters_dir or default_adapters_dir()
+    from fleetlm.paths import cache_home, default_adapters_dir
+
+    if settings.adapters_dir is not None:
+        return settings.adapters_dir
+    if settings.adapters_url:
+        key = hashlib.sha256(settings.adapters_url.encode()).hexdigest()[:12]
+        return cache_home() / "adapter-mirror" / key
+    return default_adapters_dir()
+
+
+def open_adapter_store(settings: ServeSettings, base_config: Any, dtype: Any) -> Any:
+    """The adapter store of these settings: the folder, or a mirror of ``adapters_url``."""
+    from fleetlm.adapters import AdapterStore
+
+    root = adapters_root(settings)
+    if settings.adapters_url:
+        from fleetlm.adapters.mirror import MirroredStore
+
+        return MirroredStore(settings.adapters_url, root, base_config, dtype=dtype,
+                             max_rank=settings.max_lora_rank)
+    return AdapterStore(root, base_config, dtype=dtype, max_rank=settings.max_lora_rank)
 
 
 def engine_config(settings: ServeSettings) -> EngineConfig:
@@ -121,7 +145,6 @@ def open_gateway(settings: ServeSettings, say: Callable[[str], None]) -> tuple[S
 def build_engine(settings: ServeSettings, say: Callable[[str], None]) -> Engine:
     """Load the model (and the draft model), open the adapter store, build the engine and
     compile its decode steps: what one process, or one engine replica, serves."""
-    from fleetlm.adapters import AdapterStore
     from fleetlm.engine.engine import Engine
     from fleetlm.models.loader import load_model
 
@@ -129,8 +152,7 @@ def build_engine(settings: ServeSettings, say: Callable[[str], None]) -> Engine:
     lm = load_model(s.model, dtype=s.dtype, quantize=s.quantize)
     draft = (load_model(s.draft_model, dtype=s.dtype, quantize=s.quantize)
              if s.draft_model else None)
-    store = AdapterStore(adapters_root(s), lm.config, dtype=lm.model.dtype,
-                         max_rank=s.max_lora_rank)
+    store = open_adapter_store(s, lm.config, lm.model.dtype)
     engine = Engine(lm, engine_config(s), store=store, draft=draft)
     say(f"fleetlm: {lm.name} {str(lm.dtype).removeprefix('torch.')}, weights {lm.quantize}, "
         f"{'compiling decode steps' if engine.lm.model.decode_compiled else 'eager'}")
