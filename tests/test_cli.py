@@ -192,3 +192,24 @@ def test_bench_serve_finds_and_checks_the_llama_server_binary(tmp_path, monkeypa
     with pytest.raises(ConfigError) as e:
         ServeBenchConfig(llama_server=plain, llama_server_slots=0).check()
     assert "--llama-server-slots=0" in str(e.value) and f"--llama-server {plain}" in str(e.value)
+
+
+def test_adapters_add_list_remove_through_an_object_store_url(tmp_path):
+    """--adapters-url (a file:// URL standing in for s3://): add uploads, another machine's
+    copies (another --adapters-dir) list it, remove deletes it remotely."""
+    from fleetlm.adapters.listing import base_model_config
+    from fleetlm.adapters.random import make_random_adapter
+
+    src = make_random_adapter(tmp_path / "src", base_model_config("smollm2-135m"), rank=4)
+    url = f"file://{tmp_path / 'bucket'}"
+    r = run("adapters", "add", str(src), "--name", "demo", "--adapters-url", url,
+            "--adapters-dir", str(tmp_path / "a"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "bucket" / "demo" / "adapter_model.safetensors").is_file()
+    r = run("adapters", "list", "--json", "--adapters-url", url,
+            "--adapters-dir", str(tmp_path / "b"))
+    assert r.returncode == 0 and '"demo"' in r.stdout, r.stderr
+    r = run("adapters", "remove", "demo", "--adapters-url", url,
+            "--adapters-dir", str(tmp_path / "b"))
+    assert r.returncode == 0 and url in r.stdout, r.stderr
+    assert not (tmp_path / "bucket" / "demo").exists()

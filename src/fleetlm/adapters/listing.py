@@ -21,13 +21,19 @@ if TYPE_CHECKING:
     from fleetlm.models.config import LlamaConfig
 
 
-def open_store(adapters_dir: Path | None, model: str | None, max_rank: int = 64) -> AdapterStore:
+def open_store(adapters_dir: Path | None, model: str | None, max_rank: int = 64,
+               url: str | None = None) -> AdapterStore:
     """The store at ``adapters_dir`` (default: the user data folder's), validating against
-    ``model``'s config (none: no shape checks, e.g. to remove an adapter)."""
+    ``model``'s config (none: no shape checks, e.g. to remove an adapter). With ``url`` (an
+    object store, fleetlm.adapters.mirror) ``adapters_dir`` holds the local copies."""
     from fleetlm.adapters.store import AdapterStore
     from fleetlm.paths import default_adapters_dir
 
     base = base_model_config(model) if model is not None else None
+    if url:
+        from fleetlm.adapters.mirror import MirroredStore, default_cache
+
+        return MirroredStore(url, adapters_dir or default_cache(url), base, max_rank=max_rank)
     return AdapterStore(adapters_dir or default_adapters_dir(), base, max_rank=max_rank)
 
 

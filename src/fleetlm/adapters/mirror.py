@@ -36,6 +36,16 @@ SOURCE_FILE = ".fleetlm-source.json"
 REFRESH_S = 5.0
 
 
+def default_cache(url: str) -> Path:
+    """Where this machine keeps its copies of the adapters at ``url`` by default: a folder
+    per URL under the cache (deleting it costs a download, never data)."""
+    import hashlib
+
+    from fleetlm.paths import cache_home
+
+    return cache_home() / "adapter-mirror" / hashlib.sha256(url.encode()).hexdigest()[:12]
+
+
 def is_url(location: str | Path) -> bool:
     """Whether ``--adapters-url``-style ``location`` names a remote (``scheme://...``)."""
     return "://" in str(location)

@@ -22,11 +22,15 @@ AdaptersDirOpt = Annotated[Path | None, typer.Option(
 AdapterModelOpt = Annotated[str, typer.Option(
     "--model", "-m", help="Base model the adapters must fit (only its config is read).")]
 MaxRankOpt = Annotated[int, typer.Option("--max-lora-rank", help="Largest LoRA rank accepted.")]
+AdaptersUrlOpt = Annotated[str | None, typer.Option(
+    "--adapters-url", help="Adapters in an object store (s3://bucket/prefix, any fsspec URL; "
+                           "--adapters-dir then holds the local copies; docs/scale-out.md).")]
 
 
 @app.command("list")
 def adapters_list(
     adapters_dir: AdaptersDirOpt = None,
+    adapters_url: AdaptersUrlOpt = None,
     model: AdapterModelOpt = "smollm2-135m",
     max_lora_rank: MaxRankOpt = 64,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
@@ -35,7 +39,7 @@ def adapters_list(
     from fleetlm.adapters.listing import listing_json, listing_table, open_store
 
     try:
-        store = open_store(adapters_dir, model, max_lora_rank)
+        store = open_store(adapters_dir, model, max_lora_rank, adapters_url)
         good, bad = store.scan()
     except FleetLMError as e:
         fail(e)
@@ -59,6 +63,7 @@ def adapters_add(
     name: Annotated[str | None, typer.Option("--name", help="Store it under this name "
                                                             "(default: the folder's name).")] = None,
     adapters_dir: AdaptersDirOpt = None,
+    adapters_url: AdaptersUrlOpt = None,
     model: AdapterModelOpt = "smollm2-135m",
     max_lora_rank: MaxRankOpt = 64,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an adapter of that name.")] = False,
@@ -67,7 +72,7 @@ def adapters_add(
     from fleetlm.adapters.listing import describe, open_store
 
     try:
-        store = open_store(adapters_dir, model, max_lora_rank)
+        store = open_store(adapters_dir, model, max_lora_rank, adapters_url)
         info = store.add(path, name, overwrite=overwrite)
     except FleetLMError as e:
         fail(e)
@@ -78,13 +83,14 @@ def adapters_add(
 def adapters_remove(
     name: Annotated[str, typer.Argument(help="Adapter name.")],
     adapters_dir: AdaptersDirOpt = None,
+    adapters_url: AdaptersUrlOpt = None,
 ) -> None:
     """Delete an adapter from the store."""
     from fleetlm.adapters.listing import open_store
 
     try:
-        store = open_store(adapters_dir, None)
+        store = open_store(adapters_dir, None, url=adapters_url)
         store.remove(name)
     except FleetLMError as e:
         fail(e)
-    typer.echo(f"removed adapter {name!r} from {store.root}")
+    typer.echo(f"removed adapter {name!r} from {adapters_url or store.root}")

@@ -94,15 +94,13 @@ class Served:
 def adapters_root(settings: ServeSettings) -> Path:
     """The adapter store's folder: ``--adapters-dir`` or the user data folder; with
     ``--adapters-url``, the local copies' folder (default: one per URL under the cache)."""
-    import hashlib
-
-    from fleetlm.paths import cache_home, default_adapters_dir
+    from fleetlm.adapters.mirror import default_cache
+    from fleetlm.paths import default_adapters_dir
 
     if settings.adapters_dir is not None:
         return settings.adapters_dir
     if settings.adapters_url:
-        key = hashlib.sha256(settings.adapters_url.encode()).hexdigest()[:12]
-        return cache_home() / "adapter-mirror" / key
+        return default_cache(settings.adapters_url)
     return default_adapters_dir()
 
 
