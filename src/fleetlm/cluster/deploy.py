@@ -32,9 +32,6 @@ if TYPE_CHECKING:
 
 ENGINE = "engine"
 INGRESS = "ingress"
-# how long a replica may take to start (load the model, compile the decode steps) before
-# Ray Serve reports the deployment unhealthy
-REPLICA_START_S = 600.0
 
 
 def engine_deployment(settings: ServeSettings, cluster: ClusterSettings) -> Any:
