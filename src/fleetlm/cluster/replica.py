@@ -51,9 +51,9 @@ class EngineReplica:
         self.engine: Any = None
         # Everything torch does in this process happens on this one thread: the model load,
         # the compiled graphs' warm-up and every step. OpenMP gives each thread that opens
-        # parallel regions its own worker pool, and two pools on the same cores made decode
-        # steps ~2x slower (docs/engine.md; fleetlm serve runs its engine on the main thread
-        # for the same reason).
+        # parallel regions its own worker pool, and two pools on the same cores slow every
+        # step (Engine.run; bench cluster: 0.56x -> 0.64x of the single process once the
+        # model load moved onto this thread).
         self._thread = threading.Thread(target=self._run, args=(serve_settings, threads),
                                         name="fleetlm-engine", daemon=True)
         self._thread.start()
