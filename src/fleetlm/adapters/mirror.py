@@ -75,6 +75,7 @@ class AdapterMirror:
 
     def names(self) -> list[str]:
         """Adapter folders in the remote (those holding an adapter_config.json)."""
+        self.fs.invalidate_cache(self.base)  # s3fs and others cache listings
         try:
             entries = self.fs.ls(self.base, detail=True)
         except FileNotFoundError:
@@ -90,6 +91,7 @@ class AdapterMirror:
     def identity(self, name: str) -> str | None:
         """What the remote files are now (None: no such adapter there)."""
         parts = []
+        self.fs.invalidate_cache(self._remote(name))  # what is there now, not a cached listing
         for f in (CONFIG_FILE, WEIGHTS_FILE):
             try:
                 info = self.fs.info(self._remote(name, f))
