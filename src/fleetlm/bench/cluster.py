@@ -35,6 +35,7 @@ from typing import Any
 from pydantic import Field
 
 from fleetlm.bench.common import environment, write_json
+from fleetlm.bench.serve import http_load, http_process
 from fleetlm.config import StrictModel
 from fleetlm.progress import Progress
 
@@ -77,14 +78,6 @@ def _serve_cmd(cfg: ClusterBenchConfig, port: int, max_batch: int, *extra: str) 
 
 
 @contextlib.contextmanager
-def _server(cmd: list[str], port: int) -> Iterator[str]:
-    from fleetlm.bench.serve import http_process
-
-    with http_process(cmd, port, "/health") as url:
-        yield url
-
-
-@contextlib.contextmanager
 def _joined() -> Iterator[None]:
     """This process joined to the local cluster the server started (to read its status)."""
     import ray
@@ -104,8 +97,6 @@ def _health(url: str) -> dict[str, Any]:
 
 def _load(url: str, cfg: ClusterBenchConfig, prompts: list[list[int]], n: int,
           label: str, models: list[str] | None = None) -> dict[str, Any]:
-    from fleetlm.bench.serve import http_load
-
     c = cfg.concurrency
     asyncio.run(http_load(url, cfg.model, prompts[:c], c, 2, cfg.time_budget_s,
                           models=models[:c] if models else None))  # warm
@@ -123,7 +114,8 @@ def overhead(cfg: ClusterBenchConfig, prompts: list[list[int]], say: Any) -> dic
     for system, extra in (("single-process", ()),
                           ("ray-1-replica", ("--ray", "--replica-threads", str(threads)))):
         port = free_port()
-        with _server(_serve_cmd(cfg, port, cfg.concurrency, *extra), port) as url:
+        cmd = _serve_cmd(cfg, port, cfg.concurrency, *extra)
+        with http_process(cmd, port, "/health") as url:
             r = _load(url, cfg, prompts, cfg.num_requests, f"{system}, {cfg.concurrency} streams")
         runs[system] = r
         say(f"  {system:>16}: {r['tokens_per_s']:7.1f} tok/s at {cfg.concurrency} streams")
@@ -148,7 +140,7 @@ def affinity(cfg: ClusterBenchConfig, prompts: list[list[int]], adapters_dir: Pa
                          "--max-hot-adapters", str(cfg.hot_per_replica),
                          "--max-lora-rank", str(cfg.rank), "--min-replicas", str(cfg.replicas),
                          "--max-replicas", str(cfg.replicas), "--replica-threads", "1", flag)
-        with _server(cmd, port) as url:
+        with http_process(cmd, port, "/health") as url:
             before = _health(url)
             r = _load(url, cfg, prompts, cfg.adapter_requests,
                       f"{label} routing, {cfg.adapters} adapters", models)
@@ -172,7 +164,6 @@ def cold_start_and_scale_up(cfg: ClusterBenchConfig, prompts: list[list[int]],
     import httpx
 
     from fleetlm.bench.harness import free_port
-    from fleetlm.bench.serve import http_load
     from fleetlm.cluster.deploy import replica_count
     from fleetlm.cluster.settings import ClusterSettings
 
@@ -184,7 +175,7 @@ def cold_start_and_scale_up(cfg: ClusterBenchConfig, prompts: list[list[int]],
                      "--downscale-to-zero-delay-s", "5")
     result: dict[str, Any] = {}
     cluster = ClusterSettings()
-    with _server(cmd, port) as url, _joined():
+    with http_process(cmd, port, "/health") as url, _joined():
         t0 = time.perf_counter()
         while replica_count(cluster) > 0:
             if time.perf_counter() - t0 > cfg.zero_timeout_s:
@@ -206,15 +197,17 @@ def cold_start_and_scale_up(cfg: ClusterBenchConfig, prompts: list[list[int]],
         if "scale-up" in phases:
             while replica_count(cluster) < 1:
                 time.sleep(0.2)
-            load = asyncio.run(_step_and_watch(http_load, url, cfg, prompts, cluster))
+            load = asyncio.run(_step_and_watch(url, cfg, prompts, cluster))
             result["scale_up_s"] = load.pop("scale_up_s")
             result["step_load"] = load
-            say(f"  scale-up under a step to {cfg.concurrency} streams: second replica running "
-                f"after {result['scale_up_s']} s")
+            up = result["scale_up_s"]
+            say(f"  scale-up under a step to {cfg.concurrency} streams: " + (
+                f"second replica running after {up:.1f} s" if up is not None
+                else "no second replica started while the step lasted"))
     return result
 
 
-async def _step_and_watch(http_load: Any, url: str, cfg: ClusterBenchConfig,
+async def _step_and_watch(url: str, cfg: ClusterBenchConfig,
                           prompts: list[list[int]], cluster: Any) -> dict[str, Any]:
     from fleetlm.cluster.deploy import replica_count
 

@@ -74,11 +74,11 @@ class RemoteEngine:
                 yield item
                 if finished:
                     return
-        except EngineUnavailable as e:
+        except _Started as e:  # after the first event: the stream ends with the error
             finished = True
-            if placement_started(e):
-                yield EngineEvent(request_id or "", None, "", finish_reason="error", error=e)
-                return
+            yield EngineEvent(request_id or "", None, "", finish_reason="error", error=e)
+        except EngineUnavailable:
+            finished = True
             raise
         finally:
             with self._lock:
@@ -119,10 +119,6 @@ class RemoteEngine:
 class _Started(EngineUnavailable):
     """A replica failed after the request's first event: the stream ends with an error
     event instead of an exception (the client already has a 200)."""
-
-
-def placement_started(e: EngineUnavailable) -> bool:
-    return isinstance(e, _Started)
 
 
 async def _next(gen: Any, placement: Placement | None) -> Any:
