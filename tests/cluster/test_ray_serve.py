@@ -111,7 +111,10 @@ def ray_url(settings: ServeSettings, cluster: ClusterSettings, routes_file: Path
            "--dtype", "float32", "--quantize", "none", "--no-compile", "--max-batch", "4",
            "--max-len", "256", "--max-hot-adapters", str(HOT), "--prefix-cache-mb", "0",
            "--state-db", str(settings.state_db), "--min-replicas", "2", "--max-replicas", "2",
-           "--ingress-replicas", "2", "--config", str(routes_file)]
+           "--ingress-replicas", "2", "--config", str(routes_file),
+           # several tokens per replica-to-ingress message: the greedy-text and stream
+           # checks below then cover the grouping (one per message is the default)
+           "--stream-interval", "3"]
     log = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
     try:
@@ -328,6 +331,30 @@ def test_a_tenant_budget_is_spent_once_across_ingress_replicas(
         db.close()
     assert sorted(e.decision for e in rows) == ["fallback"] * 8 + ["large"]
     assert sum(e.cost_usd for e in rows) == pytest.approx(2.5e-5)
+
+
+def test_a_tenant_rate_limit_holds_across_ingress_replicas(
+        ray_url: str, settings: ServeSettings) -> None:
+    from fleetlm.state.db import open_state
+    from fleetlm.state.keys import KeyStore
+    from fleetlm.state.tenants import TenantPolicy, TenantStore
+
+    db = open_state(settings.state_db)
+    try:
+        TenantStore(db).create("steady", TenantPolicy(rpm=6))
+        secret, _ = KeyStore(db).create("steady", "user")
+    finally:
+        db.close()
+    key = {"Authorization": f"Bearer {secret}"}
+    body = {"model": ADAPTERS[1], "prompt": "x", "max_tokens": 1, "temperature": 0}
+    codes = []
+    for _ in range(7):  # Serve spreads them over both ingress replicas
+        r = httpx.post(f"{ray_url}/v1/completions", json=body, headers=key, timeout=60)
+        codes.append(r.status_code)
+        time.sleep(1.3)  # each ingress shares its counts through the store every second
+    # six for the tenant, not six per ingress replica
+    assert codes == [200] * 6 + [429], codes
+    assert r.json()["error"]["code"] == "tenant_rpm_exceeded"
 
 
 def _engine_replicas() -> list[Any]:

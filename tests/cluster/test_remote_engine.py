@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from fleetlm.adapters.errors import AdapterError, AdapterNotFound
 from fleetlm.cluster.remote import RemoteEngine
-from fleetlm.cluster.replica import Placement
+from fleetlm.cluster.replica import EngineReplica, Placement
 from fleetlm.cluster.settings import ClusterSettings
 from fleetlm.engine.engine import EngineConfig, EngineEvent
 from fleetlm.engine.sampling_params import SamplingParams
@@ -81,7 +81,8 @@ def run(coro: Any) -> Any:
 
 
 def test_events_pass_through_and_placement_is_counted() -> None:
-    eng, h = remote([Placement("r1", True), ev(5), ev(6), ev(None, "length")])
+    # a message holds one event or several (the replica's stream_interval)
+    eng, h = remote([Placement("r1", True), [ev(5)], [ev(6), ev(None, "length")]])
     got = run(drain(eng.stream([1, 2], SamplingParams(max_tokens=2), adapter="a")))
     assert [e.token_id for e in got] == [5, 6, None] and got[-1].finish_reason == "length"
     assert h.calls == [{"stream": True, "multiplexed_model_id": "a"}]
@@ -89,7 +90,7 @@ def test_events_pass_through_and_placement_is_counted() -> None:
     assert (s["requests"], s["adapter_requests"], s["adapter_hot_hits"]) == (1, 1, 1)
     assert s["generated_tokens"] == 2 and s["running"] == 0 and s["replicas"] == {"r1": 1}
     assert not h.stream.cancelled
-    eng2, h2 = remote([Placement("r2", False), ev(None, "stop")])
+    eng2, h2 = remote([Placement("r2", False), [ev(None, "stop")]])
     run(drain(eng2.stream([1], SamplingParams(), adapter=None)))
     assert h2.calls[0]["multiplexed_model_id"] == ""  # the base model: any replica
     assert eng2.stats()["adapter_requests"] == 0
@@ -127,19 +128,19 @@ def test_a_replica_lost_before_the_request_started_is_a_503() -> None:
 
 
 def test_a_replica_lost_mid_stream_ends_it_with_an_error_event() -> None:
-    eng, h = remote([Placement("r1", True), ev(5)], fail=RuntimeError("actor died"))
+    eng, h = remote([Placement("r1", True), [ev(5)]], fail=RuntimeError("actor died"))
     got = run(drain(eng.stream([1], SamplingParams(), adapter="a")))
     assert [e.token_id for e in got] == [5, None]
     assert got[-1].finish_reason == "error" and isinstance(got[-1].error, EngineUnavailable)
     assert "r1" in str(got[-1].error)
     # a stream that just stops (no last event) is the same failure
-    eng, h = remote([Placement("r1", True), ev(5)])
+    eng, h = remote([Placement("r1", True), [ev(5)]])
     got = run(drain(eng.stream([1], SamplingParams(), adapter="a")))
     assert got[-1].finish_reason == "error"
 
 
 def test_closing_the_stream_early_cancels_the_replica_call() -> None:
-    eng, h = remote([Placement("r1", True), ev(5), ev(6), ev(None, "length")])
+    eng, h = remote([Placement("r1", True), [ev(5), ev(6)], [ev(None, "length")]])
 
     async def first_only() -> None:
         it = eng.stream([1], SamplingParams(), adapter="a")
@@ -148,6 +149,43 @@ def test_closing_the_stream_early_cancels_the_replica_call() -> None:
 
     run(first_only())
     assert h.stream.cancelled and eng.stats()["running"] == 0
+
+
+class FakeEngine:
+    """The engine a replica drives: streams ``n`` tokens, then a finish event."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.store = n, None
+
+    async def stream(self, prompt: list[int], params: Any, adapter: str | None = None,
+                     ) -> AsyncIterator[EngineEvent]:
+        for i in range(self.n):
+            yield ev(i)
+        yield ev(None, "length")
+
+
+def replica(n: int, interval: int) -> EngineReplica:
+    r = EngineReplica.__new__(EngineReplica)  # no engine thread: the stream logic alone
+    r.replica, r.adapter_loads, r.stream_interval, r.engine = "r1", 0, interval, FakeEngine(n)
+    return r
+
+
+@pytest.mark.parametrize("n,interval,sizes", [(7, 1, [1] * 8), (7, 3, [1, 3, 3, 1]),
+                                              (5, 4, [1, 4, 1]), (0, 4, [1])])
+def test_a_replica_sends_the_first_event_alone_then_groups_of_stream_interval(
+        n: int, interval: int, sizes: list[int]) -> None:
+    async def messages() -> list[Any]:
+        return [m async for m in replica(n, interval).generate([1], SamplingParams(), None)]
+
+    got = run(messages())
+    assert got[0] == Placement("r1", True)
+    assert [len(m) for m in got[1:]] == sizes  # the finish event flushes what is held
+    events = [e for m in got[1:] for e in m]
+    assert [e.token_id for e in events] == [*range(n), None]
+    # and the ingress gives its app every event, in order, one at a time
+    eng, _ = remote(got)
+    assert [e.token_id for e in run(drain(eng.stream([1], SamplingParams())))] == \
+        [*range(n), None]
 
 
 def test_pinning_is_refused_with_the_reason() -> None:
@@ -163,6 +201,8 @@ def test_cluster_settings_reject_what_cannot_run() -> None:
         ClusterSettings(min_replicas=1, max_replicas=2, initial_replicas=5)
     with pytest.raises(ValidationError, match="look_back_period_s"):
         ClusterSettings(look_back_period_s=1, metrics_interval_s=2)
+    with pytest.raises(ValidationError, match="stream_interval"):
+        ClusterSettings(stream_interval=0)
     with pytest.raises(ValidationError, match="replicas"):
         ClusterSettings(replicas=2)  # type: ignore[call-arg]  # unknown keys are errors
     c = ClusterSettings(min_replicas=0, max_replicas=4, downscale_to_zero_delay_s=60)

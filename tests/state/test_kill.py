@@ -19,6 +19,7 @@ import sqlalchemy as sa
 
 from fleetlm.router.ledger import Ledger
 from fleetlm.state import AuditLog, KeyStore, TenantStore, open_state
+from fleetlm.state.migrations import LATEST
 
 WRITER = textwrap.dedent("""
     import json, sys
@@ -90,7 +91,7 @@ def test_sigkill_mid_write_keeps_every_committed_step(state_url: str) -> None:
             assert all(r.pii == {"PERSON": int(r.request_id.split("-")[1])} for r in rows)
             assert ledger.spend(f"t{len(done) - 1}", since=0) == 10.0
         with db.read() as conn:
-            assert conn.execute(sa.text("SELECT count(*) FROM schema_migrations")).scalar() == 3
+            assert conn.execute(sa.text("SELECT count(*) FROM schema_migrations")).scalar() == LATEST
     if state_url.startswith("sqlite"):
         conn = sqlite3.connect(state_url.removeprefix("sqlite:///"))
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

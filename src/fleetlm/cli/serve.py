@@ -61,6 +61,7 @@ def serve(
     max_replicas: Annotated[int, typer.Option(help="With --ray: most engine replicas.")] = 1,
     replica_threads: Annotated[int, typer.Option(help="With --ray: CPUs (torch threads) per engine replica.")] = 1,
     ingress_replicas: Annotated[int, typer.Option(help="With --ray: HTTP ingress replicas (more than one needs a shared --state-db, e.g. PostgreSQL).")] = 1,
+    stream_interval: Annotated[int, typer.Option(help="With --ray: tokens an engine replica sends the ingress per message after the first (fewer messages, less CPU; clients still get one chunk per token, in bursts).")] = 1,
     adapter_affinity: Annotated[bool, typer.Option(help="With --ray: send requests for an adapter to a replica that holds it (Serve's model multiplexing); --no-adapter-affinity routes them like any request.")] = True,
     target_ongoing_requests: Annotated[float, typer.Option(help="With --ray: requests in flight per replica the autoscaler aims for.")] = 16.0,
     downscale_delay_s: Annotated[float, typer.Option(help="With --ray: seconds below target before a replica is removed.")] = 120.0,
@@ -88,7 +89,8 @@ def serve(
     if ray:
         _serve_ray(settings, ray_address=ray_address, min_replicas=min_replicas,
                    max_replicas=max_replicas, replica_threads=replica_threads,
-                   ingress_replicas=ingress_replicas, adapter_affinity=adapter_affinity,
+                   ingress_replicas=ingress_replicas, stream_interval=stream_interval,
+                   adapter_affinity=adapter_affinity,
                    target_ongoing_requests=target_ongoing_requests,
                    downscale_delay_s=downscale_delay_s,
                    downscale_to_zero_delay_s=downscale_to_zero_delay_s)

@@ -72,7 +72,8 @@ def ingress_deployment(cluster: ClusterSettings) -> Any:
 def application(settings: ServeSettings, cluster: ClusterSettings) -> Any:
     """The bound application: the ingress, given a handle to the engine deployment."""
     data = settings.model_dump(mode="json")
-    engine = engine_deployment(settings, cluster).bind(data, cluster.replica_threads)
+    engine = engine_deployment(settings, cluster).bind(data, cluster.replica_threads,
+                                                        cluster.stream_interval)
     return ingress_deployment(cluster).bind(engine, data, cluster.adapter_affinity)
 
 
@@ -103,6 +104,11 @@ def connect(cluster: ClusterSettings) -> bool:
     # Ray starts its workers at nice 15 by default; the engine replicas are the work here,
     # and on a small machine they would lose the cores to anything else running
     os.environ.setdefault("RAY_worker_niceness", "0")
+    # Serve's controller wakes every 0.1 s and exports metrics every 0.1 s by default: on
+    # 2 cores, 4% of a core while idle, taken from the engine (docs/scale-out.md); 0.5 s and
+    # 1 s halve Ray's idle use, and nothing here reacts faster than a second anyway
+    os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.5")
+    os.environ.setdefault("RAY_SERVE_METRICS_EXPORT_INTERVAL_MS", "1000")
     ray.init(num_cpus=cluster.num_cpus or os.cpu_count(), include_dashboard=False,
              log_to_driver=False)
     return True

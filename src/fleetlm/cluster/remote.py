@@ -61,19 +61,17 @@ class RemoteEngine:
         try:
             placement = await _next(gen, None)
             self._placed(placement, adapter)
-            while True:
+            while not finished:
                 item = await _next(gen, placement)
                 if isinstance(item, BaseException):
                     finished = True
                     raise item  # the engine's refusal, as the engine raised it
-                if item.token_id is not None:
-                    with self._lock:
-                        self.generated_tokens += 1
-                if item.finish_reason is not None:
-                    finished = True
-                yield item
-                if finished:
-                    return
+                # a message holds one or more events (the replica's stream_interval)
+                with self._lock:
+                    self.generated_tokens += sum(ev.token_id is not None for ev in item)
+                for ev in item:
+                    finished = ev.finish_reason is not None
+                    yield ev
         except _Started as e:  # after the first event: the stream ends with the error
             finished = True
             yield EngineEvent(request_id or "", None, "", finish_reason="error", error=e)

@@ -38,7 +38,8 @@ class Placement:
 class EngineReplica:
     """The engine deployment's replica (decorated by :mod:`fleetlm.cluster.deploy`)."""
 
-    def __init__(self, settings: dict[str, Any], threads: int) -> None:
+    def __init__(self, settings: dict[str, Any], threads: int, stream_interval: int = 1,
+                 ) -> None:
         import threading
 
         from fleetlm.server.run import ServeSettings
@@ -46,6 +47,7 @@ class EngineReplica:
         serve_settings = ServeSettings.model_validate(settings)
         self.replica = _replica_id()
         self.adapter_loads = 0
+        self.stream_interval = stream_interval
         self._ready = threading.Event()
         self._failed: BaseException | None = None
         self.engine: Any = None
@@ -111,9 +113,15 @@ class EngineReplica:
         except Exception as e:  # noqa: BLE001 -- a refusal: the ingress raises it
             yield e
             return
-        yield first
+        yield [first]
+        batch: list[Any] = []
         async for ev in events:
-            yield ev
+            batch.append(ev)
+            if len(batch) >= self.stream_interval or ev.finish_reason is not None:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
 
     def stats(self) -> dict[str, Any]:
         return {"replica": self.replica, "adapter_loads": self.adapter_loads,

@@ -33,6 +33,10 @@ class ClusterSettings(StrictModel):
     look_back_period_s: float = Field(30.0, gt=0)
     metrics_interval_s: float = Field(10.0, gt=0)
     ingress_replicas: int = Field(1, ge=1)
+    # tokens a replica sends the ingress in one message after a request's first (which goes
+    # alone, at once): each message costs both processes CPU the engine would otherwise use
+    # (docs/scale-out.md); the client still gets one SSE chunk per token
+    stream_interval: int = Field(1, ge=1, le=64)
     # requests for an adapter carry it as Serve's multiplexed model id (routed to a replica
     # that holds it); False routes them like any request (to measure what affinity buys)
     adapter_affinity: bool = True

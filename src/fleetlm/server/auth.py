@@ -135,7 +135,13 @@ class Gateway:
             from fleetlm.state.tenants import TenantStore
 
             self.keys, self.tenants, self.audit = KeyStore(db), TenantStore(db), AuditLog(db)
-        self.limiter = RateLimiter()
+        if db is not None:
+            from fleetlm.state.rates import RateCounts
+
+            # every process serving this store counts against the same limits
+            self.limiter = RateLimiter(shared=RateCounts(db))
+        else:
+            self.limiter = RateLimiter()
         self.budgets: Budgets | None = None  # set by the router, which owns the ledger
         self._keys = _TTLCache(cache_ttl_s)  # key hash -> (ApiKey | None, TenantPolicy | None)
         self._active = self.keys.count_active() if self.keys is not None else 0
@@ -287,6 +293,8 @@ class Gateway:
             log.error("audit: %s %s not recorded: %s", event.action, event.target, e)
 
     async def aclose(self) -> None:
-        """Wait for the audit rows still being written."""
+        """Wait for the audit rows still being written; send the rate counts not yet
+        shared."""
         with contextlib.suppress(Exception):
             await asyncio.gather(*self._tasks)
+        await self.limiter.aclose()

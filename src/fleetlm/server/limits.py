@@ -8,11 +8,16 @@
     budgets = Budgets(ledger.spend)
     await budgets.exceeded("acme", policy)   # "daily" / "monthly" / None, before escalating
 
-Rates are counted per process in 60 one-second buckets per tenant (memory per tenant is
-fixed, whatever the traffic): requests when admitted, tokens when the engine or an
-upstream reports them, so a request that would pass the token limit is still admitted while
-the window is below it (the next one waits). With several replicas each counts its own
-traffic; the budgets, read from the shared ledger, are global.
+Rates are counted in 60 one-second buckets per tenant (memory per tenant is fixed, whatever
+the traffic): requests when admitted, tokens when the engine or an upstream reports them, so
+a request that would pass the token limit is still admitted while the window is below it
+(the next one waits). With a state store (``shared``), every process serving it adds its
+counts to the store's ``rate_counts`` and reads everyone else's about once a second
+(:mod:`fleetlm.state.rates`, off the event loop), so a tenant's limit holds across
+replicas, give or take the last second of the other replicas' traffic. If the store cannot
+be reached, each process goes on with what it knows (its own counts and the others' last
+read), logs a warning, and sends its counts when the store is back. The budgets, read from
+the shared ledger, are global too.
 
 Budgets are upstream spend (USD, the ledger's ``cost_usd`` of rows answered by an upstream)
 per UTC day and per UTC calendar month. The ledger is read at most every ``ttl_s`` per
@@ -27,15 +32,24 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import contextlib
+import logging
 import math
+import os
+import socket
 import time
+import uuid
+from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from fleetlm.server.errors import INVALID_REQUEST, APIError
 
 if TYPE_CHECKING:
+    from fleetlm.state.rates import RateCounts
     from fleetlm.state.tenants import TenantPolicy
+
+log = logging.getLogger(__name__)
 
 WINDOW_S = 60
 PERMISSION = "permission_error"
@@ -61,6 +75,15 @@ class Window:
             self.stamps[i], self.counts[i] = sec, 0
         self.counts[i] += n
 
+    def merged(self, other: Window) -> Window:
+        """Both windows' counts together (per bucket, the newer second wins; the same second
+        adds up)."""
+        out = Window()
+        for i in range(WINDOW_S):
+            a, b = (self.stamps[i], self.counts[i]), (other.stamps[i], other.counts[i])
+            out.stamps[i], out.counts[i] = max(a, b) if a[0] != b[0] else (a[0], a[1] + b[1])
+        return out
+
     def retry_after(self, now: float, limit: int) -> int:
         """Whole seconds until the window's total is below ``limit`` again (at least 1)."""
         sec = int(now)
@@ -75,34 +98,99 @@ class Window:
 
 
 class RateLimiter:
-    """Requests and tokens per minute of each tenant (this process's share)."""
+    """Requests and tokens per minute of each tenant: this process's counts, plus (with
+    ``shared``) what the other processes of the same state store counted."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self.clock = clock
+    def __init__(self, clock: Callable[[], float] = time.time, *,
+                 shared: RateCounts | None = None, sync_s: float = 1.0) -> None:
+        self.clock, self.shared, self.sync_s = clock, shared, sync_s
         self.requests: dict[str, Window] = {}
         self.tokens: dict[str, Window] = {}
+        self.others: dict[tuple[str, str], Window] = {}  # (tenant, kind): the last read
+        self.source = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._limited: set[str] = set()  # tenants with a rate limit: only theirs are shared
+        self._pending: Counter[tuple[str, str, int]] = Counter()  # not yet sent
+        self._task: asyncio.Task[None] | None = None
 
     def admit(self, tenant: str, policy: TenantPolicy | None) -> None:
         """Count one request of ``tenant``, or raise 429 (with Retry-After) when it is over
         its requests or tokens per minute. Nothing is counted for a refused request."""
         if policy is None or (policy.rpm is None and policy.tpm is None):
             return
+        self._limited.add(tenant)
+        self._start_sync()
         now = self.clock()
-        reqs = self.requests.setdefault(tenant, Window())
+        reqs = self._window("requests", tenant)
         if policy.rpm is not None and reqs.total(now) >= policy.rpm:
             raise _too_many(f"tenant {tenant!r} is over its limit of {policy.rpm} requests per "
                             "minute", reqs.retry_after(now, policy.rpm), "rpm")
         if policy.tpm is not None:
-            toks = self.tokens.setdefault(tenant, Window())
+            toks = self._window("tokens", tenant)
             if toks.total(now) >= policy.tpm:
                 raise _too_many(f"tenant {tenant!r} is over its limit of {policy.tpm} tokens "
                                 "per minute", toks.retry_after(now, policy.tpm), "tpm")
-        reqs.add(now, 1)
+        self._count(self.requests, "requests", tenant, now, 1)
 
     def add_tokens(self, tenant: str, n: int) -> None:
         """Count ``n`` tokens (prompt or completion) of ``tenant`` now."""
         if n > 0:
-            self.tokens.setdefault(tenant, Window()).add(self.clock(), n)
+            self._count(self.tokens, "tokens", tenant, self.clock(), n)
+
+    def _window(self, kind: str, tenant: str) -> Window:
+        """This process's window of ``kind``, with the other processes' counts added."""
+        own = (self.requests if kind == "requests" else self.tokens).setdefault(tenant, Window())
+        others = self.others.get((tenant, kind))
+        return own if others is None else own.merged(others)
+
+    def _count(self, windows: dict[str, Window], kind: str, tenant: str, now: float,
+               n: int) -> None:
+        windows.setdefault(tenant, Window()).add(now, n)
+        if self.shared is not None and tenant in self._limited:
+            self._pending[(tenant, kind, int(now))] += n
+
+    # -- sharing through the state store ---------------------------------------------------
+
+    def _start_sync(self) -> None:
+        if self.shared is None or (self._task is not None and not self._task.done()):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # not serving (a direct call): this process's counts only
+        self._task = loop.create_task(self._sync_forever())
+
+    async def _sync_forever(self) -> None:
+        while True:
+            await self.sync()
+            await asyncio.sleep(self.sync_s)
+
+    async def sync(self) -> None:
+        """Send this process's new counts and read the others' (one exchange, on a worker
+        thread). A store that cannot be reached keeps the counts for the next try."""
+        assert self.shared is not None
+        pending, self._pending = self._pending, Counter()
+        since = int(self.clock()) - WINDOW_S + 1
+        counts = [(t, k, s, n) for (t, k, s), n in pending.items() if s >= since]
+        try:
+            rows = await asyncio.to_thread(self.shared.exchange, self.source, counts, since)
+        except Exception as e:  # noqa: BLE001 -- limits go on locally; the store may be back
+            log.warning("rate limits: the state store did not answer (%s); counting this "
+                        "process's requests only until it does", e)
+            self._pending.update({(t, k, s): n for t, k, s, n in counts})
+            return
+        others: dict[tuple[str, str], Window] = {}
+        for tenant, kind, second, n in rows:
+            others.setdefault((tenant, kind), Window()).add(second, n)
+        self.others = others
+
+    async def aclose(self) -> None:
+        """Stop sharing; the counts not yet sent are sent now (best effort)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        if self.shared is not None and self._pending:
+            await self.sync()
 
 
 def _too_many(message: str, retry_s: int, which: str) -> APIError:

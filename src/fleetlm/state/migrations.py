@@ -5,6 +5,7 @@
                         ledger file before the state store made them (adopted as they are)
     2 tenants_and_keys  ``tenants`` and ``api_keys``
     3 audit             ``audit``, append-only in the database (triggers refuse UPDATE/DELETE)
+    4 rate_counts       ``rate_counts``: tenants' rpm/tpm counts shared by serving processes
 
 Why not Alembic: the whole need is "run these few DDL functions once each, in order, under a
 lock, on SQLite and PostgreSQL, at start-up of every process". Alembic brings a script
@@ -159,6 +160,20 @@ def _m3_audit(conn: sa.Connection) -> None:
         conn.exec_driver_sql(stmt)
 
 
+def _m4_rate_counts(conn: sa.Connection) -> None:
+    _run(conn, [
+        """CREATE TABLE rate_counts (
+    tenant TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    second BIGINT NOT NULL,
+    source TEXT NOT NULL,
+    n BIGINT NOT NULL,
+    PRIMARY KEY (tenant, kind, second, source)
+)""",
+        "CREATE INDEX rate_counts_second ON rate_counts (second)",
+    ])
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -170,6 +185,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "ledger", _m1_ledger),
     Migration(2, "tenants_and_keys", _m2_tenants_and_keys),
     Migration(3, "audit", _m3_audit),
+    Migration(4, "rate_counts", _m4_rate_counts),
 )
 LATEST = MIGRATIONS[-1].version
 

@@ -5,6 +5,8 @@
     api_keys           one row per key: the sha256 of the secret, never the secret
     audit              append-only: who did what to which adapter, key or tenant, and refusals
     requests           the cost ledger (fleetlm.router.ledger): one row per routed request
+    rate_counts        requests and tokens per tenant, second and serving process: the
+                       tenants' rpm/tpm windows every replica of one store shares
     schema_version     the ledger's own format version (1), kept from the ledger file that
                        came before the state store, so that file and this one read alike
 
@@ -92,6 +94,16 @@ requests = sa.Table(
     sa.Column("flags", sa.Text, nullable=False, server_default="[]"),  # JSON list
     sa.Index("requests_ts", "ts"),
     sa.Index("requests_tenant_ts", "tenant", "ts"),
+)
+
+rate_counts = sa.Table(
+    "rate_counts", metadata,
+    sa.Column("tenant", sa.Text, primary_key=True),
+    sa.Column("kind", sa.Text, primary_key=True),  # "requests" | "tokens"
+    sa.Column("second", sa.BigInteger, primary_key=True, autoincrement=False),  # unix s
+    sa.Column("source", sa.Text, primary_key=True),  # the serving process that counted
+    sa.Column("n", sa.BigInteger, nullable=False),
+    sa.Index("rate_counts_second", "second"),
 )
 
 ledger_version = sa.Table(
