@@ -47,3 +47,38 @@ def test_serve_lists_answers_and_uploads_through_the_remote(tiny_base: Path,
     finally:
         served.engine.shutdown(10)
         served.state.close()
+
+
+def test_with_refresh_zero_a_remote_replacement_is_served_on_the_next_request(
+        tiny_base: Path, tmp_path: Path) -> None:
+    """Another machine replaces an adapter in the remote: with --adapters-refresh-s 0 the
+    very next request for it is answered by the new weights, never the old copy."""
+    import shutil
+
+    remote = tmp_path / "bucket"
+    cfg = load_model(str(tiny_base), dtype="float32").config
+    make_random_adapter(remote / "live", cfg, rank=4, alpha=8, seed=0, std=0.3)
+    make_random_adapter(remote / "next", cfg, rank=4, alpha=8, seed=1, std=0.3)
+    settings = ServeSettings(model=str(tiny_base), adapters_url=f"file://{remote}",
+                             adapters_refresh_s=0, adapters_dir=tmp_path / "copies",
+                             dtype="float32", quantize="none", compile=False, max_batch=2,
+                             max_len=128, max_hot_adapters=2, prefix_cache_mb=0)
+    served = build(settings, say=lambda _: None)
+    served.engine.start()
+    try:
+        with serve_app(served.app) as url:
+            def text(model: str) -> str:
+                body = {"model": model, "prompt": "Hello there", "max_tokens": 8,
+                        "temperature": 0}
+                r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+                assert r.status_code == 200, r.text
+                return str(r.json()["choices"][0]["text"])
+
+            old, new = text("live"), text("next")
+            assert old != new and text("live") == old  # hot now
+            shutil.rmtree(remote / "live")  # "another machine" replaces it in the bucket
+            shutil.copytree(remote / "next", remote / "live")
+            assert text("live") == new
+    finally:
+        served.engine.shutdown(10)
+        served.state.close()

@@ -15,8 +15,8 @@ sequence ignored). Four measurements, in one run:
    adapter was already loaded on the replica that took them (the ingress's counts);
 3. cold start: the engine deployment scaled to zero, then one request: seconds to its
    first token;
-4. scale-up: from one replica, a step to ``concurrency`` streams; seconds until the second
-   replica runs (Ray Serve's own status).
+4. scale-up: from one replica, a step to ``concurrency`` streams held for ``step_s``;
+   seconds until the second replica runs (Ray Serve's own status).
 
 On 2 cores the point is overhead and correctness, not scale: two one-thread replicas
 share the cores the single process has to itself.
@@ -58,6 +58,7 @@ class ClusterBenchConfig(StrictModel):
     rounds: int = Field(1, ge=1)  # alternations of the overhead phase's systems
     rank: int = Field(16, ge=1)
     time_budget_s: float = Field(300.0, gt=0)  # per measurement
+    step_s: float = Field(90.0, gt=0)  # how long the scale-up phase's step in load lasts
     zero_timeout_s: float = Field(180.0, gt=0)  # waiting for the deployment to reach zero
     skip: list[str] = Field(default_factory=list)  # of overhead, affinity, cold-start, scale-up
 
@@ -201,15 +202,17 @@ def cold_start_and_scale_up(cfg: ClusterBenchConfig, prompts: list[list[int]],
                                    f"{cfg.zero_timeout_s:.0f} s")
             time.sleep(0.5)
         result["seconds_to_zero"] = time.perf_counter() - t0
+        # the first request after zero: timed for the cold start, and what brings the
+        # replica the scale-up step starts from
+        body = {"model": cfg.model, "prompt": prompts[0], "max_tokens": 4,
+                "temperature": 0, "stream": True}
+        t0 = time.perf_counter()
+        first = None
+        with httpx.stream("POST", f"{url}/completions", json=body, timeout=600) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {") and first is None:
+                    first = time.perf_counter() - t0
         if "cold-start" in phases:
-            body = {"model": cfg.model, "prompt": prompts[0], "max_tokens": 4,
-                    "temperature": 0, "stream": True}
-            t0 = time.perf_counter()
-            first = None
-            with httpx.stream("POST", f"{url}/completions", json=body, timeout=600) as r:
-                for line in r.iter_lines():
-                    if line.startswith("data: {") and first is None:
-                        first = time.perf_counter() - t0
             result["cold_start_ttft_s"] = first
             say(f"  cold start from zero replicas: first token after {first:.1f} s")
         if "scale-up" in phases:
@@ -230,9 +233,11 @@ async def _step_and_watch(url: str, cfg: ClusterBenchConfig,
     from fleetlm.cluster.deploy import replica_count
 
     t0 = time.perf_counter()
-    task = asyncio.ensure_future(http_load(url, cfg.model, prompts[:cfg.num_requests],
-                                           cfg.concurrency, cfg.max_new_tokens,
-                                           cfg.time_budget_s))
+    # the step lasts step_s whatever the throughput (the prompts repeat): Serve's autoscaler
+    # reacts within tens of seconds, and a step that ends first measures nothing
+    many = prompts[:cfg.num_requests] * (1 + int(cfg.step_s))
+    task = asyncio.ensure_future(http_load(url, cfg.model, many, cfg.concurrency,
+                                           cfg.max_new_tokens, cfg.step_s))
     scale_up: float | None = None
     while not task.done():
         if scale_up is None and await asyncio.to_thread(replica_count, cluster) >= 2:

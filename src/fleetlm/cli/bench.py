@@ -363,6 +363,7 @@ def bench_cluster(
     replicas: Annotated[int, typer.Option(help="Engine replicas of the adapter-routing runs (one thread each).")] = 2,
     stream_interval: Annotated[int, typer.Option(help="The overhead phase also runs Ray with this many tokens per replica-to-ingress message.")] = 4,
     rounds: Annotated[int, typer.Option(help="Alternations of the overhead phase's systems (medians reported).")] = 1,
+    step_s: Annotated[float, typer.Option(help="Seconds the scale-up phase's step in load lasts.")] = 90.0,
     rank: Annotated[int, typer.Option(help="LoRA rank of the generated adapters.")] = 16,
     prompt_tokens: Annotated[int, typer.Option(help="Tokens per prompt.")] = 64,
     max_new_tokens: Annotated[int, typer.Option(help="Greedy tokens per request.")] = 32,
@@ -379,7 +380,7 @@ def bench_cluster(
                                num_requests=num_requests, adapter_requests=adapter_requests,
                                adapters=adapters, hot_per_replica=hot_per_replica,
                                replicas=replicas, stream_interval=stream_interval,
-                               rounds=rounds, rank=rank, prompt_tokens=prompt_tokens,
+                               rounds=rounds, step_s=step_s, rank=rank, prompt_tokens=prompt_tokens,
                                max_new_tokens=max_new_tokens, skip=_names(skip)), out)
     except (FleetLMError, ValueError) as e:
         fail(e)

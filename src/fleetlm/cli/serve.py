@@ -36,7 +36,8 @@ app = typer.Typer()
 def serve(
     model: ModelOpt = "smollm2-135m",
     adapters_dir: AdaptersDirArg = None,
-    adapters_url: Annotated[str | None, typer.Option(help="Adapters in an object store (s3://bucket/prefix, gs://..., file:///...; fsspec, with the protocol's package installed): each process serves local copies kept in --adapters-dir (default: under the cache), refreshed within 5 s of a change (docs/scale-out.md).")] = None,
+    adapters_url: Annotated[str | None, typer.Option(help="Adapters in an object store (s3://bucket/prefix, gs://..., file:///...; fsspec, with the protocol's package installed): each process serves local copies kept in --adapters-dir (default: under the cache), refreshed within --adapters-refresh-s of a change (docs/scale-out.md).")] = None,
+    adapters_refresh_s: Annotated[float, typer.Option(help="With --adapters-url: seconds a local copy is served without asking the remote whether it changed; 0 asks on every request for the adapter (never stale, one listing each).")] = 5.0,
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     dtype: DTypeArg = DTypeOpt.auto,
@@ -75,7 +76,8 @@ def serve(
 
     try:
         settings = ServeSettings(model=model, adapters_dir=adapters_dir,
-                                 adapters_url=adapters_url, host=host, port=port,
+                                 adapters_url=adapters_url,
+                                 adapters_refresh_s=adapters_refresh_s, host=host, port=port,
                                  dtype=dtype.value, quantize=quantize.value, compile=compile,
                                  prefix_cache_mb=prefix_cache_mb,
                                  speculative_tokens=speculative_tokens,

@@ -45,6 +45,9 @@ class ServeSettings(StrictModel):
     # adapters in an object store (s3://..., any fsspec URL): adapters_dir (default: a
     # folder under the cache) then holds this process's copies (fleetlm.adapters.mirror)
     adapters_url: str | None = None
+    # with adapters_url: seconds a local copy is served without asking the remote whether it
+    # changed (0: ask on every request for the adapter; one listing of its folder each)
+    adapters_refresh_s: float = Field(5.0, ge=0)
     host: str = "127.0.0.1"
     port: int = 8000
     dtype: str = "auto"
@@ -113,7 +116,8 @@ def open_adapter_store(settings: ServeSettings, base_config: Any, dtype: Any) ->
         from fleetlm.adapters.mirror import MirroredStore
 
         return MirroredStore(settings.adapters_url, root, base_config, dtype=dtype,
-                             max_rank=settings.max_lora_rank)
+                             max_rank=settings.max_lora_rank,
+                             refresh_s=settings.adapters_refresh_s)
     return AdapterStore(root, base_config, dtype=dtype, max_rank=settings.max_lora_rank)
 
 
