@@ -10,9 +10,9 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 	-DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
 PIP    := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: install postgres arm-tools serve test test-fast bench llama-server lint clean
+.PHONY: install jemalloc postgres arm-tools serve test test-fast bench llama-server lint clean
 
-install: $(STAMP)
+install: $(STAMP) jemalloc
 
 # Re-run only when the dependency list changes: a second `make install` does nothing.
 $(STAMP): pyproject.toml Makefile
@@ -28,6 +28,22 @@ $(STAMP): pyproject.toml Makefile
 
 serve: install
 	$(BIN)/fleetlm serve --model smollm2-135m --host 127.0.0.1 --port 8000
+
+# jemalloc for long CPU jobs: `fleetlm tune` restarts itself with it preloaded (glibc's
+# malloc keeps what tuning frees: src/fleetlm/allocator.py). Best effort, Debian's package
+# only when the loader does not know one already; without it tune runs on glibc's malloc.
+jemalloc:
+	@if ldconfig -p 2>/dev/null | grep -q libjemalloc; then \
+		:; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		echo "installing jemalloc for fleetlm tune (apt-get install libjemalloc2)"; \
+		$(SUDO) apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q libjemalloc2 || \
+		echo "warning: could not install libjemalloc2; fleetlm tune will use glibc's malloc"; \
+	else \
+		echo "note: no apt-get: install jemalloc yourself for fleetlm tune's memory" \
+		     "(src/fleetlm/allocator.py)"; \
+	fi
 
 # PostgreSQL binaries for the tests (tests/postgres.py starts a throwaway server of its own;
 # nothing is configured or started here). Installs Debian's package only when no initdb is

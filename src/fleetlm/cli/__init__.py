@@ -58,5 +58,20 @@ app.add_typer(tenants.app, name="tenants")
 app.add_typer(privacy.app, name="privacy")
 
 
+# commands that run long on the CPU: restarted with jemalloc where it is installed
+# (fleetlm/allocator.py: glibc's malloc keeps what tuning frees)
+LONG_RUNNING = frozenset({"tune"})
+
+
 def main() -> None:  # pragma: no cover - console entry point
+    import sys
+
+    if len(sys.argv) > 1 and sys.argv[1] in LONG_RUNNING:
+        from fleetlm.allocator import reexec_with_jemalloc
+        from fleetlm.errors import ConfigError
+
+        try:
+            reexec_with_jemalloc([sys.executable, "-m", "fleetlm", *sys.argv[1:]])
+        except ConfigError as e:
+            sys.exit(f"fleetlm: error: {e}")
     app()
