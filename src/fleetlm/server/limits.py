@@ -111,6 +111,7 @@ class RateLimiter:
         self._limited: set[str] = set()  # tenants with a rate limit: only theirs are shared
         self._pending: Counter[tuple[str, str, int]] = Counter()  # not yet sent
         self._task: asyncio.Task[None] | None = None
+        self._store_down = False
 
     def admit(self, tenant: str, policy: TenantPolicy | None) -> None:
         """Count one request of ``tenant``, or raise 429 (with Retry-After) when it is over
@@ -151,12 +152,14 @@ class RateLimiter:
     # -- sharing through the state store ---------------------------------------------------
 
     def _start_sync(self) -> None:
-        if self.shared is None or (self._task is not None and not self._task.done()):
+        if self.shared is None:
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return  # not serving (a direct call): this process's counts only
+        if self._task is not None and not self._task.done() and self._task.get_loop() is loop:
+            return
         self._task = loop.create_task(self._sync_forever())
 
     async def _sync_forever(self) -> None:
@@ -174,10 +177,15 @@ class RateLimiter:
         try:
             rows = await asyncio.to_thread(self.shared.exchange, self.source, counts, since)
         except Exception as e:  # noqa: BLE001 -- limits go on locally; the store may be back
-            log.warning("rate limits: the state store did not answer (%s); counting this "
-                        "process's requests only until it does", e)
+            if not self._store_down:  # once per outage, not every second
+                log.warning("rate limits: the state store did not answer (%s); counting "
+                            "this process's requests only until it does", e)
+            self._store_down = True
             self._pending.update({(t, k, s): n for t, k, s, n in counts})
             return
+        if self._store_down:
+            log.warning("rate limits: the state store answers again; limits are shared")
+            self._store_down = False
         others: dict[tuple[str, str], Window] = {}
         for tenant, kind, second, n in rows:
             others.setdefault((tenant, kind), Window()).add(second, n)
