@@ -253,3 +253,15 @@ def test_serve_ray_checks_the_routes_file_before_starting_ray(tmp_path: Any) -> 
     assert "routes.r.small" in r.stderr and "Traceback" not in r.stderr
     assert "Ray" not in r.stderr.split("error:")[0]  # failed before any cluster started
     assert time.perf_counter() - t0 < 60
+
+
+def test_bench_cluster_config_refuses_what_it_cannot_run() -> None:
+    from fleetlm.bench.cluster import ClusterBenchConfig
+
+    assert ClusterBenchConfig(skip=["affinity"]).phases() == ["overhead", "cold-start",
+                                                              "scale-up"]
+    with pytest.raises(ConfigError, match="skip: bogus is not a phase; choose from overhead"):
+        ClusterBenchConfig(skip=["bogus"]).phases()
+    for bad in ({"rounds": 0}, {"stream_interval": 0}, {"step_s": 0}, {"replica": 2}):
+        with pytest.raises(ValidationError):
+            ClusterBenchConfig(**bad)  # type: ignore[arg-type]
