@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Literal
 
 from fleetlm.errors import ConfigError
@@ -59,14 +59,16 @@ def loaded() -> str | None:
     return None
 
 
-def plan(env: Mapping[str, str], platform: str, found: str | None,
+def plan(env: Mapping[str, str], platform: str, find: Callable[[], str | None],
          running: str | None) -> str | None:
     """The library to restart with, or None to go on as we are (raises for
-    ``FLEETLM_ALLOCATOR=jemalloc`` without jemalloc)."""
+    ``FLEETLM_ALLOCATOR=jemalloc`` without jemalloc). ``find`` looks for the library (a
+    call to ldconfig): only when a restart is still possible."""
     want = choice(env)
     if want == "system" or running is not None or env.get(_RESTARTED):
         return None
-    if platform != "linux" or found is None:
+    found = find() if platform == "linux" else None
+    if found is None:
         if want == "jemalloc":
             raise ConfigError(f"{ENV}=jemalloc: no libjemalloc found on this machine; install "
                               "it (Debian/Ubuntu: apt-get install libjemalloc2, or `make "
@@ -78,8 +80,7 @@ def plan(env: Mapping[str, str], platform: str, found: str | None,
 def reexec_with_jemalloc(cmd: list[str]) -> None:
     """Replace this process by ``cmd`` with jemalloc preloaded, when :func:`plan` says so;
     return otherwise. Call it first thing, before threads or files are opened."""
-    lib = plan(os.environ, sys.platform, find_jemalloc() if sys.platform == "linux" else None,
-               loaded())
+    lib = plan(os.environ, sys.platform, find_jemalloc, loaded())
     if lib is None:
         return
     preload = " ".join(p for p in (lib, os.environ.get("LD_PRELOAD", "")) if p)

@@ -53,14 +53,24 @@ TRAIN = textwrap.dedent("""
 
 def test_the_allocator_choice() -> None:
     lib = "libjemalloc.so.2"
-    assert plan({}, "linux", lib, None) == lib  # auto: restart with it
-    assert plan({ENV: "system"}, "linux", lib, None) is None
-    assert plan({}, "linux", lib, "/usr/lib/libjemalloc.so.2") is None  # already running
-    assert plan({"_FLEETLM_ALLOCATOR_RESTARTED": "1"}, "linux", lib, None) is None  # once
-    assert plan({}, "linux", None, None) is None  # not installed: glibc's
-    assert plan({}, "darwin", lib, None) is None
+
+    def found() -> str:
+        return lib
+
+    def missing() -> None:
+        return None
+
+    def never() -> str:
+        raise AssertionError("looked for the library where no restart can happen")
+
+    assert plan({}, "linux", found, None) == lib  # auto: restart with it
+    assert plan({ENV: "system"}, "linux", never, None) is None
+    assert plan({}, "linux", never, "/usr/lib/libjemalloc.so.2") is None  # already running
+    assert plan({"_FLEETLM_ALLOCATOR_RESTARTED": "1"}, "linux", never, None) is None  # once
+    assert plan({}, "linux", missing, None) is None  # not installed: glibc's
+    assert plan({}, "darwin", never, None) is None
     with pytest.raises(ConfigError, match="apt-get install libjemalloc2"):
-        plan({ENV: "jemalloc"}, "linux", None, None)
+        plan({ENV: "jemalloc"}, "linux", missing, None)
     with pytest.raises(ConfigError, match=f"{ENV}='tcmalloc': choose auto"):
         choice({ENV: "tcmalloc"})
 

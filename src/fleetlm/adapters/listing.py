@@ -26,15 +26,10 @@ def open_store(adapters_dir: Path | None, model: str | None, max_rank: int = 64,
     """The store at ``adapters_dir`` (default: the user data folder's), validating against
     ``model``'s config (none: no shape checks, e.g. to remove an adapter). With ``url`` (an
     object store, fleetlm.adapters.mirror) ``adapters_dir`` holds the local copies."""
-    from fleetlm.adapters.store import AdapterStore
-    from fleetlm.paths import default_adapters_dir
+    from fleetlm.adapters.mirror import open_adapter_store
 
     base = base_model_config(model) if model is not None else None
-    if url:
-        from fleetlm.adapters.mirror import MirroredStore, default_cache
-
-        return MirroredStore(url, adapters_dir or default_cache(url), base, max_rank=max_rank)
-    return AdapterStore(adapters_dir or default_adapters_dir(), base, max_rank=max_rank)
+    return open_adapter_store(adapters_dir, url, base, max_rank=max_rank)
 
 
 def base_model_config(model: str) -> LlamaConfig:

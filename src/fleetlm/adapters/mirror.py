@@ -46,6 +46,26 @@ def default_cache(url: str) -> Path:
     return cache_home() / "adapter-mirror" / hashlib.sha256(url.encode()).hexdigest()[:12]
 
 
+def store_root(adapters_dir: Path | None, url: str | None) -> Path:
+    """The folder a store keeps its adapters in: ``adapters_dir``; else, with ``url``, the
+    copies' folder for that URL (:func:`default_cache`); else the user data folder's."""
+    from fleetlm.paths import default_adapters_dir
+
+    if adapters_dir is not None:
+        return adapters_dir
+    return default_cache(url) if url else default_adapters_dir()
+
+
+def open_adapter_store(adapters_dir: Path | None, url: str | None, base_config: Any, *,
+                       refresh_s: float = REFRESH_S, **kwargs: Any) -> AdapterStore:
+    """The store of ``--adapters-dir`` / ``--adapters-url``: the folder itself, or a mirror
+    of ``url`` kept in :func:`store_root`. ``kwargs`` go to :class:`AdapterStore`."""
+    root = store_root(adapters_dir, url)
+    if url:
+        return MirroredStore(url, root, base_config, refresh_s=refresh_s, **kwargs)
+    return AdapterStore(root, base_config, **kwargs)
+
+
 def is_url(location: str | Path) -> bool:
     """Whether ``--adapters-url``-style ``location`` names a remote (``scheme://...``)."""
     return "://" in str(location)

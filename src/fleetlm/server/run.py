@@ -97,28 +97,18 @@ class Served:
 def adapters_root(settings: ServeSettings) -> Path:
     """The adapter store's folder: ``--adapters-dir`` or the user data folder; with
     ``--adapters-url``, the local copies' folder (default: one per URL under the cache)."""
-    from fleetlm.adapters.mirror import default_cache
-    from fleetlm.paths import default_adapters_dir
+    from fleetlm.adapters.mirror import store_root
 
-    if settings.adapters_dir is not None:
-        return settings.adapters_dir
-    if settings.adapters_url:
-        return default_cache(settings.adapters_url)
-    return default_adapters_dir()
+    return store_root(settings.adapters_dir, settings.adapters_url)
 
 
 def open_adapter_store(settings: ServeSettings, base_config: Any, dtype: Any) -> Any:
     """The adapter store of these settings: the folder, or a mirror of ``adapters_url``."""
-    from fleetlm.adapters import AdapterStore
+    from fleetlm.adapters.mirror import open_adapter_store as open_store
 
-    root = adapters_root(settings)
-    if settings.adapters_url:
-        from fleetlm.adapters.mirror import MirroredStore
-
-        return MirroredStore(settings.adapters_url, root, base_config, dtype=dtype,
-                             max_rank=settings.max_lora_rank,
-                             refresh_s=settings.adapters_refresh_s)
-    return AdapterStore(root, base_config, dtype=dtype, max_rank=settings.max_lora_rank)
+    return open_store(settings.adapters_dir, settings.adapters_url, base_config,
+                      refresh_s=settings.adapters_refresh_s, dtype=dtype,
+                      max_rank=settings.max_lora_rank)
 
 
 def engine_config(settings: ServeSettings) -> EngineConfig:
