@@ -209,8 +209,22 @@ def test_cluster_settings_reject_what_cannot_run() -> None:
     a = c.autoscaling()
     assert (a["min_replicas"], a["max_replicas"], a["downscale_to_zero_delay_s"]) == (0, 4, 60)
     assert "initial_replicas" not in a
-    assert set(c.metric_env()) == {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
-                                   "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"}
+    env = c.replica_env()
+    assert env["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] == "10.0"
+    assert env["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] == "10.0"
+    # Serve's throughput mode, without direct ingress (clients keep --port)
+    assert (env["RAY_SERVE_THROUGHPUT_OPTIMIZED"], env["RAY_SERVE_ENABLE_DIRECT_INGRESS"]) == (
+        "1", "0")
+
+
+def test_throughput_mode_yields_to_the_users_environment(monkeypatch: pytest.MonkeyPatch,
+                                                         ) -> None:
+    from fleetlm.cluster.settings import ClusterSettings
+
+    monkeypatch.setenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", "0")
+    env = ClusterSettings().replica_env()
+    assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"
+    assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0"
 
 
 def test_serve_ray_bad_options_name_the_option() -> None:

@@ -3,6 +3,7 @@
     generate.py   fleetlm generate          one prompt, streamed (engine/generate, engine/oneshot)
     serve.py      fleetlm serve             the OpenAI-compatible server (server/, engine/)
     tune.py       fleetlm tune              raw data to a served adapter (tune/)
+    export.py     fleetlm export            adapter merged, as HF folder and GGUF (compress/)
     bench.py      fleetlm bench ...         the benchmarks (bench/; the only importer of it)
     adapters.py   fleetlm adapters ...      the adapter store (adapters/listing)
     route.py      fleetlm route ...         train, calibrate, evaluate a router (router/)
@@ -27,6 +28,7 @@ from fleetlm.cli import (
     adapters,
     audit,
     bench,
+    export,
     generate,
     keys,
     privacy,
@@ -48,6 +50,7 @@ app.add_typer(generate.app)  # fleetlm generate
 app.add_typer(serve.app)  # fleetlm serve
 app.add_typer(tune.app)  # fleetlm tune
 app.add_typer(audit.app)  # fleetlm audit
+app.add_typer(export.app)  # fleetlm export
 # groups: fleetlm GROUP COMMAND
 app.add_typer(bench.app, name="bench")
 app.add_typer(adapters.app, name="adapters")

@@ -48,7 +48,7 @@ def engine_deployment(settings: ServeSettings, cluster: ClusterSettings) -> Any:
     return serve.deployment(
         FleetlmEngine, name=ENGINE,
         ray_actor_options={"num_cpus": cluster.replica_threads,
-                           "runtime_env": {"env_vars": cluster.metric_env()}},
+                           "runtime_env": {"env_vars": cluster.replica_env()}},
         autoscaling_config=cluster.autoscaling(),
         # requests a replica takes at once: its batch plus a queue as long again
         max_ongoing_requests=2 * settings.max_batch,
@@ -65,7 +65,7 @@ def ingress_deployment(cluster: ClusterSettings) -> Any:
     return serve.deployment(serve.ingress()(Ingress), name=INGRESS,
                             num_replicas=cluster.ingress_replicas,
                             ray_actor_options={"num_cpus": 0,
-                                               "runtime_env": {"env_vars": cluster.metric_env()}},
+                                               "runtime_env": {"env_vars": cluster.replica_env()}},
                             max_ongoing_requests=1024)
 
 
@@ -95,6 +95,8 @@ def connect(cluster: ClusterSettings) -> bool:
     stop). Usage statistics off: nothing leaves the machine."""
     import ray
 
+    from fleetlm.cluster.settings import throughput_env
+
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
         return False
@@ -109,6 +111,10 @@ def connect(cluster: ClusterSettings) -> bool:
     # 1 s halve Ray's idle use, and nothing here reacts faster than a second anyway
     os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.5")
     os.environ.setdefault("RAY_SERVE_METRICS_EXPORT_INTERVAL_MS", "1000")
+    # Serve's throughput mode for its controller and proxy too (the replicas get it from
+    # their runtime environment on any cluster: ClusterSettings.replica_env)
+    for k, v in throughput_env().items():
+        os.environ.setdefault(k, v)
     ray.init(num_cpus=cluster.num_cpus or os.cpu_count(), include_dashboard=False,
              log_to_driver=False)
     return True

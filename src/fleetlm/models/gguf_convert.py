@@ -24,7 +24,7 @@ from fleetlm.errors import ModelLoadError
 from fleetlm.paths import cache_home
 
 # GGUF tensor name (after "blk.N.") -> Hugging Face name (after "model.layers.N.")
-_LAYER_NAMES = {
+LAYER_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj",
@@ -37,7 +37,7 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-_GLOBAL_NAMES = {
+GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
     "output": "lm_head",
@@ -108,9 +108,9 @@ def _hf_name(gguf_name: str) -> str | None:
     base, _, suffix = gguf_name.rpartition(".")
     if base.startswith("blk."):
         _, idx, part = base.split(".", 2)
-        hf = _LAYER_NAMES.get(part)
+        hf = LAYER_NAMES.get(part)
         return None if hf is None else f"model.layers.{idx}.{hf}.{suffix}"
-    hf = _GLOBAL_NAMES.get(base)
+    hf = GLOBAL_NAMES.get(base)
     return None if hf is None else f"{hf}.{suffix}"
 
 

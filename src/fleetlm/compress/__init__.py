@@ -1,0 +1,7 @@
+"""Models leave fleetlm, and get smaller: merge an adapter into its base and export it as
+a Hugging Face folder and GGUF files (``fleetlm export``; docs/compress.md).
+
+    merge.py       base + adapter -> merged weights; the Hugging Face folder
+    gguf_write.py  merged weights -> GGUF (f32, f16, q8_0, q4_0) with the gguf package
+    export.py      ExportSettings and export(): both, with export.json
+"""
