@@ -18,7 +18,6 @@ from fleetlm.models.gguf_convert import _hf_name, _unpermute, convert_gguf
 from fleetlm.models.loader import load_model, read_config
 from tests.conftest import make_hf_model
 
-
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
                  "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
                  "{% endif %}")

@@ -384,3 +384,31 @@ def bench_cluster(
                                max_new_tokens=max_new_tokens, skip=_names(skip)), out)
     except (FleetLMError, ValueError) as e:
         fail(e)
+
+
+@app.command("export")
+def bench_export(
+    model: ModelOpt = "smollm2-135m",
+    out: OutOpt = None,
+    adapter: Annotated[str | None, typer.Option(help="Adapter to merge (folder or store name; default: a random one of rank --rank).")] = None,
+    rank: Annotated[int, typer.Option(help="Rank of the random adapter.")] = 16,
+    gguf: Annotated[str, typer.Option(help="Comma-separated GGUF types to export and check.")] = "f32,f16,q8_0,q4_0",
+    prompts: Annotated[int, typer.Option(help="Prompts of the greedy-parity check.")] = 8,
+    prompt_tokens: Annotated[int, typer.Option(help="Tokens per prompt.")] = 32,
+    max_new_tokens: Annotated[int, typer.Option(help="Greedy tokens per request.")] = 32,
+    concurrency: Annotated[int, typer.Option(help="Streams of the speed phase's second measurement.")] = 8,
+    num_requests: Annotated[int, typer.Option(help="Requests of that measurement.")] = 32,
+    llama_server: Annotated[Path | None, typer.Option(help="llama-server binary (default: $FLEETLM_LLAMA_SERVER, PATH, or `make llama-server`'s).")] = None,
+) -> None:
+    """`fleetlm export` measured: file sizes, llama.cpp's greedy parity on each GGUF type
+    against fleetlm on the merged folder, and decode speed (llama-server on q8_0 against
+    `fleetlm serve` on the merged folder)."""
+    from fleetlm.bench.export import ExportBenchConfig, run
+
+    try:
+        run(ExportBenchConfig(model=model, adapter=adapter, rank=rank, gguf=_names(gguf),
+                              prompts=prompts, prompt_tokens=prompt_tokens,
+                              max_new_tokens=max_new_tokens, concurrency=concurrency,
+                              num_requests=num_requests, llama_server=llama_server), out)
+    except (FleetLMError, ValueError) as e:
+        fail(e)

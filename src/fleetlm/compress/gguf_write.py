@@ -175,7 +175,7 @@ def tokenizer_fields(folder: Path, cfg: LlamaConfig) -> dict[str, Any]:
         _copy_tokenizer(writer, Path(gguf_source))
     else:
         _built_tokenizer(writer, folder, cfg)
-    return dict(writer.kv_data[0])
+    return {k: v for k, v in writer.kv_data[0].items() if k.startswith("tokenizer.")}
 
 
 def write_gguf(folder: Path, state: dict[str, torch.Tensor], cfg: LlamaConfig, out: Path,
