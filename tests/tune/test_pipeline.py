@@ -390,3 +390,46 @@ def test_tune_off_a_terminal_prints_plain_progress_lines(
     assert synth[-1]["done"] == synth[-1]["total"] == "3"  # one request per label
     assert "prepare: " in out and "rows in ->" in out  # say() messages still print
     assert "synthesize: 9 teacher rows" in out and "validation loss" in out
+
+
+def test_qlora_trains_on_an_int8_base_and_its_adapter_serves(tmp_path: Path,
+                                                             tiny_base: Path) -> None:
+    """train.quantize_base: int8 -- the frozen projections are torchao int8 tensors under
+    PEFT's LoRA; the run learns, and the published adapter, served by the engine on the
+    unquantised base, scores what the run reported."""
+    from fleetlm.tune.config import TrainConfig
+    from fleetlm.tune.train import build_model
+
+    tc = TrainConfig(rank=4, alpha=8, quantize_base="int8", bf16=False)
+    model = build_model(tiny_base, tc)
+    q = model.get_base_model().model.layers[0].self_attn.q_proj
+    assert type(q).__name__ == "TorchaoLoraLinear"
+    assert type(q.base_layer.weight).__name__ == "Int8Tensor"
+    assert q.base_layer.weight.qdata.dtype == torch.int8
+    assert not q.base_layer.weight.requires_grad
+    # the embedding (the tied head) stays as it was
+    emb = model.get_base_model().model.embed_tokens.weight
+    assert type(emb) is torch.nn.Parameter and emb.dtype == torch.float32
+
+    raw = _config(tmp_path, tiny_base, train={"quantize_base": "int8"}, eval={"base_rows": 0})
+    res = Pipeline(parse_config(raw), quiet=True).run()
+    train = res.summary["stages"]["train"]
+    assert train["final_train_loss"] < 0.5 * train["first_train_loss"]
+
+    from fleetlm.adapters import AdapterStore
+    from fleetlm.engine.engine import Engine, EngineConfig
+    from fleetlm.models.loader import load_model
+    from fleetlm.tune.evaluate import evaluate
+    from fleetlm.tune.records import read_jsonl
+
+    cfg = parse_config(raw)
+    prep = res.run_dir / "stages" / f"prepare-{res.summary['stages']['prepare']['key']}"
+    lm = load_model(str(tiny_base), dtype="float32")
+    store = AdapterStore(tmp_path / "store", lm.config, dtype=lm.model.dtype, max_rank=16)
+    engine = Engine(lm, EngineConfig(max_running=8, max_len=256, max_hot_adapters=1), store=store)
+    again = evaluate(engine, read_jsonl(prep / "val.jsonl"), cfg.task, sorted(LABELS),
+                     adapter="tiny-cls", name="served")
+    tuned = res.summary["metrics"]["tuned"]
+    assert again.metrics["accuracy"] == pytest.approx(tuned["accuracy"])
+    with pytest.raises(ValueError, match="quantize_base: int8 trains LoRA"):
+        TrainConfig(method="full", quantize_base="int8")

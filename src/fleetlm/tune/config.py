@@ -151,6 +151,16 @@ class TrainConfig(StrictModel):
     threads: int | None = Field(None, gt=0)  # torch threads; None = torch's default
     # attention kernel of the transformers model being trained (see train.build_model)
     attention: Literal["eager", "sdpa"] = "eager"
+    # QLoRA: the frozen base's decoder projections stored as int8 (a scale per output row,
+    # torchao's weight-only int8), LoRA on top; half a bfloat16 base's memory for them
+    quantize_base: Literal["none", "int8"] = "none"
+
+    @model_validator(mode="after")
+    def _qlora_needs_lora(self) -> TrainConfig:
+        if self.quantize_base != "none" and self.method != "lora":
+            raise ValueError(f"quantize_base: {self.quantize_base} trains LoRA on a frozen "
+                             "quantised base; use method: lora, or quantize_base: none")
+        return self
 
 
 class EvalConfig(StrictModel):

@@ -123,9 +123,10 @@ def build_model(base_folder: Path, cfg: TrainConfig) -> Any:
     from transformers import AutoModelForCausalLM
 
     frozen_bf16 = cfg.method == "lora" and cfg.bf16
+    extra = {"quantization_config": int8_base_config()} if cfg.quantize_base == "int8" else {}
     model = AutoModelForCausalLM.from_pretrained(
         base_folder, dtype=torch.bfloat16 if frozen_bf16 else torch.float32,
-        attn_implementation=cfg.attention)
+        attn_implementation=cfg.attention, **extra)
     model.config.use_cache = False
     if cfg.method == "full":
         return model
@@ -142,6 +143,27 @@ def build_model(base_folder: Path, cfg: TrainConfig) -> Any:
                       target_modules=list(cfg.target_modules), use_rslora=cfg.use_rslora,
                       bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, lcfg, autocast_adapter_dtype=True)  # adapter in float32
+
+
+def int8_base_config() -> Any:
+    """QLoRA's frozen base, as transformers loads it: every linear layer but the head as
+    torchao's weight-only int8 (a scale per output row; the embedding is not a linear layer
+    and stays as loaded). PEFT wraps those layers with its torchao LoRA layer, and can merge
+    into them because transformers recorded how they were quantised."""
+    import logging
+
+    # torchao logs every optional native library it cannot load (GPU kernels) at import,
+    # and torch a deprecation of how it registers an enum
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig
+    except ImportError as e:
+        raise ConfigError("train.quantize_base: int8 needs torchao (pip install "
+                          "torchao==0.18.0; make install does this)") from e
+    from transformers import TorchAoConfig
+
+    return TorchAoConfig(quant_type=Int8WeightOnlyConfig(), modules_to_not_convert=["lm_head"])
 
 
 def _schedule(total: int, warmup: int) -> Callable[[int], float]:
