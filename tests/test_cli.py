@@ -213,3 +213,15 @@ def test_adapters_add_list_remove_through_an_object_store_url(tmp_path):
             "--adapters-dir", str(tmp_path / "b"))
     assert r.returncode == 0 and url in r.stdout, r.stderr
     assert not (tmp_path / "bucket" / "demo").exists()
+
+
+def test_the_console_script_is_main_so_long_commands_get_jemalloc() -> None:
+    """`fleetlm` (the installed script) must enter through main(), which restarts tune and
+    distill with jemalloc (fleetlm/allocator.py); an entry point at the typer app skipped it."""
+    from importlib.metadata import entry_points
+
+    from fleetlm.cli import LONG_RUNNING
+
+    (ep,) = [e for e in entry_points(group="console_scripts") if e.name == "fleetlm"]
+    assert ep.value == "fleetlm.cli:main"
+    assert {"tune", "distill"} <= LONG_RUNNING

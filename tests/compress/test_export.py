@@ -18,55 +18,18 @@ from fleetlm.models.gguf_convert import _hf_name, _unpermute, convert_gguf
 from fleetlm.models.loader import load_model, read_config
 from tests.conftest import make_hf_model
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
-                 "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
-                 "{% endif %}")
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-
 
 @pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer random Llama with a byte-level BPE tokenizer of ~400 tokens trained here
-    (SmolLM2's 49k-token vocabulary makes every GGUF read take seconds), special tokens and
-    a chat template: the shape of SmolLM2's tokenizer, small."""
-    import transformers
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    folder = tmp_path_factory.mktemp("small-base")
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    text = ["Refund my card, please: order 12345!", "Où est ma carte? Hello world.",
-            "The quick brown fox jumps over the lazy dog 0987654321."] * 50
-    bpe.train_from_iterator(text, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIAL,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<|im_end|>", bos_token="<|endoftext|>",
-        unk_token="<|endoftext|>", additional_special_tokens=SPECIAL[1:])
-    tok.chat_template = CHAT_TEMPLATE
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=256,
-                                   tie_word_embeddings=True, initializer_range=0.3,
-                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def adapter(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def adapter(small_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     # wide enough that the merge moves the logits visibly (checked below)
     return make_random_adapter(tmp_path_factory.mktemp("ad") / "support-bot",
-                               read_config(tiny_base), rank=4, alpha=8, std=0.2, seed=3)
+                               read_config(small_base), rank=4, alpha=8, std=0.2, seed=3)
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_base: Path, adapter: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def exported(small_base: Path, adapter: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("export")
-    export(ExportSettings(model=str(tiny_base), adapter=str(adapter), out=out,
+    export(ExportSettings(model=str(small_base), adapter=str(adapter), out=out,
                           gguf=["f32", "f16", "q8_0", "q4_0"]), say=lambda m: None)
     return out
 
@@ -127,10 +90,10 @@ def test_permute_is_the_inverse_of_the_readers_unpermute() -> None:
     assert gguf_name("model.layers.0.self_attn.rotary_emb.inv_freq") is None
 
 
-def test_hf_folder_is_peft_merge_and_unload(tiny_base: Path, adapter: Path,
+def test_hf_folder_is_peft_merge_and_unload(small_base: Path, adapter: Path,
                                             exported: Path) -> None:
-    ref = _peft_merged(tiny_base, adapter)
-    base_only = _ours(tiny_base)
+    ref = _peft_merged(small_base, adapter)
+    base_only = _ours(small_base)
     assert (ref - base_only).abs().max() > 0.05  # the adapter matters: the test can fail
     got = _ours(exported / "hf")
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
@@ -142,7 +105,7 @@ def test_hf_folder_is_peft_merge_and_unload(tiny_base: Path, adapter: Path,
         torch.testing.assert_close(hf(IDS).logits[0], ref, atol=1e-4, rtol=0)
     text = "Refund my card, please: order 12345!"
     assert (AutoTokenizer.from_pretrained(exported / "hf")(text)["input_ids"]
-            == AutoTokenizer.from_pretrained(tiny_base)(text)["input_ids"])
+            == AutoTokenizer.from_pretrained(small_base)(text)["input_ids"])
     meta = json.loads((exported / "hf" / "fleetlm_export.json").read_text())
     assert meta["adapter"] == str(adapter)
 
@@ -182,7 +145,7 @@ def test_quantised_gguf_weights_are_within_a_step_of_the_merge(
 
 
 def test_gguf_tokenizer_round_trips_and_a_gguf_base_keeps_its_fields(
-        exported: Path, tiny_base: Path, tmp_path: Path) -> None:
+        exported: Path, small_base: Path, tmp_path: Path) -> None:
     """The GGUF's tokenizer encodes text as the original and keeps the chat template; and
     the embedded models' path: a folder converted from a GGUF (fleetlm_source.json names
     the file) is exported with that file's tokenizer.* fields verbatim."""
@@ -192,7 +155,7 @@ def test_gguf_tokenizer_round_trips_and_a_gguf_base_keeps_its_fields(
     src = exported / "support-bot-f32.gguf"
     convert_gguf(src, tmp_path / "back")  # rebuilds the tokenizer, writes fleetlm_source.json
     back = AutoTokenizer.from_pretrained(tmp_path / "back")
-    orig = AutoTokenizer.from_pretrained(tiny_base)
+    orig = AutoTokenizer.from_pretrained(small_base)
     text = "Hello world, 123! Où est ma carte?\n<|im_start|>user"
     assert back(text)["input_ids"] == orig(text)["input_ids"]
     assert back.chat_template == orig.chat_template
@@ -210,12 +173,12 @@ def test_gguf_tokenizer_round_trips_and_a_gguf_base_keeps_its_fields(
     assert [f["kind"] for f in listing["files"]] == ["gguf q8_0"]
 
 
-def test_refusals_name_the_fix(tiny_base: Path, tmp_path: Path,
+def test_refusals_name_the_fix(small_base: Path, tmp_path: Path,
                                tiny_checkpoints: dict[str, Path]) -> None:
     from fleetlm.errors import ConfigError, ModelLoadError
 
     with pytest.raises(ConfigError, match="adapters list"):
-        export(ExportSettings(model=str(tiny_base), adapter="no-such", out=tmp_path / "a",
+        export(ExportSettings(model=str(small_base), adapter="no-such", out=tmp_path / "a",
                               adapters_dir=tmp_path), say=lambda m: None)
     with pytest.raises(ModelLoadError, match="'mistral' is not exported to GGUF.*--gguf none"):
         export(ExportSettings(model=str(tiny_checkpoints["mistral-window"]), out=tmp_path / "b",
@@ -233,17 +196,18 @@ def test_refusals_name_the_fix(tiny_base: Path, tmp_path: Path,
                                _ours(tiny_checkpoints["llama"], small))
 
 
-def test_cli_export_and_its_errors(tiny_base: Path, adapter: Path, tmp_path: Path) -> None:
+def test_cli_export_and_its_errors(small_base: Path, adapter: Path, tmp_path: Path) -> None:
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "fleetlm", "export", *args],
                               capture_output=True, text=True, timeout=300)
 
-    r = run("--model", str(tiny_base), "--adapter", str(adapter), "--out", str(tmp_path / "x"),
-            "--gguf", "q5_k")
-    assert r.returncode == 2 and "q5_k: not a GGUF type" in r.stderr, r.stderr
-    r = run("--model", str(tiny_base), "--out", str(tmp_path / "y"), "--no-hf", "--gguf", "none")
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="q5_k: not a GGUF type"):
+        ExportSettings(out=tmp_path / "x", gguf=["f16", "q5_k"])
+    r = run("--model", str(small_base), "--out", str(tmp_path / "y"), "--no-hf", "--gguf", "none")
     assert r.returncode == 2 and "nothing to export" in r.stderr, r.stderr
-    r = run("--model", str(tiny_base), "--adapter", str(adapter), "--out", str(tmp_path / "z"),
+    r = run("--model", str(small_base), "--adapter", str(adapter), "--out", str(tmp_path / "z"),
             "--gguf", "q8_0")
     assert r.returncode == 0, r.stderr
     assert "gguf q8_0" in r.stdout and (tmp_path / "z" / "support-bot-q8_0.gguf").is_file()

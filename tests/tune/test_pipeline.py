@@ -415,6 +415,7 @@ def test_qlora_trains_on_an_int8_base_and_its_adapter_serves(tmp_path: Path,
     res = Pipeline(parse_config(raw), quiet=True).run()
     train = res.summary["stages"]["train"]
     assert train["final_train_loss"] < 0.5 * train["first_train_loss"]
+    assert "on an int8 base (QLoRA)" in (tmp_path / "store" / "tiny-cls" / "README.md").read_text()
 
     from fleetlm.adapters import AdapterStore
     from fleetlm.engine.engine import Engine, EngineConfig

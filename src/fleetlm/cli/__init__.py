@@ -4,6 +4,8 @@
     serve.py      fleetlm serve             the OpenAI-compatible server (server/, engine/)
     tune.py       fleetlm tune              raw data to a served adapter (tune/)
     export.py     fleetlm export            adapter merged, as HF folder and GGUF (compress/)
+    distill.py    fleetlm distill           a student trained on a teacher's logits (compress/)
+    prune.py      fleetlm prune             calibration-data pruning (compress/)
     bench.py      fleetlm bench ...         the benchmarks (bench/; the only importer of it)
     adapters.py   fleetlm adapters ...      the adapter store (adapters/listing)
     route.py      fleetlm route ...         train, calibrate, evaluate a router (router/)
@@ -28,10 +30,12 @@ from fleetlm.cli import (
     adapters,
     audit,
     bench,
+    distill,
     export,
     generate,
     keys,
     privacy,
+    prune,
     report,
     route,
     serve,
@@ -51,6 +55,8 @@ app.add_typer(serve.app)  # fleetlm serve
 app.add_typer(tune.app)  # fleetlm tune
 app.add_typer(audit.app)  # fleetlm audit
 app.add_typer(export.app)  # fleetlm export
+app.add_typer(distill.app)  # fleetlm distill
+app.add_typer(prune.app)  # fleetlm prune
 # groups: fleetlm GROUP COMMAND
 app.add_typer(bench.app, name="bench")
 app.add_typer(adapters.app, name="adapters")
@@ -63,7 +69,7 @@ app.add_typer(privacy.app, name="privacy")
 
 # commands that run long on the CPU: restarted with jemalloc where it is installed
 # (fleetlm/allocator.py: glibc's malloc keeps what tuning frees)
-LONG_RUNNING = frozenset({"tune"})
+LONG_RUNNING = frozenset({"tune", "distill"})
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -84,8 +84,8 @@ class ClusterSettings(StrictModel):
 
 # Ray Serve's throughput mode (its own switch, off by default): user code on the replica's
 # event loop instead of a second thread's, the handle's router on the caller's loop, gRPC
-# between replicas, buffered request logs. On 2 cores it took the Ray path from 0.75x to
-# 0.92x of the single process at 32 streams (docs/scale-out.md). Our engine steps on a
+# between replicas, buffered request logs. On 2 cores it took the Ray path from 0.65x to
+# 0.77x-0.92x of the single process at 32 streams (docs/scale-out.md). Our engine steps on a
 # thread of its own, so nothing of ours blocks the loop. Direct ingress (the HTTP server in
 # the ingress replica, on a port from a range) stays off: clients keep --port.
 THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}

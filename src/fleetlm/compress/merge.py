@@ -45,10 +45,11 @@ def merged_state(base: Path, adapter: Path | None, *, max_rank: int = 256,
 
 
 def write_hf_folder(base: Path, state: dict[str, torch.Tensor], out_dir: Path,
-                    provenance: dict[str, Any]) -> Path:
-    """``out_dir`` as a Hugging Face folder: the base's config and tokenizer files, the
-    weights in ``state`` (a tied head is left out, as transformers saves it), and
-    ``fleetlm_export.json`` with ``provenance``. An existing ``out_dir`` is replaced."""
+                    provenance: dict[str, Any], config: dict[str, Any] | None = None) -> Path:
+    """``out_dir`` as a Hugging Face folder: the base's config (with ``config``'s keys
+    replaced: a pruned model's new sizes) and tokenizer files, the weights in ``state`` (a
+    tied head is left out, as transformers saves it), and ``fleetlm_export.json`` with
+    ``provenance``. An existing ``out_dir`` is replaced."""
     from safetensors.torch import save_file
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -57,11 +58,11 @@ def write_hf_folder(base: Path, state: dict[str, torch.Tensor], out_dir: Path,
         for name in _COPIED:
             if (base / name).is_file():
                 shutil.copy2(base / name, tmp / name)
-        config = json.loads((base / "config.json").read_text())
-        config.pop("quantization_config", None)
-        config["torch_dtype"] = "float32"
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        tied = bool(config.get("tie_word_embeddings", False))
+        written = {**json.loads((base / "config.json").read_text()), **(config or {})}
+        written.pop("quantization_config", None)
+        written["torch_dtype"] = "float32"
+        (tmp / "config.json").write_text(json.dumps(written, indent=2))
+        tied = bool(written.get("tie_word_embeddings", False))
         weights = {k: v.contiguous() for k, v in state.items()
                    if not (tied and k == "lm_head.weight") and not k.endswith("rotary_emb.inv_freq")}
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})

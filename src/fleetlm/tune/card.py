@@ -74,6 +74,8 @@ def model_card(cfg: TuneConfig, summary: dict[str, Any], labels: Sequence[str] |
         "",
         f"- Method: {t.method}" + (f", rank {t.rank}, alpha {t.alpha}, dropout {t.dropout}, "
                                   f"rsLoRA {t.use_rslora}, targets {', '.join(t.target_modules)}"
+                                  + (", on an int8 base (QLoRA)" if t.quantize_base == "int8"
+                                     else "")
                                   if t.method == "lora" else ""),
         f"- AdamW lr {t.learning_rate}, weight decay {t.weight_decay}, warm-up "
         f"{t.warmup_ratio:.0%} then cosine, batch {t.batch_size} x {t.grad_accum} accumulation, "
