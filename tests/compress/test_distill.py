@@ -88,6 +88,24 @@ def test_distill_refusals_name_the_fix(small_base: Path, tmp_path: Path,
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
 
 
+def test_every_row_shape_reads(small_base: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from fleetlm.compress.distill import read_rows
+
+    tok = AutoTokenizer.from_pretrained(small_base)
+    chat = [{"role": "user", "content": "Refund my card"}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"text": "hello world"}, {"messages": [*chat, {"role": "assistant", "content": "ok"}]},
+        {"prompt": "Refund my ", "completion": "card"},
+        {"prompt": chat, "answer": "ok", "label": "ok"}]) + "\n")
+    rows = read_rows(path, tok, 128)
+    assert len(rows) == 4
+    assert rows[1] == rows[3]  # a prepared row renders as the same chat
+    assert tok.decode(rows[2]) == "Refund my card"
+
+
 def test_cli_distill_reports_json(small_base: Path, tmp_path: Path) -> None:
     student = _student(small_base, tmp_path / "student")
     r = subprocess.run([sys.executable, "-m", "fleetlm", "distill", "--teacher", str(small_base),

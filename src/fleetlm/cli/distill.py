@@ -19,7 +19,7 @@ app = typer.Typer()
 def distill(
     teacher: Annotated[str, typer.Option(help="The teacher: embedded name, HF folder or .gguf file (e.g. `fleetlm export`'s hf/).")],
     student: Annotated[str, typer.Option(help="The student, with the teacher's tokenizer (e.g. a pruned copy).")],
-    data: Annotated[Path, typer.Option(help=".txt (a row per line) or .jsonl (text, messages, or prompt + completion).")],
+    data: Annotated[Path, typer.Option(help=".txt (a row per line) or .jsonl (text, messages, prompt + completion, or a tune run's prepared rows).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the distilled student (Hugging Face) and distill.json.")],
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 200,
     batch_size: Annotated[int, typer.Option(help="Rows per step.")] = 8,
@@ -29,6 +29,7 @@ def distill(
     ce_weight: Annotated[float, typer.Option(help="Weight of the data's own next-token cross-entropy (0: KL only).")] = 0.0,
     eval_rows: Annotated[int, typer.Option(help="Rows held out to measure KL and top-1 agreement before and after.")] = 64,
     seed: Annotated[int, typer.Option(help="Shuffling and sampling seed.")] = 0,
+    bf16: Annotated[bool, typer.Option("--bf16/--no-bf16", help="bfloat16 autocast for the forwards (losses in float32).")] = True,
 ) -> None:
     """Train a student on a teacher's next-token distributions (KL at a temperature), for
     any pair with the same tokenizer (docs/compress.md)."""
@@ -42,7 +43,7 @@ def distill(
         s = DistillSettings(teacher=teacher, student=student, data=data, out=out, steps=steps,
                             batch_size=batch_size, max_len=max_len,
                             learning_rate=learning_rate, temperature=temperature,
-                            ce_weight=ce_weight, eval_rows=eval_rows, seed=seed)
+                            ce_weight=ce_weight, eval_rows=eval_rows, seed=seed, bf16=bf16)
         summary = run(s, say=lambda m: typer.echo(m, err=True))
     except ValidationError as e:
         fail(ValueError("; ".join(format_errors(e, "docs/compress.md"))))

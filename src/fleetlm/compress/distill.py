@@ -14,8 +14,8 @@ Data, one example per row:
 
 - ``.txt``: one example per line;
 - ``.jsonl``: ``{"text": ...}``, ``{"messages": [...]}`` (rendered with the tokenizer's
-  chat template), or ``{"prompt": ..., "completion": ...}`` (a ``fleetlm tune`` prepared
-  file).
+  chat template), ``{"prompt": "...", "completion": "..."}``, or ``{"prompt": [messages],
+  "answer": "..."}`` (the rows of a ``fleetlm tune`` run's prepare stage).
 
 The last ``eval_rows`` rows are held out. The KL to the teacher and the greedy (top-1)
 agreement on them are measured before and after, and ``out/distill.json`` records them.
@@ -54,6 +54,7 @@ class DistillSettings(StrictModel):
     ce_weight: float = Field(0.0, ge=0)
     eval_rows: int = Field(64, ge=1)
     seed: int = 0
+    bf16: bool = True  # bfloat16 autocast for both models' forwards (the losses in float32)
 
 
 def read_rows(path: Path, tokenizer: Any, max_len: int) -> list[list[int]]:
@@ -89,8 +90,12 @@ def _row_text(row: Any, tokenizer: Any, where: str) -> str:
     if isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(
             row.get("completion"), str):
         return str(row["prompt"]) + str(row["completion"])
-    raise ConfigError(f"data: {where} has none of text, messages, or prompt with completion",
-                      param="data")
+    if isinstance(row, dict) and isinstance(row.get("prompt"), list) and isinstance(
+            row.get("answer"), str):  # a fleetlm tune prepared row: chat prompt, answer
+        messages = [*row["prompt"], {"role": "assistant", "content": row["answer"]}]
+        return str(tokenizer.apply_chat_template(messages, tokenize=False))
+    raise ConfigError(f"data: {where} has none of text, messages, prompt with completion, or "
+                      "prompt messages with answer", param="data")
 
 
 def _batch(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,14 +214,16 @@ def _train(student: Any, teacher: Any, rows: list[list[int]], pad: int,
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     rng = random.Random(s.seed + 1)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=s.bf16)
     losses: list[float] = []
     with Progress("distill") as p:
         update = p.task("train", s.steps)
         for step in range(s.steps):
             ids, mask = _batch(rng.sample(rows, min(s.batch_size, len(rows))), pad)
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast:
                 t_logits = teacher(input_ids=ids, attention_mask=mask).logits
-            out = student(input_ids=ids, attention_mask=mask)
+            with autocast:
+                out = student(input_ids=ids, attention_mask=mask)
             loss = kd_loss(out.logits, t_logits.clone(), mask, s.temperature)
             if s.ce_weight > 0:
                 logits = out.logits[:, :-1].float()
