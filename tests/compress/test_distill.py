@@ -116,7 +116,9 @@ def test_cli_distill_reports_json(small_base: Path, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["steps"] == 3 and out["held_out_rows"] == 8 and "kl" in out["after"]
-    r = subprocess.run([sys.executable, "-m", "fleetlm", "distill", "--teacher", str(small_base),
-                        "--student", str(student), "--data", str(tmp_path / "missing.txt"),
-                        "--out", str(tmp_path / "p")], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and "missing.txt does not exist" in r.stderr, r.stderr
+    from fleetlm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="missing.txt does not exist"):
+        distill(DistillSettings(teacher=str(small_base), student=str(student),
+                                data=tmp_path / "missing.txt", out=tmp_path / "p"),
+                say=lambda m: None)

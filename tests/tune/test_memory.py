@@ -92,11 +92,12 @@ def test_tuning_memory_stops_growing_after_warm_up(tiny_base: Path, tmp_path: Pa
     script.write_text(TRAIN)
     env = {k: v for k, v in os.environ.items() if k != ENV}
     r = subprocess.run([sys.executable, str(script), str(tiny_base), str(tmp_path / "out"),
-                        "160"], env=env, capture_output=True, text=True, timeout=600)
+                        "110"], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["allocator"] and "jemalloc" in got["allocator"]  # the choice was made
     rss = got["rss_mb"]
-    assert len(rss) == 160
-    warm, late = max(rss[40:80]), max(rss[120:160])
+    assert len(rss) == 110
+    # under glibc's malloc the same run grows 224 MB between these windows, jemalloc 2 MB
+    warm, late = max(rss[30:55]), max(rss[85:110])
     assert late - warm < 60, f"resident memory grew {late - warm:.0f} MB after warm-up"
