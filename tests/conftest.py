@@ -61,20 +61,12 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model to tune and serve adapters on in seconds. Read-only for its users."""
     import transformers
 
+    from fleetlm.bench.harness import save_tiny_llama
     from fleetlm.models.loader import resolve_source
 
-    src = resolve_source("smollm2-135m")
-    folder = tmp_path_factory.mktemp("tiny-base")
-    tok = transformers.AutoTokenizer.from_pretrained(src)
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=512,
-                                   tie_word_embeddings=True, initializer_range=0.3,
-                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    tok = transformers.AutoTokenizer.from_pretrained(resolve_source("smollm2-135m"))
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-base"), tok,
+                           max_position_embeddings=512)
 
 
 # a real PostgreSQL for the state store's tests (and the server's): see tests/postgres.py

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
                  "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
@@ -21,6 +20,8 @@ def small_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+    from fleetlm.bench.harness import save_tiny_llama
+
     folder = tmp_path_factory.mktemp("small-base")
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -34,12 +35,5 @@ def small_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
         tokenizer_object=bpe, eos_token="<|im_end|>", bos_token="<|endoftext|>",
         unk_token="<|endoftext|>", additional_special_tokens=SPECIAL[1:])
     tok.chat_template = CHAT_TEMPLATE
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=256,
-                                   tie_word_embeddings=True, initializer_range=0.3,
-                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(folder, tok, hidden_size=64, intermediate_size=96,
+                           max_position_embeddings=256)

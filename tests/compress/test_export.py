@@ -238,19 +238,6 @@ def test_tied_and_untied_heads(tmp_path: Path) -> None:
     assert "output.weight" in names and "token_embd.weight" in names
 
 
-def _greedy_ours(folder: Path, prompt: list[int], n: int) -> list[int]:
-    lm = load_model(str(folder), dtype="float32", quantize="none", with_tokenizer=False)
-    ids = list(prompt)
-    with torch.inference_mode():
-        for _ in range(n):
-            x = torch.tensor([ids])
-            cache = lm.model.allocate_cache(1, 64)
-            logits = lm.model(x, torch.arange(len(ids))[None], cache, torch.tensor([0]),
-                              len(ids), None)
-            ids.append(int(logits[0, -1].argmax()))
-    return ids[len(prompt):]
-
-
 @pytest.mark.parametrize("qtype", ["f32", "f16"])
 def test_llama_cpp_loads_the_gguf_and_decodes_the_same_greedy_tokens(
         exported: Path, qtype: str) -> None:
@@ -258,6 +245,7 @@ def test_llama_cpp_loads_the_gguf_and_decodes_the_same_greedy_tokens(
     file: the same greedy continuation of the same token ids as fleetlm on the merged folder."""
     import httpx
 
+    from fleetlm.bench.export import _greedy_reference
     from fleetlm.bench.serve import find_llama_server, llama_server_process
 
     binary = find_llama_server(None)
@@ -265,7 +253,7 @@ def test_llama_cpp_loads_the_gguf_and_decodes_the_same_greedy_tokens(
         pytest.skip("no llama-server binary: `make llama-server` builds one (about 15 min on "
                     "2 cores), or set FLEETLM_LLAMA_SERVER")
     prompt, n = IDS[0].tolist(), 12
-    want = _greedy_ours(exported / "hf", prompt, n)
+    (want,) = _greedy_reference(exported / "hf", [prompt], n)
     with llama_server_process(binary, exported / f"support-bot-{qtype}.gguf", 64, 1, 1) as url:
         r = httpx.post(url.removesuffix("/v1") + "/completion", timeout=60, json={
             "prompt": prompt, "n_predict": n, "temperature": 0, "top_k": 1,

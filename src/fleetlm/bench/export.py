@@ -42,26 +42,14 @@ class ExportBenchConfig(StrictModel):
 
 def _greedy_reference(folder: Path, prompts: list[list[int]], n: int) -> list[list[int]]:
     """fleetlm's greedy continuation on the merged folder, float32 and unquantised."""
-    import torch
-
+    from fleetlm.engine.generate import Generator
+    from fleetlm.engine.sampling_params import SamplingParams
     from fleetlm.models.loader import load_model
 
-    lm = load_model(str(folder), dtype="float32", quantize="none", with_tokenizer=False)
-    out = []
-    with torch.inference_mode():
-        for p in prompts:
-            cache = lm.model.allocate_cache(1, len(p) + n + 1)
-            ids, got = list(p), []
-            logits = lm.model(torch.tensor([ids]), torch.arange(len(ids))[None], cache,
-                              torch.tensor([0]), len(ids), torch.tensor([len(ids) - 1]))
-            for _ in range(n):
-                nxt = int(logits[0].argmax())
-                got.append(nxt)
-                pos = len(p) + len(got) - 1
-                logits = lm.model(torch.tensor([[nxt]]), torch.tensor([[pos]]), cache,
-                                  torch.tensor([0]), pos + 1, torch.tensor([0]))
-            out.append(got)
-    return out
+    lm = load_model(str(folder), dtype="float32", quantize="none")
+    gen = Generator(lm, max_len=max(len(p) for p in prompts) + n + 1)
+    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    return [gen.generate(p, params).token_ids for p in prompts]
 
 
 def _llama_greedy(url: str, prompts: list[list[int]], n: int) -> list[list[int]]:

@@ -37,10 +37,29 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def save_tiny_llama(folder: Path, tok: Any, *, hidden_size: int = 32,
+                    intermediate_size: int = 64, max_position_embeddings: int = 2048) -> Path:
+    """A random 2-layer Llama (4 heads over 2 KV heads, tied head, embeddings drawn wide
+    enough that the head can express a confident answer) over tokenizer ``tok``, seed 0,
+    saved with ``tok`` to ``folder``; returns ``folder``."""
+    import torch
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=hidden_size,
+                                   intermediate_size=intermediate_size, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=max_position_embeddings,
+                                   tie_word_embeddings=True, initializer_range=0.3,
+                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 def tiny_model(folder: Path) -> Path:
     """A random Llama (2 layers, hidden 32) with smollm2-135m's tokenizer and chat template,
     written to ``folder`` (reused when already there); returns ``folder``."""
-    import torch
     import transformers
 
     from fleetlm.models.loader import resolve_source
@@ -48,15 +67,7 @@ def tiny_model(folder: Path) -> Path:
     if (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file():
         return folder
     tok = transformers.AutoTokenizer.from_pretrained(resolve_source("smollm2-135m"))
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=2048,
-                                   tie_word_embeddings=True, initializer_range=0.3,
-                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(folder, tok)
 
 
 def make_store(root: Path, base_config: Any, n: int) -> list[str]:

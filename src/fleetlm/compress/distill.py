@@ -128,12 +128,10 @@ def _measure(student: Any, teacher: Any, rows: list[list[int]], pad: int, bs: in
     with torch.inference_mode():
         for k in range(0, len(rows), bs):
             ids, mask = _batch(rows[k:k + bs], pad)
-            s = student(input_ids=ids, attention_mask=mask).logits.float()
-            t = teacher(input_ids=ids, attention_mask=mask).logits.float()
+            s = student(input_ids=ids, attention_mask=mask).logits
+            t = teacher(input_ids=ids, attention_mask=mask).logits
             m = mask.bool()
-            kl = (torch.softmax(t, -1) * (torch.log_softmax(t, -1) - torch.log_softmax(s, -1))
-                  ).sum(-1)
-            kl_sum += float(kl[m].sum())
+            kl_sum += float(kd_loss(s, t, mask, 1.0)) * int(m.sum())  # the mean, times tokens
             agree += int((s.argmax(-1) == t.argmax(-1))[m].sum())
             n += int(m.sum())
     return {"kl": kl_sum / max(1, n), "top1_agreement": agree / max(1, n), "tokens": n}

@@ -202,16 +202,6 @@ def _drop_layers(model: Any, norms: _Norms, n: int) -> list[int]:
     return drop
 
 
-def _params(model: Any) -> int:
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
-
-
 def prune(s: PruneSettings, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Calibrate, prune as asked (see the module), write the folder; the report."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -233,7 +223,7 @@ def prune(s: PruneSettings, say: Callable[[str], None] = print) -> dict[str, Any
     rows = read_rows(s.data, AutoTokenizer.from_pretrained(folder), s.max_len)[:s.calibration_rows]
     if not rows:
         raise ConfigError(f"data: {s.data} has no usable rows", param="data")
-    before = _params(model)
+    before = model.num_parameters()  # a tied head counted once
     norms = _calibrate(model, rows)
     report: dict[str, Any] = {"model": s.model, "calibration_rows": len(rows),
                               "parameters_before": before}
@@ -245,7 +235,7 @@ def prune(s: PruneSettings, say: Callable[[str], None] = print) -> dict[str, Any
         report["kv_groups_removed"] = _prune_kv_groups(model, norms, s.kv_groups)
     if s.layers:
         report["layers_removed"] = _drop_layers(model, norms, s.layers)
-    report["parameters_after"] = _params(model)
+    report["parameters_after"] = model.num_parameters()
     report["config"] = {k: getattr(model.config, k) for k in (
         "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads")}
     report["seconds"] = round(time.perf_counter() - t0, 2)
