@@ -455,3 +455,19 @@ def test_max_tokens_zero_needs_prompt_logprobs():
         SamplingParams(max_tokens=0).validate()
     with pytest.raises(ConfigError, match="prompt_logprobs=21"):
         SamplingParams(prompt_logprobs=21).validate()
+
+
+def test_a_seed_beyond_64_bits_is_a_400_not_a_crash():
+    """torch's generator takes a 64-bit seed; a larger one (the fuzzer sent
+    -25162097494660620288) raised ValueError in the sampler, a 500."""
+    import torch
+
+    from fleetlm.engine.sampler import RequestSampler
+
+    for seed in (-(2**63) - 1, 2**64, -25162097494660620288):
+        with pytest.raises(ConfigError, match="seed=.*64-bit") as got:
+            SamplingParams(seed=seed).validate()
+        assert got.value.param == "seed"
+    for seed in (-(2**63), 2**64 - 1, 0):  # the edges torch accepts
+        RequestSampler(SamplingParams(temperature=1.0, seed=seed).validate(), 4, [])
+        torch.Generator().manual_seed(seed)

@@ -101,6 +101,9 @@ class SamplingParams:
             v = getattr(self, name)
             if not -2.0 <= v <= 2.0:
                 bad(name, f"{name}={v}: must be in [-2, 2]")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            # torch's generator takes a 64-bit seed; a larger one raised ValueError (a 500)
+            bad("seed", f"seed={self.seed}: must be a 64-bit integer, in [-2^63, 2^64)")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             bad("logprobs", f"logprobs={self.logprobs}: must be in [0, 20]")
         if any(not isinstance(s, str) or s == "" for s in self.stop):
