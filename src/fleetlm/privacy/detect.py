@@ -37,6 +37,7 @@ from fleetlm.privacy.config import PiiConfig
 # defined in errors.py (the learned recognizer raises them too) and spans.py (the address
 # tail makes them too); importable from here
 from fleetlm.privacy.errors import PiiDetectionError, PiiModelNotInstalled
+from fleetlm.privacy.span_rules import apply_rules
 from fleetlm.privacy.spans import PiiSpan
 
 # Tried in order when PiiConfig.spacy_model is None. The first is the PyPI upload of
@@ -221,7 +222,10 @@ class _Analyzer:
                     source = (r.recognition_metadata or {}).get(RecognizerResult.RECOGNIZER_NAME_KEY)
                     (ner if source in NER_RECOGNIZERS else patterns).append(span)
                 merged = merge_overlaps([*cut_around(text, ner, patterns), *patterns])
-                out.append(merge_overlaps(extend_places(text, merged, cfg.entities)))
+                found = apply_rules(text, extend_places(text, merged, cfg.entities), cfg.entities)
+                if allowed:
+                    found = [s for s in found if text[s.start:s.end].casefold() not in allowed]
+                out.append(merge_overlaps(found))
         return out
 
 

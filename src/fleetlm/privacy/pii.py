@@ -18,7 +18,6 @@ about HTTP, chat formats or datasets; it maps strings to strings.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator
 
 from fleetlm.privacy.config import PiiConfig
@@ -30,6 +29,7 @@ from fleetlm.privacy.detect import (
     merge_overlaps,
 )
 from fleetlm.privacy.mapping import PiiMapping
+from fleetlm.privacy.spans import whole_word_matches
 
 __all__ = ["PiiDetectionError", "PiiRedactor", "PiiSpan"]
 
@@ -101,15 +101,7 @@ class PiiRedactor:
             values.setdefault(text[s.start:s.end], s.entity_type)
         # repeats score 0.0: where one overlaps a detection, merge_overlaps keeps the
         # detection's type (and covers the union of both)
-        extra = [PiiSpan(m.start(), m.end(), entity_type, 0.0)
+        extra = [PiiSpan(a, b, entity_type, 0.0)
                  for value, entity_type in values.items() if len(value.strip()) >= 2
-                 for m in _whole_word(value).finditer(text)]
+                 for a, b in whole_word_matches(text, value)]
         return merge_overlaps([*spans, *extra]) if extra else spans
-
-
-def _whole_word(value: str) -> re.Pattern[str]:
-    # word boundaries only where the value itself starts/ends with a word character:
-    # "Ann" must not match inside "Anne", "+1 555 0100" has no word start to guard
-    left = r"(?<!\w)" if re.match(r"\w", value) else ""
-    right = r"(?!\w)" if re.search(r"\w$", value) else ""
-    return re.compile(left + re.escape(value) + right)
