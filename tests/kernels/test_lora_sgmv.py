@@ -256,3 +256,45 @@ def test_q8_compiled_fullgraph_equals_eager():
     torch._dynamo.reset()
     compiled = torch.compile(proj, fullgraph=True)
     torch.testing.assert_close(compiled(x, t), proj(x, t), atol=0, rtol=0)
+
+
+_PREFETCH_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from tests.kernels import test_lora_sgmv as t
+from fleetlm.kernels import lora_sgmv
+assert lora_sgmv.load()
+outs = {{}}
+for name, (layout, slot_ranks, slots) in t.CASES.items():
+    for dtype in (torch.float32, torch.bfloat16):
+        for q8 in (False, True):
+            stack = t.make_stack(slot_ranks, dtype=torch.int8 if q8 else dtype, **layout)
+            x = torch.randn(len(slots), layout["in_features"],
+                            generator=torch.Generator().manual_seed(3)).to(dtype)
+            outs[f"{{name}}-{{dtype}}-{{q8}}"] = (t.run_q8 if q8 else t.run)(x, stack, slots)
+torch.save(outs, sys.argv[1])
+"""
+
+
+def test_software_prefetch_changes_no_result(tmp_path):
+    """The op prefetches the next work item's weights; FLEETLM_LORA_PREFETCH=0 (read once
+    per process) turns that off. Every case, float32, bfloat16 and int8 weights, gives
+    bit-identical results either way."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    script = tmp_path / "run.py"
+    script.write_text(_PREFETCH_SCRIPT.format(root=root))
+    results = []
+    for flag in ("0", "1"):
+        out = tmp_path / f"prefetch-{flag}.pt"
+        env = {**os.environ, "FLEETLM_LORA_PREFETCH": flag}
+        subprocess.run([sys.executable, str(script), str(out)], env=env, check=True,
+                       timeout=300)
+        results.append(torch.load(out))
+    assert results[0].keys() == results[1].keys() and len(results[0]) == 4 * len(CASES)
+    for key, off in results[0].items():
+        assert torch.equal(off, results[1][key]), key

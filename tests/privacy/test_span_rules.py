@@ -54,6 +54,13 @@ def test_headers_and_a_single_label_are_not_speakers():
     assert speaker_labels(one, []) == []
     inline = "Tom said: yes. Ann said: no."  # not at the start of a line
     assert speaker_labels(inline, []) == []
+    # a structured prompt's field labels: no speaker is a detected person
+    prompt = "Labels: positive, negative\n\nText: Dreadful food and a rude waiter."
+    assert speaker_labels(prompt, []) == []
+    fields = "Intent: refund\nCategory: cards\nSummary: Anna wants money back"
+    assert speaker_labels(fields, [span(fields, "Anna", "PERSON")]) == []  # not a label
+    dialogue = "Ella: What a wife.\nDestiny: Remember me?"
+    assert speaker_labels(dialogue, []) == []  # nobody known: not taken for a dialogue
 
 
 def test_same_shape_identifier_gets_the_type_of_the_found_one():

@@ -7,8 +7,8 @@ what was already found there:
   text ("Sato Yuki", "Mr Sato") is a PERSON too (capitalised, not a stop word);
 - **speaker labels**: in a dialogue or transcript ("Natasha: You saved my life!"), a
   capitalised word that opens a line before a colon is a speaker's name when at least
-  two different such labels open lines, and the word is not a header ("Subject:",
-  "Note:", "Customer:");
+  two different such labels open lines, one of them is already a detected PERSON, and
+  the word is not a header ("Subject:", "Note:", "Customer:");
 - **the same identifier shape again**: a passport, licence or account number found by its
   context word makes a second number of exactly the same shape in the same text the
   same type ("The new one is 672019458; the old 488120376 ...");
@@ -46,6 +46,7 @@ response request issue problem solution example source output input mobile offic
 work web website url ref order invoice account ticket case priority category type amount
 price time location host speaker interviewer moderator narrator chorus verse caller
 operator support admin me you attachment attachments regards thanks hours hint important
+label labels text context instruction instructions query prompt task
 """.split())
 _ID_TYPES = frozenset({"US_PASSPORT", "US_DRIVER_LICENSE", "US_BANK_NUMBER", "US_SSN",
                        "US_ITIN", "UK_NHS", "MEDICAL_LICENSE"})
@@ -82,12 +83,17 @@ def name_parts_again(text: str, spans: Sequence[PiiSpan]) -> list[PiiSpan]:
 
 
 def speaker_labels(text: str, spans: Sequence[PiiSpan]) -> list[PiiSpan]:
-    """The speakers' names of a dialogue: two or more different capitalised words that
-    open lines before a colon, none of them a header word."""
+    """The other speakers of a dialogue one of whose speakers is a detected PERSON: the
+    capitalised words that open lines before a colon, where two or more different ones
+    do, one of them is already a PERSON span, and none is a header word. (Field labels
+    of a structured prompt -- "Labels: ...", "Text: ..." -- name no one detected.)"""
     stop = _stop_words()
     labels = [m for m in _SPEAKER.finditer(text)
               if m.group(1).casefold() not in _LABELS and m.group(1).casefold() not in stop]
     if len({m.group(1) for m in labels}) < 2:
+        return []
+    people = [s for s in spans if s.entity_type == "PERSON"]
+    if not any(s.start <= m.start(1) and m.end(1) <= s.end for m in labels for s in people):
         return []
     return [PiiSpan(m.start(1), m.end(1), "PERSON", SCORE) for m in labels
             if _free(spans, m.start(1), m.end(1))]

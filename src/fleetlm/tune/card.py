@@ -81,8 +81,11 @@ def model_card(cfg: TuneConfig, summary: dict[str, Any], labels: Sequence[str] |
         f"{t.warmup_ratio:.0%} then cosine, batch {t.batch_size} x {t.grad_accum} accumulation, "
         f"bf16 autocast {t.bf16}, loss on answer tokens only",
         f"- Steps: {train.get('steps', '-')}, {train.get('train_tokens', '-')} tokens, "
-        f"{train.get('tokens_per_s', 0):.0f} tokens/s; best validation loss "
-        f"{train.get('best_val_loss', '-')}",
+        f"{train.get('tokens_per_s', 0):.0f} tokens/s; kept step "
+        f"{train.get('best_step', '-')} by validation {train.get('early_stopping_metric', 'loss')}"
+        f" (loss {train.get('best_val_loss', '-')}, greedy accuracy "
+        f"{train.get('best_val_accuracy', '-')})"
+        + (", stopped early" if train.get("stopped_early") else ""),
         "",
         "## Evaluation (validation split)",
         "",

@@ -142,11 +142,18 @@ class TrainConfig(StrictModel):
     grad_accum: int = Field(1, gt=0)
     max_seq_len: int = Field(256, gt=8)
     bf16: bool = True  # bfloat16 autocast (CPU and GPU)
-    eval_every: int = Field(100, gt=0)  # optimizer steps between validation losses
+    eval_every: int = Field(100, gt=0)  # optimizer steps between validations
     # Stop after this many validations without improvement; 0 = never stop early.
-    early_stopping_patience: int = Field(0, ge=0)
+    early_stopping_patience: int = Field(3, ge=0)
+    # What "improvement" means, and which adapter is kept: "accuracy" (the share of
+    # validation rows whose whole answer, end token included, is the greedy choice under
+    # teacher forcing -- exactly the rows greedy decoding answers right; ties go to the
+    # lower loss), "loss" (mean answer-token cross-entropy), or "auto": accuracy for
+    # classification, loss otherwise.
+    early_stopping_metric: Literal["auto", "accuracy", "loss"] = "auto"
     save_every: int = Field(100, gt=0)  # optimizer steps between checkpoints
-    eval_loss_rows: int = Field(256, gt=0)  # validation rows used for the loss
+    # validation rows of each validation during training (evenly spaced over the split)
+    eval_loss_rows: int = Field(256, gt=0)
     seed: int = 0
     threads: int | None = Field(None, gt=0)  # torch threads; None = torch's default
     # attention kernel of the transformers model being trained (see train.build_model)

@@ -161,7 +161,8 @@ def confusion_png(result: EvalResult, labels: Sequence[str], path: Path) -> None
 
 
 def loss_png(history: Sequence[dict[str, Any]], path: Path) -> None:
-    """Training loss per step and validation loss per evaluation."""
+    """Training loss per step, validation loss per evaluation and (right axis) the
+    validation rows greedy decoding answers exactly."""
     from fleetlm.plots import png
 
     train = [(h["step"], h["loss"]) for h in history if "loss" in h]
@@ -173,4 +174,12 @@ def loss_png(history: Sequence[dict[str, Any]], path: Path) -> None:
             ax.plot(*zip(*val, strict=True), "o-", label="validation")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("cross-entropy")
-        ax.legend()
+        ax.legend(loc="upper left")
+        acc = [(h["step"], h["val_accuracy"]) for h in history if "val_accuracy" in h]
+        if acc:
+            right = ax.twinx()
+            right.plot(*zip(*acc, strict=True), "s--", color="tab:green",
+                       label="validation greedy accuracy")
+            right.set_ylabel("accuracy")
+            right.set_ylim(0, 1)
+            right.legend(loc="upper right")

@@ -255,27 +255,34 @@ class Pipeline:
             if "loss" in e:
                 bar(e["step"], e["total"], f"loss {e['loss']:.3f}  {e['tokens_per_s']:.0f} tok/s")
             else:
-                self.rep.say(f"  step {e['step']}: validation loss {e['val_loss']:.4f}")
+                mark = f" (best {e['metric']} so far)" if e.get("best") else ""
+                self.rep.say(f"  step {e['step']}: validation loss {e['val_loss']:.4f}, "
+                             f"greedy accuracy {e['val_accuracy']:.3f}{mark}")
 
         resume = self.resume and (st.folder / "checkpoint").is_dir()
         if resume:
             self.rep.say("train: resuming from the last checkpoint")
         res = run_training(model, enc_train, enc_val, c.train, st.folder, pad_id=pad, tokenizer=tok,
-                    resume=resume, device=self.device, on_step=on_step)
+                    resume=resume, device=self.device,
+                    classification=c.task.type == "classification", on_step=on_step)
         from fleetlm.tune.evaluate import loss_png
 
         loss_png(res.history, st.folder / "loss.png")
         report = {"steps": res.steps, "train_rows": len(enc_train), "skipped_too_long": too_long,
                   "train_tokens": res.train_tokens, "train_seconds": res.train_seconds,
                   "tokens_per_s": res.tokens_per_s, "best_val_loss": res.best_val_loss,
-                  "stopped_early": res.stopped_early,
+                  "best_val_accuracy": res.best_val_accuracy, "best_step": res.best_step,
+                  "early_stopping_metric": res.metric, "stopped_early": res.stopped_early,
                   "final_train_loss": next((h["loss"] for h in reversed(res.history)
                                             if "loss" in h), None),
                   "first_train_loss": next((h["loss"] for h in res.history if "loss" in h), None)}
         st.finish(report)
         self._record(st, report, False)
-        self.rep.say(f"train: {res.steps} steps, {res.tokens_per_s:.0f} tokens/s, "
-                     f"best validation loss {res.best_val_loss}")
+        kept = ("" if res.best_step is None else
+                f"; kept step {res.best_step} by {res.metric}: validation loss "
+                f"{res.best_val_loss:.4f}, greedy accuracy {res.best_val_accuracy:.3f}")
+        self.rep.say(f"train: {res.steps} steps, {res.tokens_per_s:.0f} tokens/s"
+                     f"{' (stopped early)' if res.stopped_early else ''}{kept}")
         return st, res.output_dir
 
     def evaluate(self, trained: Stage, output: Path, train: list[Example], val: list[Example],

@@ -7,8 +7,10 @@ similar length together so little compute goes to padding. ``fleetlm bench tune`
 measures the difference against Trainer on the same configuration.
 
 What it does: AdamW, linear warm-up then cosine decay, gradient accumulation, bfloat16
-autocast (CPU or GPU), validation loss every ``eval_every`` optimizer steps with early
-stopping and the best adapter kept, and a checkpoint every ``save_every`` steps from
+autocast (CPU or GPU), validation every ``eval_every`` optimizer steps (the answer
+tokens' loss, and the share of rows greedy decoding answers exactly, from the same
+forward) with early stopping and the best adapter kept -- by accuracy for a classifier,
+by loss otherwise -- and a checkpoint every ``save_every`` steps from
 which ``resume=True`` continues exactly (same data order, optimizer and schedule).
 Checkpoints are written to a temporary name and renamed, so a crash never leaves a
 half-written one; they hold tensors and plain Python values only and are read back with
@@ -40,7 +42,7 @@ from fleetlm.tune.config import TrainConfig
 from fleetlm.tune.format import Encoded
 
 CHECKPOINT = "checkpoint"  # run's checkpoint folder (last state)
-BEST = "best"  # best adapter by validation loss
+BEST = "best"  # best adapter by the validation metric
 FINAL = "adapter"  # what the stage hands on: the best (or last) adapter / model
 
 
@@ -61,9 +63,12 @@ class TrainResult:
     micro_batches: int
     train_tokens: int  # real tokens through forward + backward
     train_seconds: float
-    best_val_loss: float | None
+    best_val_loss: float | None  # the kept adapter's validation loss
     stopped_early: bool
     history: list[dict[str, Any]] = field(default_factory=list)
+    best_val_accuracy: float | None = None  # the kept adapter's validation accuracy
+    best_step: int | None = None  # the step the kept adapter comes from
+    metric: str = "loss"  # what chose it (TrainConfig.early_stopping_metric, resolved)
 
     @property
     def tokens_per_s(self) -> float:
@@ -87,6 +92,14 @@ def collate(items: Sequence[Encoded], pad_id: int) -> Batch:
                  int(mask.sum()))
 
 
+def spread(rows: Sequence[Encoded], n: int) -> list[Encoded]:
+    """``n`` rows evenly spaced over ``rows`` (all of them if there are no more): data
+    files are often sorted by label, and the first ``n`` rows would hold only a few labels."""
+    if len(rows) <= n:
+        return list(rows)
+    return [rows[i * len(rows) // n] for i in range(n)]
+
+
 def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int) -> list[list[int]]:
     """Shuffled batches of rows of similar length: shuffle, cut into windows of 50 batches,
     sort each window by length, cut it into batches, shuffle the batches."""
@@ -102,16 +115,44 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int) -
     return batches
 
 
-def answer_loss(model: Any, batch: Batch) -> tuple[Tensor, int]:
-    """Sum of the cross-entropy over the batch's answer tokens, and their count. The LM
-    head runs on the answer positions only."""
+def answer_logits(model: Any, batch: Batch) -> Tensor:
+    """[N, V] float32 logits at the batch's answer positions. The LM head runs on the
+    answer positions only."""
     causal = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = causal.model(input_ids=batch.input_ids,
                           attention_mask=batch.attention_mask).last_hidden_state  # [B, S, H]
     picked = hidden[batch.rows, batch.positions]  # [N, H]
-    logits = causal.lm_head(picked).float()  # [N, V]
+    return causal.lm_head(picked).float()  # type: ignore[no-any-return]
+
+
+def answer_loss(model: Any, batch: Batch) -> tuple[Tensor, int]:
+    """Sum of the cross-entropy over the batch's answer tokens, and their count."""
+    logits = answer_logits(model, batch)
     loss = torch.nn.functional.cross_entropy(logits, batch.targets, reduction="sum")
     return loss, int(batch.targets.numel())
+
+
+def rows_exact(logits: Tensor, batch: Batch) -> Tensor:
+    """[B] bool: every answer token of the row (its end token included) is the argmax of
+    its logits. Under teacher forcing that is exactly "greedy decoding writes this
+    answer": each greedy step sees the right prefix and picks the right token."""
+    wrong = (logits.argmax(-1) != batch.targets).to(torch.long)
+    per_row = torch.zeros(batch.input_ids.shape[0], dtype=torch.long,
+                          device=wrong.device).index_add_(0, batch.rows, wrong)
+    return per_row == 0
+
+
+@dataclass
+class Validation:
+    loss: float  # mean cross-entropy per answer token
+    accuracy: float  # share of rows answered exactly by greedy decoding (rows_exact)
+
+    def better_than(self, other: Validation | None, metric: str) -> bool:
+        if other is None:
+            return True
+        if metric == "accuracy":
+            return (self.accuracy, -self.loss) > (other.accuracy, -other.loss)
+        return self.loss < other.loss
 
 
 def build_model(base_folder: Path, cfg: TrainConfig) -> Any:
@@ -202,21 +243,23 @@ def _load_trainable(model: Any, state: dict[str, Tensor]) -> None:
             named[n].copy_(t)
 
 
-def evaluate_loss(model: Any, encoded: Sequence[Encoded], cfg: TrainConfig, pad_id: int,
-                  device: torch.device) -> float:
-    """Mean cross-entropy per answer token over ``encoded``."""
+def evaluate(model: Any, encoded: Sequence[Encoded], cfg: TrainConfig, pad_id: int,
+             device: torch.device) -> Validation:
+    """Mean cross-entropy per answer token over ``encoded``, and the share of rows whose
+    answer greedy decoding writes exactly (one forward per batch gives both)."""
     was = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count, exact = 0.0, 0, 0
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
     with torch.no_grad(), _autocast(cfg, device):
         for k in range(0, len(order), cfg.batch_size):
             b = _to(collate([encoded[i] for i in order[k:k + cfg.batch_size]], pad_id), device)
-            loss, n = answer_loss(model, b)
-            total += float(loss)
-            count += n
+            logits = answer_logits(model, b)
+            total += float(torch.nn.functional.cross_entropy(logits, b.targets, reduction="sum"))
+            count += int(b.targets.numel())
+            exact += int(rows_exact(logits, b).sum())
     model.train(was)
-    return total / max(1, count)
+    return Validation(total / max(1, count), exact / max(1, len(encoded)))
 
 
 def _to(b: Batch, device: torch.device) -> Batch:
@@ -307,12 +350,13 @@ def _optimizer_step(model: Any, pending: Sequence[Batch], params: list[Tensor],
 
 def train(model: Any, train_rows: Sequence[Encoded], val_rows: Sequence[Encoded],
           cfg: TrainConfig, out_dir: Path, *, pad_id: int, tokenizer: Any | None = None,
-          resume: bool = False, device: str = "cpu",
+          resume: bool = False, device: str = "cpu", classification: bool = False,
           on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
     """Train ``model`` in place; the adapter (or model) ends up in ``out_dir / FINAL``.
 
     ``on_step`` gets a dict after every optimizer step (step, total, loss, lr, tokens/s)
-    and after every validation (val_loss) -- the caller draws progress from it."""
+    and after every validation (val_loss, val_accuracy) -- the caller draws progress from
+    it. ``classification`` makes ``early_stopping_metric: auto`` mean accuracy."""
     if not train_rows:
         raise ConfigError("train: no training rows left (see the prepare and filter reports)")
     dev = torch.device(device)
@@ -325,10 +369,14 @@ def train(model: Any, train_rows: Sequence[Encoded], val_rows: Sequence[Encoded]
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = int(cfg.warmup_ratio * total)
     params, opt, sched = _optimizer(model, cfg, total, warmup)
-    val_eval = list(val_rows[: cfg.eval_loss_rows])
+    val_eval = spread(val_rows, cfg.eval_loss_rows)
 
+    metric = cfg.early_stopping_metric
+    if metric == "auto":
+        metric = "accuracy" if classification else "loss"
     state: dict[str, Any] = {"step": 0, "micro": 0, "tokens": 0, "seconds": 0.0,
-                             "best_val_loss": None, "bad_evals": 0, "history": []}
+                             "best_val_loss": None, "best_val_accuracy": None,
+                             "best_step": None, "bad_evals": 0, "history": []}
     ckpt = out_dir / CHECKPOINT
     if resume and (ckpt / "state.pt").is_file():
         state = _restore(ckpt, model, opt, sched, total, len(train_rows))
@@ -342,17 +390,21 @@ def train(model: Any, train_rows: Sequence[Encoded], val_rows: Sequence[Encoded]
                            "loop": state, "total": total, "num_rows": len(train_rows)})
 
     def validate() -> bool:
-        """Record a validation loss; True when training should stop early."""
+        """Record a validation; True when training should stop early."""
         nonlocal best_state
         if not val_eval:
             return False
-        vl = evaluate_loss(model, val_eval, cfg, pad_id, dev)
-        entry = {"step": state["step"], "val_loss": vl}
+        v = evaluate(model, val_eval, cfg, pad_id, dev)
+        entry = {"step": state["step"], "val_loss": v.loss, "val_accuracy": v.accuracy}
         state["history"].append(entry)
+        best = (None if state["best_val_loss"] is None else
+                Validation(state["best_val_loss"], state.get("best_val_accuracy") or 0.0))
+        improved = v.better_than(best, metric)
         if on_step:
-            on_step({**entry, "total": total})
-        if state["best_val_loss"] is None or vl < state["best_val_loss"]:
-            state["best_val_loss"], state["bad_evals"] = vl, 0
+            on_step({**entry, "total": total, "best": improved, "metric": metric})
+        if improved:
+            state["best_val_loss"], state["best_val_accuracy"] = v.loss, v.accuracy
+            state["best_step"], state["bad_evals"] = state["step"], 0
             best_state = {"trainable": _trainable_state(model), "step": state["step"]}
             _save_state(out_dir / BEST, best_state)
             return False
@@ -390,10 +442,11 @@ def train(model: Any, train_rows: Sequence[Encoded], val_rows: Sequence[Encoded]
             if state["step"] >= total or stopped_early:
                 break
 
-    if best_state is not None:  # hand on the best adapter by validation loss
+    if best_state is not None:  # hand on the best adapter by the validation metric
         _load_trainable(model, best_state["trainable"])
     final = out_dir / FINAL
     _save_output(model, final, tokenizer)
     (out_dir / "history.json").write_text(json.dumps(state["history"], indent=1))
     return TrainResult(final, state["step"], state["micro"], state["tokens"], state["seconds"],
-                       state["best_val_loss"], stopped_early, state["history"])
+                       state["best_val_loss"], stopped_early, state["history"],
+                       state.get("best_val_accuracy"), state.get("best_step"), metric)

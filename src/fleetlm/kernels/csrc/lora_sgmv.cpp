@@ -40,6 +40,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <type_traits>
@@ -711,6 +712,16 @@ inline const char* path_name(Choice p) {
 
 // ------------------------------------------------------------------ work items
 
+// FLEETLM_LORA_PREFETCH=0 turns the software prefetch below off (read once; the results
+// are the same either way -- tests/kernels compares them).
+inline bool prefetch_off() {
+  static const bool off = [] {
+    const char* v = std::getenv("FLEETLM_LORA_PREFETCH");
+    return v != nullptr && v[0] == '0';
+  }();
+  return off;
+}
+
 struct Group {
   int64_t slot, start, len;  // tokens order[start : start + len] use `slot`
 };
@@ -721,19 +732,24 @@ struct Item {
   int64_t lo, hi;  // shrink: A rows [lo, hi); expand: output columns [lo, hi)
 };
 
-// Runs fn(items[i]) for every item, split into at most get_num_threads() contiguous runs
-// of about equal estimated cost (one parallel region; inline when the work is small).
+// Runs fn(items[i], next) for every item, split into at most get_num_threads() contiguous
+// runs of about equal estimated cost (one parallel region; inline when the work is small);
+// next is the item the same thread runs after it (nullptr at the end of its run), whose
+// weights fn prefetches while it computes this one.
 template <typename F>
 void run_items(const std::vector<Item>& items, const std::vector<int64_t>& cost, const F& fn) {
   const int64_t n = static_cast<int64_t>(items.size());
   if (n == 0) return;
+  auto run = [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) fn(items[i], i + 1 < i1 ? &items[i + 1] : nullptr);
+  };
   std::vector<int64_t> prefix(n + 1, 0);
   for (int64_t i = 0; i < n; ++i) prefix[i + 1] = prefix[i] + cost[i];
   const int64_t total = prefix[n];
   const int64_t chunks = std::min<int64_t>(
       {static_cast<int64_t>(at::get_num_threads()), n, std::max<int64_t>(1, total / kMinCostPerThread)});
   if (chunks <= 1) {
-    for (const Item& it : items) fn(it);
+    run(0, n);
     return;
   }
   std::vector<int64_t> bounds(chunks + 1, n);
@@ -743,9 +759,23 @@ void run_items(const std::vector<Item>& items, const std::vector<int64_t>& cost,
     bounds[c] = std::lower_bound(prefix.begin(), prefix.end(), target) - prefix.begin();
   }
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c)
-      for (int64_t i = bounds[c]; i < bounds[c + 1]; ++i) fn(items[i]);
+    for (int64_t c = c0; c < c1; ++c) run(bounds[c], bounds[c + 1]);
   });
+}
+
+// Software prefetch (into L2: into L1 measured slower, it evicts what the current item
+// reads) of `rows` runs of `bytes` bytes, `stride` elements apart. Each item's weights are
+// a few KiB at a place the hardware prefetchers cannot guess (the next adapter's slot);
+// asking for the next item's while this one computes keeps the memory busy instead of
+// waiting on each new run of rows. On Zen 4, SmolLM2-135M's 120 projections with 32
+// tokens on ~25 of 64 rank-16 slots: bfloat16 19 -> 15 ms a step, float32 26 -> 24.5 ms.
+template <typename W>
+inline void prefetch_rows(const W* p, int64_t rows, int64_t stride, int64_t bytes) {
+  if (prefetch_off()) return;
+  for (int64_t r = 0; r < rows; ++r) {
+    const char* q = reinterpret_cast<const char*>(p + r * stride);
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(q + b, 0, 2);
+  }
 }
 
 // h [T, P, R] fp32, per calling thread and reused across calls: a large fresh allocation
@@ -798,7 +828,12 @@ void lora_sgmv_impl(const T* x, int64_t T_, int64_t K, const W* a, const float* 
       }
     }
   }
-  run_items(items, cost, [&](const Item& it) {
+  run_items(items, cost, [&](const Item& it, const Item* next) {
+    if (next != nullptr) {
+      const int64_t ns = groups[next->group].slot;
+      prefetch_rows(a + ((ns * P + next->part) * R + next->lo) * K, 1, 0,
+                    (next->hi - next->lo) * K * static_cast<int64_t>(sizeof(W)));
+    }
     const Group& G = groups[it.group];
     const int64_t s = G.slot, p = it.part;
     const float scale = scales[s * P + p];
@@ -843,7 +878,12 @@ void lora_sgmv_impl(const T* x, int64_t T_, int64_t K, const W* a, const float* 
       }
     }
   }
-  run_items(items, cost, [&](const Item& it) {
+  run_items(items, cost, [&](const Item& it, const Item* next) {
+    if (next != nullptr) {
+      const int64_t ns = groups[next->group].slot;
+      prefetch_rows(bt + ns * R * N + next->lo, ranks[ns * P + next->part], N,
+                    (next->hi - next->lo) * static_cast<int64_t>(sizeof(W)));
+    }
     const Group& G = groups[it.group];
     const int64_t s = G.slot, p = it.part;
     const int64_t r = ranks[s * P + p];
