@@ -120,6 +120,9 @@ def test_bench_adapters_writes_json_with_every_baseline(tmp_path):
         assert e["tokens_per_s"] > 0 and e["ttft_p50_ms"] > 0 and e["itl_p99_ms"] > 0
         # a batch of 2 holds at most 2 adapters; the base run none
         assert 0 <= e["distinct_adapters_per_step"] <= min(e["num_adapters"], 2)
+        # this run's engine steps only (the engine is shared by every run): 6 requests of
+        # 4 tokens, at most 2 at a time, need 12 to 24 decode steps plus their prefills
+        assert 12 <= e["steps"] <= 6 * 5, e["steps"]
     assert runs[(3, "uniform")]["distinct_adapters_per_step"] > 0
     assert all(len(e["tokens_per_s_runs"]) == 2 for e in runs.values())  # --repeat 2
     assert {b["system"] for b in data["baselines"]} == {"peft-switching", "peft-mixed", "hf-continuous"}
