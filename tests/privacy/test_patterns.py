@@ -76,7 +76,7 @@ def test_chunked_url_recognizer_gives_presidios_results() -> None:
 
     from fleetlm.bench.pii import load_set
 
-    ours, theirs = patterns.chunked_url_recognizer("en"), UrlRecognizer()
+    ours, theirs = patterns.ChunkedUrlRecognizer("en"), UrlRecognizer()
     texts = URL_TEXTS + [t for name in ("support-v1",) for t, _ in load_set(name).rows]
     try:
         texts += [t for name in ("synthetic-val", "synthetic-train") for t, _ in load_set(name).rows]

@@ -137,7 +137,9 @@ def _measure(student: Any, teacher: Any, rows: list[list[int]], pad: int, bs: in
     return {"kl": kl_sum / max(1, n), "top1_agreement": agree / max(1, n), "tokens": n}
 
 
-def _load(spec: str) -> tuple[Any, Any, Path]:
+def load_hf(spec: str) -> tuple[Any, Any, Path]:
+    """(model in float32 with eager attention, its tokenizer or None, its folder) for an
+    embedded name, Hugging Face folder or .gguf file: what distill and prune work on."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fleetlm.models.loader import resolve_source
@@ -158,8 +160,8 @@ def distill(s: DistillSettings, say: Callable[[str], None] = print) -> dict[str,
 
     t0 = time.perf_counter()
     torch.manual_seed(s.seed)
-    teacher, ttok, _ = _load(s.teacher)
-    student, stok, sfolder = _load(s.student)
+    teacher, ttok, _ = load_hf(s.teacher)
+    student, stok, sfolder = load_hf(s.student)
     tok = stok or ttok
     if tok is None:
         raise ConfigError("neither the teacher nor the student folder has a tokenizer",

@@ -204,11 +204,8 @@ def _drop_layers(model: Any, norms: _Norms, n: int) -> list[int]:
 
 def prune(s: PruneSettings, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Calibrate, prune as asked (see the module), write the folder; the report."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from fleetlm.compress.distill import read_rows
+    from fleetlm.compress.distill import load_hf, read_rows
     from fleetlm.compress.merge import write_hf_folder
-    from fleetlm.models.loader import resolve_source
 
     if not (s.unstructured or s.two_four or s.mlp or s.kv_groups or s.layers):
         raise ConfigError("nothing to prune: give --unstructured, --two-four, --mlp, "
@@ -217,10 +214,12 @@ def prune(s: PruneSettings, say: Callable[[str], None] = print) -> dict[str, Any
         raise ConfigError("--unstructured and --two-four both choose the zeros; give one",
                           param="two_four")
     t0 = time.perf_counter()
-    folder = resolve_source(s.model)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
-                                                 attn_implementation="eager").eval()
-    rows = read_rows(s.data, AutoTokenizer.from_pretrained(folder), s.max_len)[:s.calibration_rows]
+    model, tok, folder = load_hf(s.model)
+    model.eval()
+    if tok is None:
+        raise ConfigError(f"model: {folder} has no tokenizer to read the calibration rows "
+                          "with; use a folder with tokenizer.json", param="model")
+    rows = read_rows(s.data, tok, s.max_len)[:s.calibration_rows]
     if not rows:
         raise ConfigError(f"data: {s.data} has no usable rows", param="data")
     before = model.num_parameters()  # a tied head counted once
