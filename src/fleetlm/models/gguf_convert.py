@@ -37,12 +37,21 @@ LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Gemma 3 (llama.cpp's names): a norm before and after each block
+GEMMA3_LAYER_NAMES = {
+    **LAYER_NAMES,
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
 GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
     "output": "lm_head",
 }
-SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3")
+SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                    "qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
 
 
 def cache_root() -> Path:
@@ -104,11 +113,11 @@ def _prune_orphans(root: Path, stem: str, keep: Path) -> None:
             shutil.rmtree(other, ignore_errors=True)
 
 
-def _hf_name(gguf_name: str) -> str | None:
+def _hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     base, _, suffix = gguf_name.rpartition(".")
     if base.startswith("blk."):
         _, idx, part = base.split(".", 2)
-        hf = LAYER_NAMES.get(part)
+        hf = (GEMMA3_LAYER_NAMES if arch == "gemma3" else LAYER_NAMES).get(part)
         return None if hf is None else f"model.layers.{idx}.{hf}.{suffix}"
     hf = GLOBAL_NAMES.get(base)
     return None if hf is None else f"{hf}.{suffix}"
@@ -118,6 +127,40 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's q/k row permutation (interleaved -> rotate-half RoPE layout)."""
     dim = w.shape[0] // n_head // 2
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+
+
+def _field(reader: object, key: str) -> object:
+    f = reader.fields.get(key)  # type: ignore[attr-defined]
+    if f is None:
+        return None
+    value = f.parts[f.data[0]]
+    return bytes(value).decode() if f.types and f.types[0].name == "STRING" else value[0].item()
+
+
+def _gemma3_config(reader: object, cfg: dict[str, object]) -> dict[str, object]:
+    """What a Gemma 3 config.json needs beyond what transformers reads from the GGUF, as
+    llama.cpp runs the file: every sixth layer global, the others a sliding window with
+    RoPE base 10,000; queries scaled by head_dim ** -0.5 (llama.cpp does so for every size
+    but 27B, whose scale is hidden / heads: 27B is refused); GELU-tanh."""
+    layers = int(cfg["num_hidden_layers"])  # type: ignore[call-overload]
+    if layers == 62:
+        raise ModelLoadError("Gemma 3 27B GGUF files are not supported (its query scale "
+                             "differs); use a Hugging Face folder of it")
+    scaling: dict[str, object] | None = None
+    kind, factor = _field(reader, "gemma3.rope.scaling.type"), _field(reader, "gemma3.rope.scaling.factor")
+    if kind not in (None, "none") and factor:
+        scaling = {"rope_type": str(kind), "factor": float(factor)}  # type: ignore[arg-type]
+    return {
+        "model_type": "gemma3_text", "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": int(cfg["head_dim"]),  # type: ignore[call-overload]
+        "layer_types": ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                        for i in range(layers)],
+        "rope_parameters": {
+            "full_attention": {"rope_type": "default", "rope_theta": cfg["rope_theta"],
+                               **(scaling or {})},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+        "final_logit_softcapping": None, "attn_logit_softcapping": None,
+    }
 
 
 def convert_gguf(path: Path, out_dir: Path) -> None:
@@ -144,10 +187,12 @@ def convert_gguf(path: Path, out_dir: Path) -> None:
 
     tensors: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
-        name = _hf_name(t.name)
+        name = _hf_name(t.name, arch)
         if name is None:
             continue
         w = dequantize(t.data, t.tensor_type)
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            w = w - 1.0  # llama.cpp stores Gemma's 1 + w; Hugging Face stores w
         if arch == "llama" and ".attn_q." in t.name:
             w = _unpermute(w, n_head)
         elif arch == "llama" and ".attn_k." in t.name:
@@ -155,11 +200,21 @@ def convert_gguf(path: Path, out_dir: Path) -> None:
         tensors[name] = torch.from_numpy(np.array(w, dtype=np.float32, copy=True))
     if "lm_head.weight" in tensors:
         cfg["tie_word_embeddings"] = False
-    cfg.setdefault("architectures", [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                                      "qwen3": "Qwen3ForCausalLM"}[arch]])
-    cfg["hidden_act"] = "silu"
+    cfg.setdefault("architectures", [HF_ARCHITECTURES[arch]])
+    if arch == "gemma3":
+        cfg.update(_gemma3_config(reader, cfg))
+    else:
+        cfg["hidden_act"] = "silu"
 
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    if arch == "gemma3":  # transformers' own conversion of it splits words into characters
+        from fleetlm.models.gguf_tokenizer import gemma3_tokenizer
+
+        tok = gemma3_tokenizer(reader)
+        end_of_turn = tok.convert_tokens_to_ids("<end_of_turn>")
+        if isinstance(end_of_turn, int) and end_of_turn != tok.unk_token_id:
+            cfg["eos_token_id"] = [int(cfg["eos_token_id"]), end_of_turn]  # a chat turn's end
+    else:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     # transformers' GGUF tokenizer conversion can mislabel eos; the file's own ids win.
     for key, attr in (("tokenizer.ggml.eos_token_id", "eos_token"), ("tokenizer.ggml.bos_token_id", "bos_token")):
         f = reader.fields.get(key)

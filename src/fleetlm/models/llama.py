@@ -1,4 +1,5 @@
-"""The Llama family, written for serving: Llama 2/3, SmolLM2, Mistral, Qwen2/2.5, Qwen3.
+"""The Llama family, written for serving: Llama 2/3, SmolLM2, Mistral, Qwen2/2.5, Qwen3,
+and Gemma 3's text model.
 
 One forward for prefill, chunked prefill and batched decode: the batch is a
 rectangle of B rows by S tokens (S=1 when decoding), each row a sequence in its own
@@ -10,7 +11,13 @@ harmless: its keys land past the row's last real position and are overwritten by
 row's next real tokens before any query can see them.
 
 Variants are config flags, not subclasses: q/k/v bias (Qwen2), q/k RMSNorm (Qwen3),
-llama3/linear RoPE scaling, sliding window (Mistral), tied embeddings (SmolLM2).
+llama3/linear RoPE scaling, sliding window (Mistral), tied embeddings (SmolLM2); Gemma 3's
+scaled embeddings, sandwich norms, GELU-tanh and its two kinds of layer (sliding-window
+layers with a local RoPE base, global layers with the long one). Two kinds travel through
+the stack without new arguments: the RoPE tables are the global one and the local one side
+by side (``cos [B, S, 1, 2 * head_dim]``) and the mask has one plane per kind (``[B, 2,
+rep*S, kv_len]``); each attention layer takes its half and its plane. Gemma's RMSNorm
+weights (applied as ``1 + w``) get their 1 added when loaded (``loader.load_weights``).
 Module names follow Hugging Face (``model.layers.N.self_attn.q_proj``) so checkpoints
 and PEFT adapters map one to one. Multi-LoRA arrives as an explicit argument, a
 :class:`~fleetlm.models.lora_hook.LoraHook` (the engine's ``LoraContext``: each token's
@@ -60,6 +67,18 @@ def hf_sources(cfg: LlamaConfig, name: str, shape: tuple[int, ...]) -> list[tupl
     return [(name, shape)]
 
 
+def rope_tables(cfg: LlamaConfig, positions: int) -> tuple[Tensor, Tensor]:
+    """cos and sin [positions, head_dim] float32; with two kinds of layer (Gemma 3) the
+    global layers' table and the local ones' side by side, [positions, 2 * head_dim]."""
+    cos, sin = rope_cos_sin(rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
+                            positions)
+    if cfg.two_kinds:
+        local = rope_inv_freq(cfg.head_dim, cfg.rope_local_theta or cfg.rope_theta, None)
+        lcos, lsin = rope_cos_sin(local, positions)
+        cos, sin = torch.cat([cos, lcos], dim=-1), torch.cat([sin, lsin], dim=-1)
+    return cos, sin
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig, layer_idx: int) -> None:
         super().__init__()
@@ -69,6 +88,11 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.rep = cfg.num_heads // cfg.num_kv_heads
         self.sliding_window = cfg.sliding_window
+        self.scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim**-0.5
+        # two kinds of layer (Gemma 3): which half of the RoPE tables, which mask plane
+        self.kind: int | None = None
+        if cfg.sliding_layers is not None:
+            self.kind = int(cfg.sliding_layers[layer_idx])
         h = cfg.hidden_size
         self.split = list(fused_rows(cfg)["self_attn.qkv_proj"])
         # q, k and v in one matmul (rows q | k | v): one weight read, one kernel launch
@@ -95,6 +119,10 @@ class Attention(nn.Module):
         B, S, _ = x.shape
         kv_len = mask.shape[-1]  # from a tensor: a compiled graph keeps it symbolic
         D, Hkv, rep = self.head_dim, self.num_kv_heads, self.rep
+        if self.kind is not None:  # 0: global, 1: sliding window
+            cos = cos[..., self.kind * D:(self.kind + 1) * D]
+            sin = sin[..., self.kind * D:(self.kind + 1) * D]
+            mask = mask[:, self.kind:self.kind + 1]
         qkv = self.qkv_proj(x)
         if lora is not None:
             qkv = qkv + lora.delta("self_attn.qkv_proj", x)
@@ -132,11 +160,11 @@ class Attention(nn.Module):
             # fuses it into a few loops over the cache (no transposed copy of K, no
             # per-call setup of the SDPA kernel -- both measured slower for one query).
             # Eagerly, the same code would materialise [B, Hkv, rep, L, D] float32 temporaries.
-            scores = (q[:, :, :, None, :] * keys[:, :, None]).float().sum(-1) * self.head_dim**-0.5
+            scores = (q[:, :, :, None, :] * keys[:, :, None]).float().sum(-1) * self.scale
             probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)  # [B, Hkv, rep, L]
             out = (probs[..., None] * values[:, :, None].float()).sum(-2).to(values.dtype)
         else:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
         out = out.view(B, Hkv, rep, S, D).permute(0, 3, 1, 2, 4).reshape(B, S, -1)
         y = self.o_proj(out)
         if lora is not None:
@@ -151,13 +179,14 @@ class MLP(nn.Module):
         h, i = cfg.hidden_size, cfg.intermediate_size
         self.gate_up_proj = Linear(h, sum(fused_rows(cfg)["mlp.gate_up_proj"]), bias=cfg.mlp_bias)
         self.down_proj = Linear(i, h, bias=cfg.mlp_bias)
+        self.gelu = cfg.hidden_act == "gelu_pytorch_tanh"
 
     def forward(self, x: Tensor, lora: LayerLoraHook | None = None) -> Tensor:
         gu = self.gate_up_proj(x)
         if lora is not None:
             gu = gu + lora.delta("mlp.gate_up_proj", x)
         gate, up = gu.chunk(2, dim=-1)
-        h = F.silu(gate) * up
+        h = (F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)) * up
         y = self.down_proj(h)
         if lora is not None:
             y = y + lora.delta("mlp.down_proj", h)
@@ -171,6 +200,12 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, layer_idx)
+        # Gemma 3: post_attention_layernorm normalises the attention's output, and the MLP
+        # has a norm before and after it (Hugging Face's names)
+        self.sandwich = cfg.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(
         self,
@@ -184,9 +219,14 @@ class DecoderLayer(nn.Module):
         slots: Tensor | None,
         lora: LayerLoraHook | None = None,
     ) -> Tensor:
-        x = x + self.self_attn(
+        a = self.self_attn(
             self.input_layernorm(x), cos, sin, positions, mask, k_cache, v_cache, slots, lora
         )
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(a)
+            return x + self.post_feedforward_layernorm(
+                self.mlp(self.pre_feedforward_layernorm(x), lora))
+        x = x + a
         return x + self.mlp(self.post_attention_layernorm(x), lora)
 
 
@@ -212,9 +252,8 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight  # type: ignore[assignment]
-        n = max_positions or cfg.max_position_embeddings
-        cos, sin = rope_cos_sin(rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), n)
-        self.register_buffer("rope_cos", cos, persistent=False)  # [n, D] float32
+        cos, sin = rope_tables(cfg, max_positions or cfg.max_position_embeddings)
+        self.register_buffer("rope_cos", cos, persistent=False)  # [n, D] (2D: two kinds) float32
         self.register_buffer("rope_sin", sin, persistent=False)
 
     @property
@@ -234,10 +273,16 @@ class LlamaForCausalLM(nn.Module):
         key_pos = torch.arange(kv_len, device=positions.device)
         q_pos = positions[:, None, :, None]  # [B, 1, S, 1]
         mask = key_pos <= q_pos
-        if self.config.sliding_window is not None:
-            mask = mask & (key_pos > q_pos - self.config.sliding_window)
-        rep = self.config.num_heads // self.config.num_kv_heads
-        return mask[:, :, None].expand(B, 1, rep, S, kv_len).reshape(B, 1, rep * S, kv_len)
+        c = self.config
+        if c.sliding_window is not None and c.two_kinds:  # [B, 2, S, kv_len]: global, local
+            mask = torch.cat([mask, mask & (key_pos > q_pos - c.sliding_window)], dim=1)
+        elif c.sliding_window is not None:
+            mask = mask & (key_pos > q_pos - c.sliding_window)
+        elif c.two_kinds:
+            mask = torch.cat([mask, mask], dim=1)
+        rep = c.num_heads // c.num_kv_heads
+        n = mask.shape[1]
+        return mask[:, :, None].expand(B, n, rep, S, kv_len).reshape(B, n, rep * S, kv_len)
 
     _compiled: CompiledDecode | None = None
     _fused: FusedDecode | None = None
@@ -303,6 +348,8 @@ class LlamaForCausalLM(nn.Module):
         ``return_hidden``: the final RMSNorm's output at the same tokens ([B, hidden] or
         [B, S, hidden]), in the model's dtype, without the LM head (prompt embeddings)."""
         x = self.model.embed_tokens(input_ids)
+        if self.config.embed_scale:  # Gemma: sqrt(hidden) rounded to the model's dtype first
+            x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
         # one sequence, a few tokens, no adapter: the native stack (fleetlm.models.fused_decode).
         # Not for a prompt's chunks: their result must not depend on how the prompt was
         # chunked (the prefix cache computes only a prompt's tail), and the native stack

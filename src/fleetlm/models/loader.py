@@ -184,6 +184,8 @@ def load_weights(model: LlamaForCausalLM, state: dict[str, torch.Tensor], folder
             continue
         param.data.copy_(torch.cat([state[s] for s, _ in sources]) if len(sources) > 1
                          else state[sources[0][0]])
+        if model.config.norm_plus_one and name.endswith("norm.weight"):
+            param.data.add_(1.0)  # Gemma applies its RMSNorm weights as 1 + w
     ignorable = ("rotary_emb.inv_freq",)
     extra = [k for k in state if k not in used and not k.endswith(ignorable)]
     if tied and "lm_head.weight" in extra:
@@ -312,11 +314,10 @@ def load_model(
 
 
 def _init_rope(model: LlamaForCausalLM, max_positions: int | None) -> None:
-    from fleetlm.models.layers import rope_cos_sin, rope_inv_freq
+    from fleetlm.models.llama import rope_tables
 
     c = model.config
-    n = max_positions or c.max_position_embeddings
-    cos, sin = rope_cos_sin(rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling), n)
+    cos, sin = rope_tables(c, max_positions or c.max_position_embeddings)
     device = model.model.embed_tokens.weight.device
     model.rope_cos = cos.to(device)
     model.rope_sin = sin.to(device)
