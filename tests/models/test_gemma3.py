@@ -246,3 +246,45 @@ def test_engine_compiled_with_adapters_matches_eager(tiny_checkpoints, tmp_path)
     for a, b in zip(eager, compiled, strict=True):
         assert [t for t, _ in a] == [t for t, _ in b] and len(a) == 6
         np.testing.assert_allclose([lp for _, lp in a], [lp for _, lp in b], atol=1e-4)
+
+
+def test_engine_with_an_adapter_matches_peft_merged_transformers(tiny_checkpoints, tmp_path):
+    """A PEFT adapter (as `fleetlm tune` writes for Gemma) served by the engine gives the
+    tokens and log-probabilities of transformers with the adapter merged."""
+    from collections import defaultdict
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from fleetlm.adapters import AdapterStore
+    from fleetlm.adapters.random import make_random_adapter
+    from fleetlm.engine.engine import Engine, EngineConfig
+    from fleetlm.engine.sampling_params import SamplingParams
+
+    folder = tiny_checkpoints["gemma3"]
+    lm = load_model(str(folder), dtype="float32", with_tokenizer=False, max_positions=1024)
+    make_random_adapter(tmp_path / "r8", lm.config, rank=8, alpha=16, seed=0, std=0.2)
+    # float32 slots: "auto" picks bfloat16 ones on a CPU with native bfloat16
+    engine = Engine(lm, EngineConfig(max_running=2, max_len=64, max_hot_adapters=1,
+                                     max_lora_rank=8, compile=False, lora_dtype="float32"),
+                    store=AdapterStore(tmp_path, lm.config, dtype=torch.float32, max_rank=8))
+    prompt = torch.randint(0, 128, (9,), generator=torch.Generator().manual_seed(4)).tolist()
+    events: defaultdict[str, list] = defaultdict(list)
+    rid = engine.submit(prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True,
+                                               logprobs=0),
+                        adapter="r8", callback=lambda ev: events[ev.request_id].append(ev))
+    while engine.step():
+        pass
+    engine.shutdown()
+    got = [(e.token_id, e.logprob) for e in events[rid] if e.token_id is not None]
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                              attn_implementation="eager")
+    merged = PeftModel.from_pretrained(hf, tmp_path / "r8").merge_and_unload().eval()
+    ids = torch.tensor([prompt + [t for t, _ in got]])
+    with torch.inference_mode():
+        logp = merged(ids).logits[0].log_softmax(-1)
+    want = [int(logp[len(prompt) - 1 + i].argmax()) for i in range(len(got))]
+    assert [t for t, _ in got] == want
+    np.testing.assert_allclose([lp for _, lp in got],
+                               [float(logp[len(prompt) - 1 + i, t]) for i, (t, _) in enumerate(got)],
+                               atol=1e-4)
