@@ -227,4 +227,4 @@ def test_the_console_script_is_main_so_long_commands_get_jemalloc() -> None:
 
     (ep,) = [e for e in entry_points(group="console_scripts") if e.name == "fleetlm"]
     assert ep.value == "fleetlm.cli:main"
-    assert {"tune", "distill"} <= LONG_RUNNING
+    assert {"tune", "select", "distill"} <= LONG_RUNNING

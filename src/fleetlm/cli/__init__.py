@@ -3,6 +3,7 @@
     generate.py   fleetlm generate          one prompt, streamed (engine/generate, engine/oneshot)
     serve.py      fleetlm serve             the OpenAI-compatible server (server/, engine/)
     tune.py       fleetlm tune              raw data to a served adapter (tune/)
+    select.py     fleetlm select            candidate bases tuned alike, compared (tune/select)
     export.py     fleetlm export            adapter merged, as HF folder and GGUF (compress/)
     distill.py    fleetlm distill           a student trained on a teacher's logits (compress/)
     prune.py      fleetlm prune             calibration-data pruning (compress/)
@@ -38,6 +39,7 @@ from fleetlm.cli import (
     prune,
     report,
     route,
+    select,
     serve,
     tenants,
     tune,
@@ -53,6 +55,7 @@ app = typer.Typer(
 app.add_typer(generate.app)  # fleetlm generate
 app.add_typer(serve.app)  # fleetlm serve
 app.add_typer(tune.app)  # fleetlm tune
+app.add_typer(select.app)  # fleetlm select
 app.add_typer(audit.app)  # fleetlm audit
 app.add_typer(export.app)  # fleetlm export
 app.add_typer(distill.app)  # fleetlm distill
@@ -69,7 +72,7 @@ app.add_typer(privacy.app, name="privacy")
 
 # commands that run long on the CPU: restarted with jemalloc where it is installed
 # (fleetlm/allocator.py: glibc's malloc keeps what tuning frees)
-LONG_RUNNING = frozenset({"tune", "distill"})
+LONG_RUNNING = frozenset({"tune", "select", "distill"})
 
 
 def main() -> None:  # pragma: no cover - console entry point

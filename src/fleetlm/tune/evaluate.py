@@ -114,14 +114,14 @@ def pick_shots(train: Sequence[Example], k: int, seed: int) -> list[Example]:
     return shots
 
 
-def evaluate(engine: Any, rows: Sequence[Example], task: TaskConfig, labels: Sequence[str] | None,
-             *, adapter: str | None, name: str, list_labels: bool = False,
-             shots: Sequence[Example] = (), max_new_tokens: int = 64,
-             progress: Callable[[int, int], None] | None = None) -> EvalResult:
-    """Answer every row with ``adapter`` (None: the base) and score the answers."""
+def eval_requests(tok: Any, rows: Sequence[Example], task: TaskConfig,
+                  labels: Sequence[str] | None, *, list_labels: bool = False,
+                  shots: Sequence[Example] = (), max_new_tokens: int = 64
+                  ) -> tuple[list[list[int]], Any]:
+    """The prompt ids of ``rows`` and the greedy sampling parameters evaluation asks with
+    (classification: constrained to the label set)."""
     from fleetlm.engine.sampling_params import SamplingParams
 
-    tok = engine.lm.tokenizer
     shown = labels if list_labels else None
     prompts = [prompt_ids(tok, task_messages(ex, task, labels=shown, shots=shots)) for ex in rows]
     if task.type == "classification":
@@ -130,10 +130,20 @@ def evaluate(engine: Any, rows: Sequence[Example], task: TaskConfig, labels: Seq
         # (a model may take that path); every token is at least one byte, so a label's bytes
         # bound its tokens and no answer is cut off mid-label
         longest = max(len(lb.encode()) for lb in labels)
-        params = SamplingParams(max_tokens=longest + 1, temperature=0.0,
-                                response_format={"type": "choice", "choices": list(labels)})
-    else:
-        params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
+        return prompts, SamplingParams(max_tokens=longest + 1, temperature=0.0,
+                                       response_format={"type": "choice",
+                                                        "choices": list(labels)})
+    return prompts, SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
+
+
+def evaluate(engine: Any, rows: Sequence[Example], task: TaskConfig, labels: Sequence[str] | None,
+             *, adapter: str | None, name: str, list_labels: bool = False,
+             shots: Sequence[Example] = (), max_new_tokens: int = 64,
+             progress: Callable[[int, int], None] | None = None) -> EvalResult:
+    """Answer every row with ``adapter`` (None: the base) and score the answers."""
+    prompts, params = eval_requests(engine.lm.tokenizer, rows, task, labels,
+                                    list_labels=list_labels, shots=shots,
+                                    max_new_tokens=max_new_tokens)
     preds = generate_all(engine, prompts, params, adapter, progress)
     refs = [ex.answer for ex in rows]
     metrics = (classification_metrics(preds, refs, labels) if labels is not None
