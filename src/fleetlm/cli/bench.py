@@ -412,3 +412,41 @@ def bench_export(
                               num_requests=num_requests, llama_server=llama_server), out)
     except (FleetLMError, ValueError) as e:
         fail(e)
+
+
+@app.command("prune")
+def bench_prune(
+    run: Annotated[Path, typer.Option(help="A finished `fleetlm tune` run folder (a classification task).")],
+    out: OutOpt = None,
+    work_dir: Annotated[Path | None, typer.Option(help="Where the merged, pruned and distilled models go (default: RUN/bench-prune).")] = None,
+    mlp: Annotated[float, typer.Option(help="Fraction of MLP channels pruned (fleetlm prune --mlp).")] = 0.5,
+    layers: Annotated[int, typer.Option(help="Whole layers removed (fleetlm prune --layers).")] = 2,
+    kv_groups: Annotated[int, typer.Option(help="Key/value head groups removed per layer.")] = 0,
+    distill_steps: Annotated[int, typer.Option(help="Distillation steps from the merged model.")] = 200,
+    tune_steps: Annotated[int, typer.Option(help="Steps of the comparison: the pruned model LoRA-tuned without distillation (0: skip).")] = 200,
+    batch_size: Annotated[int, typer.Option(help="Rows per distillation step.")] = 8,
+    learning_rate: Annotated[float, typer.Option(help="Distillation learning rate.")] = 2e-4,
+    temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = 1.0,
+    eval_rows: Annotated[int, typer.Option(help="Validation rows every model answers.")] = 300,
+) -> None:
+    """Merged adapter -> pruned -> distilled, against the pruned model tuned without
+    distillation: parameters, accuracy, evaluation time and decode speed of each."""
+    from rich.console import Console
+
+    from fleetlm.bench.prune import PruneBenchConfig
+    from fleetlm.bench.prune import run as run_bench
+
+    console = Console(stderr=True)
+    try:
+        r = run_bench(PruneBenchConfig(run=run, work_dir=work_dir, mlp=mlp, layers=layers,
+                                       kv_groups=kv_groups, distill_steps=distill_steps,
+                                       tune_steps=tune_steps, batch_size=batch_size,
+                                       learning_rate=learning_rate, temperature=temperature,
+                                       eval_rows=eval_rows), out, say=console.print)
+    except (FleetLMError, ValueError) as e:
+        fail(e)
+    ratios = r["ratios"]
+    console.print(f"parameters {ratios['parameter_reduction']:.1%} fewer, accuracy drop "
+                  f"{ratios['accuracy_drop_distilled']:+.3f} (distilled), decode speed-up "
+                  + (f"{ratios['decode_speedup']:.2f}x" if ratios["decode_speedup"] else "-")
+                  + f"; targets met: {ratios['targets_met']}")
