@@ -207,10 +207,12 @@ def test_embedded_gemma_tokenizes_as_llama_cpp(tmp_path, monkeypatch):
         2, 138, 236754, 7869, 844, 107, 12392, 163543, 236743, 105, 2364]
 
 
-@pytest.mark.slow  # compiles the decode graphs of a tiny model (~30 s on 2 cores)
+@pytest.mark.slow  # compiles the decode graphs of a tiny model (~20 s on 2 cores)
 def test_engine_compiled_with_adapters_matches_eager(tiny_checkpoints, tmp_path):
-    """The serving path on Gemma: batched decode compiled (both kinds of layer) with
-    per-token adapters gives the eager engine's greedy tokens and log-probabilities."""
+    """The serving path on Gemma: one stream, a batch, and a batch with per-token adapters,
+    compiled (both kinds of layer through one layer graph per shape: a graph per kind hit
+    torch's recompile limit on the 18-layer model), give the eager engine's greedy tokens
+    and log-probabilities, and compiling never falls back to eager."""
     from collections import defaultdict
 
     from fleetlm.adapters import AdapterStore
@@ -219,29 +221,36 @@ def test_engine_compiled_with_adapters_matches_eager(tiny_checkpoints, tmp_path)
     from fleetlm.engine.sampling_params import SamplingParams
 
     folder = tiny_checkpoints["gemma3"]
-    lms = [load_model(str(folder), dtype="float32", with_tokenizer=False, max_positions=1024)
-           for _ in range(2)]
+    # int8 weights, as served: the int8 projections take different paths by row count
+    lms = [load_model(str(folder), dtype="float32", quantize="int8", with_tokenizer=False,
+                      max_positions=1024) for _ in range(2)]
     make_random_adapter(tmp_path / "r8", lms[0].config, rank=8, alpha=16, seed=0, std=0.2)
     make_random_adapter(tmp_path / "r4-mlp", lms[0].config, rank=4, alpha=8, seed=1, std=0.2,
                         targets=("gate_proj", "down_proj"))
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (3, 9, 6)]
-    work = list(zip(prompts, [None, "r8", "r4-mlp"], strict=True))
+    prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (3, 9, 6, 5)]
+    phases = [[(prompts[0], None)], [(prompts[0], "r8")], [(prompts[1], None), (prompts[3], None)],
+              [(prompts[2], None), (prompts[1], "r8"), (prompts[3], "r4-mlp")]]
     results = []
     for lm, compile_ in zip(lms, (False, True), strict=True):
         store = AdapterStore(tmp_path, lm.config, dtype=torch.float32, max_rank=8)
         engine = Engine(lm, EngineConfig(max_running=4, max_len=64, max_hot_adapters=2,
                                          max_lora_rank=8, compile=compile_), store=store)
         assert lm.model.decode_compiled == compile_
-        events: defaultdict[str, list] = defaultdict(list)
+        engine.warmup()  # as a server starts: the decode graphs built before any request
         params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=0)
-        ids = [engine.submit(p, params, adapter=a, callback=lambda ev, seen=events:
-                             seen[ev.request_id].append(ev)) for p, a in work]
-        while engine.step():
-            pass
+        got = []
+        for work in phases:
+            events: defaultdict[str, list] = defaultdict(list)
+            ids = [engine.submit(p, params, adapter=a, callback=lambda ev, seen=events:
+                                 seen[ev.request_id].append(ev)) for p, a in work]
+            while engine.step():
+                pass
+            got += [[(e.token_id, e.logprob) for e in events[i] if e.token_id is not None]
+                    for i in ids]
         engine.shutdown()
-        results.append([[(e.token_id, e.logprob) for e in events[i] if e.token_id is not None]
-                        for i in ids])
+        assert lm.model.decode_compiled == compile_  # no fallback to eager on the way
+        results.append(got)
     eager, compiled = results
     for a, b in zip(eager, compiled, strict=True):
         assert [t for t, _ in a] == [t for t, _ in b] and len(a) == 6
@@ -288,3 +297,18 @@ def test_engine_with_an_adapter_matches_peft_merged_transformers(tiny_checkpoint
     np.testing.assert_allclose([lp for _, lp in got],
                                [float(logp[len(prompt) - 1 + i, t]) for i, (t, _) in enumerate(got)],
                                atol=1e-4)
+
+
+def test_compiling_raises_torchs_recompile_limit(monkeypatch):
+    """Every model compiled in a process adds graphs to the same code objects' caches (the
+    second base of `fleetlm select` fell back to eager at torch's default limit of 8)."""
+    import torch._dynamo
+
+    from fleetlm.models.compiled_decode import RECOMPILE_LIMIT, CompiledDecode
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    CompiledDecode(torch.nn.ModuleList())
+    assert torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT >= 32
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 500)  # a user's own: kept
+    CompiledDecode(torch.nn.ModuleList())
+    assert torch._dynamo.config.recompile_limit == 500

@@ -69,6 +69,23 @@ def use_cache_dir() -> str:
     return os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
+# Compiled graphs of one code object (a decoder layer's forward) share torch's cache of
+# them across every model of the process: each model compiled in it (fleetlm select tunes
+# and serves one base after another; bench decode compiles a model per dtype) adds its
+# own entries, about four per model (one stream; batches with and without adapters). At
+# torch's default of 8 the second or third model fell back to eager decoding.
+RECOMPILE_LIMIT = 64
+
+
+def raise_recompile_limit() -> None:
+    """Let torch keep RECOMPILE_LIMIT graphs per code object (never lowers a higher
+    limit the user set)."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(int(cfg.recompile_limit), RECOMPILE_LIMIT)
+
+
 def run_layers(layers: Sequence[Callable[..., Tensor]], x: Tensor, cos: Tensor, sin: Tensor,
                positions: Tensor, mask: Tensor, cache: KVCache, slots: Tensor | None,
                lora: LoraHook | None) -> Tensor:
@@ -84,6 +101,7 @@ class CompiledDecode:
 
     def __init__(self, layers: nn.ModuleList) -> None:
         use_cache_dir()
+        raise_recompile_limit()
         eager = list(layers)
 
         def whole(*args: object) -> Tensor:

@@ -89,10 +89,13 @@ class Attention(nn.Module):
         self.rep = cfg.num_heads // cfg.num_kv_heads
         self.sliding_window = cfg.sliding_window
         self.scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim**-0.5
-        # two kinds of layer (Gemma 3): which half of the RoPE tables, which mask plane
-        self.kind: int | None = None
-        if cfg.sliding_layers is not None:
-            self.kind = int(cfg.sliding_layers[layer_idx])
+        # two kinds of layer (Gemma 3): which half of the RoPE tables and which mask plane
+        # (0: global, 1: sliding window), as a tensor: an int attribute would be a guard of
+        # the compiled layer graph, one graph per kind and shape, past torch's recompile limit
+        self.kind = cfg.sliding_layers[layer_idx] if cfg.sliding_layers is not None else None
+        self.two_kinds = self.kind is not None
+        self.register_buffer("kind_index", torch.tensor([int(self.kind or 0)]),
+                             persistent=False)
         h = cfg.hidden_size
         self.split = list(fused_rows(cfg)["self_attn.qkv_proj"])
         # q, k and v in one matmul (rows q | k | v): one weight read, one kernel launch
@@ -119,10 +122,10 @@ class Attention(nn.Module):
         B, S, _ = x.shape
         kv_len = mask.shape[-1]  # from a tensor: a compiled graph keeps it symbolic
         D, Hkv, rep = self.head_dim, self.num_kv_heads, self.rep
-        if self.kind is not None:  # 0: global, 1: sliding window
-            cos = cos[..., self.kind * D:(self.kind + 1) * D]
-            sin = sin[..., self.kind * D:(self.kind + 1) * D]
-            mask = mask[:, self.kind:self.kind + 1]
+        if self.two_kinds:  # this layer's half of cos/sin [.., 2D] and plane of the mask
+            cos = cos.unflatten(-1, (2, D)).index_select(-2, self.kind_index).squeeze(-2)
+            sin = sin.unflatten(-1, (2, D)).index_select(-2, self.kind_index).squeeze(-2)
+            mask = mask.index_select(1, self.kind_index)
         qkv = self.qkv_proj(x)
         if lora is not None:
             qkv = qkv + lora.delta("self_attn.qkv_proj", x)

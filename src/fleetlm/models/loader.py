@@ -321,3 +321,6 @@ def _init_rope(model: LlamaForCausalLM, max_positions: int | None) -> None:
     device = model.model.embed_tokens.weight.device
     model.rope_cos = cos.to(device)
     model.rope_sin = sin.to(device)
+    for layer in model.model.layers:  # meta tensors had no values: the layer kinds too
+        attn = layer.self_attn
+        attn.kind_index = torch.tensor([int(attn.kind or 0)], device=device)
