@@ -64,3 +64,18 @@ def test_ratios_and_targets() -> None:
 def test_a_folder_that_is_not_a_run_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not a finished fleetlm tune run"):
         run(PruneBenchConfig(run=tmp_path), None, say=lambda _: None)
+
+
+def test_evaluation_rows_are_the_tune_runs_own_sample() -> None:
+    """Not the first rows: a validation split of a file sorted by label holds few labels
+    at its head. The sample is the one the tune run's evaluation draws for the same count."""
+    import random
+    from types import SimpleNamespace
+
+    from fleetlm.bench.prune import eval_rows
+
+    rows = list(range(100))
+    tune = SimpleNamespace(seed=7)
+    assert eval_rows(tune, rows, 30) == random.Random(7).sample(rows, 30)
+    assert eval_rows(tune, rows, 30) != rows[:30]
+    assert eval_rows(tune, rows, 500) == rows

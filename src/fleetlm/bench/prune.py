@@ -1,6 +1,7 @@
 """``fleetlm bench prune``: a tuned adapter merged, pruned, then distilled from the merged
 model -- against the same pruned model tuned (LoRA) without distillation -- each measured
-the same way: parameters, accuracy on the run's validation rows through fleetlm's engine
+the same way: parameters, accuracy on the run's validation rows (the sample its own
+evaluation drew, for the same count) through fleetlm's engine
 and the tune evaluator, evaluation wall time, and single-stream decode speed.
 
 Input is a finished ``fleetlm tune`` run folder: its config, its prepared rows (the
@@ -45,7 +46,7 @@ class PruneBenchConfig(StrictModel):
     distill_eval_rows: int = Field(64, ge=1)  # rows held out to report the KL to the teacher
     max_len: int = Field(96, ge=8)
     tune_steps: int = Field(200, ge=0)  # the pruned model tuned without distillation; 0: skip
-    eval_rows: int = Field(300, ge=1)  # the first N validation rows, for every model
+    eval_rows: int = Field(300, ge=1)  # validation rows every model answers (seeded sample)
     decode_tokens: int = Field(64, ge=1)
     decode_repeats: int = Field(3, ge=1)
 
@@ -82,6 +83,15 @@ def write_rows(tune: Any, prepare: Path, out: Path) -> list[Any]:
             f.write(json.dumps({"prompt": task_messages(ex, tune.task), "answer": ex.answer})
                     + "\n")
     return read_jsonl(prepare / "val.jsonl")
+
+
+def eval_rows(tune: Any, rows: list[Any], n: int) -> list[Any]:
+    """The validation rows every model answers: the tune run's own choice for ``n`` rows
+    (a sample seeded by the run's seed, as its evaluation stage draws ``eval.max_rows``),
+    never the first ``n`` (a split of a file sorted by label holds a few labels there)."""
+    import random
+
+    return list(rows) if len(rows) <= n else random.Random(tune.seed).sample(list(rows), n)
 
 
 def measure(model: str, tune: Any, rows: list[Any], labels: list[str], cfg: PruneBenchConfig,
@@ -152,7 +162,7 @@ def run(cfg: PruneBenchConfig, out: Path | None, say: Any = print) -> dict[str, 
     tune, summary, prepare = read_run(cfg.run)
     work = cfg.work_dir or cfg.run / "bench-prune"
     rows_file = work / "train.jsonl"
-    val = write_rows(tune, prepare, rows_file)[: cfg.eval_rows]
+    val = eval_rows(tune, write_rows(tune, prepare, rows_file), cfg.eval_rows)
     adapter = Path(summary["published"])
     labels = json.loads((adapter / "fleetlm_task.json").read_text())["labels"]
     result: dict[str, Any] = {"benchmark": "prune", "config": json.loads(cfg.model_dump_json()),

@@ -427,7 +427,7 @@ def bench_prune(
     batch_size: Annotated[int, typer.Option(help="Rows per distillation step.")] = 8,
     learning_rate: Annotated[float, typer.Option(help="Distillation learning rate.")] = 2e-4,
     temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = 1.0,
-    eval_rows: Annotated[int, typer.Option(help="Validation rows every model answers.")] = 300,
+    eval_rows: Annotated[int, typer.Option(help="Validation rows every model answers (a sample seeded like the tune run's evaluation).")] = 300,
 ) -> None:
     """Merged adapter -> pruned -> distilled, against the pruned model tuned without
     distillation: parameters, accuracy, evaluation time and decode speed of each."""
