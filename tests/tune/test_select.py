@@ -107,3 +107,9 @@ def test_bad_select_configs_name_the_field(tmp_path, tiny_base):
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match="missing.yaml does not exist"):
         load_select_config(path)
+    raw.update(tune="tune.yaml")
+    path.write_text(yaml.safe_dump(raw))
+    tune = yaml.safe_load((tmp_path / "tune.yaml").read_text())
+    (tmp_path / "tune.yaml").write_text(yaml.safe_dump({**tune, "eval": {"enabled": False}}))
+    with pytest.raises(ConfigError, match="eval.enabled is false"):
+        load_select_config(path)

@@ -77,7 +77,14 @@ def load_select_config(path: Path) -> tuple[SelectConfig, TuneConfig]:
         cfg = SelectConfig.model_validate(raw)
     except ValidationError as e:
         raise problems_error(str(path), "select config", format_errors(e, DOCS)) from None
-    return cfg, load_config(cfg.tune)
+    tune = load_config(cfg.tune)
+    if tune.train.method != "lora":
+        raise ConfigError(f"{cfg.tune}: train.method is {tune.train.method!r}; fleetlm select "
+                          "compares LoRA adapters on each base (set train.method: lora)")
+    if not tune.eval.enabled:
+        raise ConfigError(f"{cfg.tune}: eval.enabled is false; fleetlm select compares the "
+                          "bases by the tune run's evaluation (set eval.enabled: true)")
+    return cfg, tune
 
 
 def slug(base: str) -> str:
@@ -217,8 +224,7 @@ def run_select(cfg: SelectConfig, tune: TuneConfig, say: Any = print) -> dict[st
         served = measure_serving(cfg, tune, base, result)
         tuned = result.summary["metrics"].get("tuned", {})
         if metric not in tuned:
-            raise ConfigError(f"select: {base}'s tune run reported no {metric!r} "
-                              "(eval.enabled must be true)")
+            raise ConfigError(f"select: {base}'s tune run reported no {metric!r}")
         report["candidates"].append({
             "base": base, "quality": tuned[metric], "metrics": tuned,
             "train_tokens_per_s": result.summary["stages"]["train"].get("tokens_per_s"),
