@@ -299,16 +299,18 @@ def test_engine_with_an_adapter_matches_peft_merged_transformers(tiny_checkpoint
                                atol=1e-4)
 
 
-def test_compiling_raises_torchs_recompile_limit(monkeypatch):
+def test_compiling_raises_torchs_recompile_limit():
     """Every model compiled in a process adds graphs to the same code objects' caches (the
     second base of `fleetlm select` fell back to eager at torch's default limit of 8)."""
     import torch._dynamo
 
     from fleetlm.models.compiled_decode import RECOMPILE_LIMIT, CompiledDecode
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    CompiledDecode(torch.nn.ModuleList())
-    assert torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT >= 32
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 500)  # a user's own: kept
-    CompiledDecode(torch.nn.ModuleList())
-    assert torch._dynamo.config.recompile_limit == 500
+    # torch's own patch: pytest's monkeypatch deletes the setting when it undoes
+    with torch._dynamo.config.patch(recompile_limit=8):
+        CompiledDecode(torch.nn.ModuleList())
+        assert torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT >= 32
+    with torch._dynamo.config.patch(recompile_limit=500):  # a user's own: kept
+        CompiledDecode(torch.nn.ModuleList())
+        assert torch._dynamo.config.recompile_limit == 500
+    assert isinstance(torch._dynamo.config.recompile_limit, int)
