@@ -80,6 +80,8 @@ def rope_tables(cfg: LlamaConfig, positions: int) -> tuple[Tensor, Tensor]:
 
 
 class Attention(nn.Module):
+    kind_index: Tensor  # [1] long: 0 global, 1 sliding window (two kinds of layer only)
+
     def __init__(self, cfg: LlamaConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx

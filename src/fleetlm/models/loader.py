@@ -321,6 +321,8 @@ def _init_rope(model: LlamaForCausalLM, max_positions: int | None) -> None:
     device = model.model.embed_tokens.weight.device
     model.rope_cos = cos.to(device)
     model.rope_sin = sin.to(device)
-    for layer in model.model.layers:  # meta tensors had no values: the layer kinds too
-        attn = layer.self_attn
-        attn.kind_index = torch.tensor([int(attn.kind or 0)], device=device)
+    from fleetlm.models.llama import Attention
+
+    for module in model.modules():  # meta tensors had no values: the layer kinds too
+        if isinstance(module, Attention):
+            module.kind_index = torch.tensor([int(module.kind or 0)], device=device)
