@@ -109,10 +109,9 @@ def measure(model: str, tune: Any, rows: list[Any], labels: list[str], cfg: Prun
     params = sum(p.numel() for p in {id(p): p for p in lm.model.parameters()}.values())
     store = None if adapter is None else AdapterStore(adapter.parent, lm.config,
                                                       dtype=lm.model.dtype, max_rank=64)
-    from fleetlm.models.kv_cache import KV_BUCKET
+    from fleetlm.models.kv_cache import max_kv_len
 
-    # the rotary table the model was loaded with bounds the KV rows (as tune's evaluation)
-    max_len = min(1024, (int(lm.model.rope_cos.shape[0]) - 1) // KV_BUCKET * KV_BUCKET)
+    max_len = max_kv_len(lm.model, 1024)  # the rotary table bounds the KV rows
     engine = Engine(lm, EngineConfig(max_running=16, max_len=max_len,
                                      max_hot_adapters=0 if adapter is None else 1,
                                      max_lora_rank=64), store=store)

@@ -315,7 +315,7 @@ def small_pass(rows: Sequence[Example], task: TaskConfig, labels: Sequence[str],
     token, metrics)."""
     from fleetlm.adapters import AdapterStore
     from fleetlm.engine.engine import Engine, EngineConfig
-    from fleetlm.models.kv_cache import KV_BUCKET
+    from fleetlm.models.kv_cache import max_kv_len
     from fleetlm.models.loader import load_model
     from fleetlm.progress import Progress
     from fleetlm.tune.evaluate import evaluate
@@ -324,8 +324,7 @@ def small_pass(rows: Sequence[Example], task: TaskConfig, labels: Sequence[str],
     store = AdapterStore(adapters_dir, lm.config, dtype=lm.model.dtype)
     rank = max(16, store.validate(adapter).rank)
     # as Pipeline._engine: the rotary table bounds the KV rows, 32 sequences at once
-    positions = int(lm.model.rope_cos.shape[0])
-    max_len = min(4096, (positions - 1) // KV_BUCKET * KV_BUCKET)
+    max_len = max_kv_len(lm.model, 4096)
     engine = Engine(lm, EngineConfig(max_running=32, max_len=max_len, max_hot_adapters=1,
                                      max_lora_rank=rank, max_step_tokens=2048,
                                      prefill_chunk=2048), store=store)

@@ -17,6 +17,7 @@ written where.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -24,6 +25,13 @@ from torch import Tensor
 # Cache lengths and kv_len are multiples of this in single-stream generation (one compiled
 # decode graph per bucket) and for the batching runner's cache rows.
 KV_BUCKET = 256
+
+
+def max_kv_len(model: Any, cap: int) -> int:
+    """The longest KV row (a multiple of KV_BUCKET, at most ``cap``) the rotary table
+    ``model`` was loaded with allows: the engine needs one position past it."""
+    positions = int(model.rope_cos.shape[0])
+    return min(cap, (positions - 1) // KV_BUCKET * KV_BUCKET)
 
 
 def bucket(n: int, size: int = KV_BUCKET) -> int:

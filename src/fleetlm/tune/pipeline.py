@@ -350,11 +350,9 @@ class Pipeline:
         rank = max(16, c.train.rank)
         store = None if full else AdapterStore(output.parent, lm.config, dtype=lm.model.dtype,
                                                max_rank=rank)
-        from fleetlm.models.kv_cache import KV_BUCKET
+        from fleetlm.models.kv_cache import max_kv_len
 
-        # the rotary table the model was loaded with bounds the KV rows (in KV_BUCKET steps)
-        positions = int(lm.model.rope_cos.shape[0])
-        max_len = min(4096, (positions - 1) // KV_BUCKET * KV_BUCKET)
+        max_len = max_kv_len(lm.model, 4096)  # the rotary table bounds the KV rows
         engine = Engine(lm, EngineConfig(max_running=32, max_len=max_len,
                                          max_hot_adapters=0 if full else 1,
                                          max_lora_rank=rank, max_step_tokens=2048,
